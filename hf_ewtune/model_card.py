@@ -1,0 +1,459 @@
+"""Privacy model cards: a machine-readable ``privacy:`` metadata block and a readable "Privacy" section.
+
+The statement follows the tensorflow_privacy pattern: privacy unit and adjacency; δ, σ, q, steps, C; the
+certified accountant and its version; whether Poisson sampling was actually used; "covers all released
+checkpoints". The ε it publishes is always the CERTIFIED one (``PrivacyReport.epsilon``) and names what
+certified it; the Edgeworth estimate is shown beside it, labelled as an estimate.
+
+The dataset size N is sensitive under add/remove-one adjacency, and the expected batch size gives it away
+(N = B / q), so neither is published unless ``include_dataset_size=True`` (or the privacy state carries
+``"publish_dataset_size": true``).
+
+Example:
+    >>> import tempfile
+    >>> from hf_ewtune.accounting import PLDAccountant
+    >>> acc = PLDAccountant()
+    >>> acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=100)
+    >>> state = {"accountant": {"name": "pld", "state": acc.state_dict()}, "delta": 1e-5,
+    ...          "noise_multiplier": 1.0, "max_grad_norm": 1.0, "clipping": "flat", "sample_rate": 0.01,
+    ...          "poisson_sampling": True, "steps": 100, "epochs": 1.0}
+    >>> out = tempfile.mkdtemp()
+    >>> add_privacy_to_model_card(out, state)
+    >>> meta = read_privacy_metadata(out)
+    >>> meta["epsilon"] > 0 and meta["privacy_unit"]
+    'example'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any, Mapping
+
+from hf_ewtune.errors import PrivacyStateError
+
+logger = logging.getLogger(__name__)
+
+PRIVACY_TAGS: tuple[str, ...] = ("differential-privacy", "dp-sgd", "hf_ewtune")
+BEGIN_MARKER = "<!-- hf_ewtune:privacy-section:begin (generated; edits inside are overwritten) -->"
+END_MARKER = "<!-- hf_ewtune:privacy-section:end -->"
+PRIVACY_STATE_FILE = "privacy_state.json"
+MECHANISM = "DP-SGD (Poisson-subsampled Gaussian)"
+ADJACENCY = "add-or-remove-one example"
+NOT_POISSON = "shuffled fixed-size batches; accounting ASSUMES Poisson"
+EDGEWORTH_LABEL = "estimate (not a guarantee)"
+# Keys that reveal the dataset size N (directly, or as N = expected_batch_size / sample_rate).
+_DATASET_SIZE_KEYS = frozenset(
+    {"dataset_size", "num_examples", "num_train_examples", "train_size", "n", "expected_batch_size"}
+)
+_TEMPLATE_NAME = "privacy_section.md"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_state(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Load the privacy state saved in ``output_dir`` (a training output folder or a checkpoint).
+
+    Uses :func:`hf_ewtune.privacy_state.load_privacy_state` when available, else reads
+    ``privacy_state.json`` directly.
+
+    Raises:
+        PrivacyStateError: no (or an unreadable) privacy state in ``output_dir``.
+    """
+    try:
+        from hf_ewtune.privacy_state import load_privacy_state
+    except ImportError:
+        load_privacy_state = None
+    if load_privacy_state is not None:
+        try:
+            return load_privacy_state(str(output_dir))
+        except PrivacyStateError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise PrivacyStateError(f"cannot read the privacy state in {output_dir}: {exc}") from exc
+    path = Path(output_dir) / PRIVACY_STATE_FILE
+    if not path.is_file():
+        raise PrivacyStateError(
+            f"no {PRIVACY_STATE_FILE} in {output_dir}: pass the output_dir (or a checkpoint folder) of a "
+            "DPTrainer run, which saves its privacy state there."
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrivacyStateError(f"cannot read {path}: {exc}") from exc
+
+
+def privacy_report(privacy_state: Mapping[str, Any]):
+    """Rebuild the accountant from ``privacy_state`` and return its ``PrivacyReport`` at the state's δ.
+
+    Raises:
+        PrivacyStateError: the state lacks the accountant or δ.
+    """
+    from hf_ewtune.accounting import accountant_from_state
+
+    accountant = privacy_state.get("accountant")
+    if not isinstance(accountant, Mapping) or "state" not in accountant:
+        raise PrivacyStateError("privacy state has no 'accountant': {'name', 'state'} entry; it cannot be certified.")
+    delta = privacy_state.get("delta")
+    if delta is None:
+        raise PrivacyStateError("privacy state has no 'delta'; it cannot be certified.")
+    return accountant_from_state(accountant["state"]).get_privacy_spent(delta=float(delta))
+
+
+# -------------------------------------------------------------------------------------------- metadata
+def _finite_or_str(value: Any) -> Any:
+    """Strict-JSON-safe number: the Hub stores card metadata as JSON, which has no inf/nan."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _publish_n(privacy_state: Mapping[str, Any], include_dataset_size: bool) -> bool:
+    return bool(include_dataset_size or privacy_state.get("publish_dataset_size") is True)
+
+
+def _edgeworth_block(report: Any) -> dict[str, Any]:
+    bound = dict(getattr(report, "edgeworth_error_bound", None) or {})
+    reason = str(bound.get("reason") or "").strip()
+    if bound.get("delta_x") is None:
+        error_bound: Any = f"not available: {reason or 'not computed'}"
+    else:
+        error_bound = {
+            "delta_x": _finite_or_str(_as_float(bound.get("delta_x"))),
+            "delta_y": _finite_or_str(_as_float(bound.get("delta_y"))),
+        }
+        lower, upper = _as_float(bound.get("epsilon_lower")), _as_float(bound.get("epsilon_upper"))
+        if bound.get("certified") and upper is not None and math.isfinite(upper):
+            error_bound["epsilon_interval"] = [_finite_or_str(lower), upper]
+        else:
+            reason = reason or "the bound is not finite"
+            if not reason.lower().startswith("not certifiable"):
+                reason = f"not certifiable: {reason}"
+            error_bound["epsilon_interval"] = reason
+            if lower is not None and math.isfinite(lower):
+                error_bound["epsilon_lower"] = lower
+    return {
+        "label": EDGEWORTH_LABEL,
+        "order_1": _finite_or_str(_as_float(getattr(report, "edgeworth_epsilon", None))),
+        "order_2": _finite_or_str(_as_float(getattr(report, "edgeworth_epsilon_order2", None))),
+        "error_bound": error_bound,
+    }
+
+
+def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_size: bool = False,
+                           report: Any = None) -> dict[str, Any]:
+    """The ``privacy:`` block of the model card metadata (strict-JSON-safe: no inf/nan floats).
+
+    Args:
+        privacy_state: the dict saved as ``privacy_state.json`` by ``DPTrainer``.
+        include_dataset_size: also publish the dataset size and the expected batch size (which reveals N
+            as B / q). Off by default: N is sensitive under add/remove-one adjacency.
+        report: a ``PrivacyReport`` already computed from this state (recomputed when None).
+
+    Returns:
+        An ordered dict: mechanism, privacy unit, adjacency, the CERTIFIED ``epsilon`` and ``delta``,
+        ``certified_by``, the labelled ``edgeworth_estimate``, the DP-SGD parameters, the sampling actually
+        used, the accountant and library, and ``covers``.
+
+    Example:
+        >>> from hf_ewtune.accounting import PLDAccountant
+        >>> acc = PLDAccountant()
+        >>> acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=10)
+        >>> meta = build_privacy_metadata({"accountant": {"name": "pld", "state": acc.state_dict()},
+        ...                                "delta": 1e-5, "poisson_sampling": True, "steps": 10})
+        >>> meta["sampling"], meta["covers"]
+        ('Poisson', 'all released checkpoints')
+    """
+    if report is None:
+        report = privacy_report(privacy_state)
+    state = privacy_state
+    poisson = state.get("poisson_sampling")
+    accountant = state.get("accountant") or {}
+    library_version = state.get("library_version")
+    if library_version is None:
+        from hf_ewtune import __version__ as library_version
+    meta: dict[str, Any] = {
+        "mechanism": MECHANISM,
+        "privacy_unit": "example",
+        "adjacency": ADJACENCY,
+        "epsilon": _finite_or_str(float(report.epsilon)),
+        "delta": float(report.delta if getattr(report, "delta", None) is not None else state["delta"]),
+        "epsilon_is": "certified upper bound",
+        "certified_by": str(report.certified_by),
+        "edgeworth_estimate": _edgeworth_block(report),
+        "noise_multiplier": _finite_or_str(_as_float(state.get("noise_multiplier"))),
+        "max_grad_norm": _as_float(state.get("max_grad_norm")),
+        "clipping": state.get("clipping"),
+        "sampling_rate": _as_float(state.get("sample_rate")),
+        "sampling": "Poisson" if poisson is True else NOT_POISSON,
+        "steps": int(state["steps"]) if state.get("steps") is not None else int(getattr(report, "steps", 0)),
+        "epochs": _as_float(state.get("epochs")),
+        "world_size": state.get("world_size"),
+        "accountant": accountant.get("name") or getattr(report, "accountant", None),
+        "target_epsilon": _as_float(state.get("target_epsilon")),
+        "stopped_early": bool(state.get("stopped_early", False)),
+        "library": f"{state.get('library') or 'hf_ewtune'} {library_version}",
+        "covers": "all released checkpoints",
+    }
+    calibration = state.get("calibration")
+    if isinstance(calibration, Mapping) and calibration:
+        meta["calibration"] = {
+            str(k): _finite_or_str(v) for k, v in calibration.items()
+            if isinstance(v, (int, float, str, bool)) and (
+                _publish_n(state, include_dataset_size) or str(k).lower() not in _DATASET_SIZE_KEYS)
+        }
+    if state.get("noise_rng"):
+        meta["noise_rng"] = str(state["noise_rng"])
+    if _publish_n(state, include_dataset_size):
+        for key in ("dataset_size", "num_examples", "expected_batch_size"):
+            if state.get(key) is not None:
+                meta[key] = state[key]
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------- readable section
+def _ceil_sig(value: float, sig: int = 3) -> str:
+    """Round UP to ``sig`` significant digits: a certified upper bound must never be rounded down."""
+    if not math.isfinite(value):
+        return "∞"
+    if value <= 0:
+        return "0"
+    exponent = math.floor(math.log10(value)) - sig + 1
+    scale = 10.0 ** exponent
+    rounded = math.ceil(value / scale - 1e-9) * scale
+    decimals = max(0, -exponent)
+    return f"{rounded:.{decimals}f}"
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return "∞" if value == "inf" else value
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def _template() -> Template:
+    try:
+        text = resources.files("hf_ewtune").joinpath("model_cards", _TEMPLATE_NAME).read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError):  # source checkout without the package symlink
+        text = (Path(__file__).resolve().parent.parent / "model_cards" / _TEMPLATE_NAME).read_text(encoding="utf-8")
+    return Template(text)
+
+
+def _edgeworth_bound_text(block: Mapping[str, Any]) -> str:
+    bound = block.get("error_bound")
+    if isinstance(bound, str):
+        return bound
+    interval = bound.get("epsilon_interval")
+    terms = f"Δ_X = {_num(bound.get('delta_x'), 3)}, Δ_Y = {_num(bound.get('delta_y'), 3)}"
+    if isinstance(interval, list):
+        return f"{terms}; ε ∈ [{_num(interval[0])}, {_num(interval[1])}]"
+    return f"{terms}; {interval}"
+
+
+def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_size: bool = False,
+                           metadata: Mapping[str, Any] | None = None) -> str:
+    """The readable "Privacy" Markdown section, wrapped in hf_ewtune's begin/end markers.
+
+    Args:
+        privacy_state: the dict saved as ``privacy_state.json`` by ``DPTrainer``.
+        include_dataset_size: also show the dataset size / expected batch size (see module docstring).
+        metadata: the output of :func:`build_privacy_metadata` for this state (recomputed when None).
+
+    Example:
+        >>> from hf_ewtune.accounting import PLDAccountant
+        >>> acc = PLDAccountant()
+        >>> acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=10)
+        >>> text = render_privacy_section({"accountant": {"name": "pld", "state": acc.state_dict()},
+        ...                                "delta": 1e-5, "poisson_sampling": True, "steps": 10})
+        >>> "certified upper bound" in text and "not a guarantee" in text
+        True
+    """
+    meta = dict(metadata) if metadata is not None else build_privacy_metadata(
+        privacy_state, include_dataset_size=include_dataset_size)
+    eps = meta["epsilon"]
+    eps_text = _ceil_sig(float(eps)) if not isinstance(eps, str) else _num(eps)
+    poisson = meta["sampling"] == "Poisson"
+    caveat = "" if poisson else (
+        "\n**Caveat:** this run used shuffled fixed-size batches, but the accounting ASSUMES Poisson "
+        "sampling; the stated ε is computed for Poisson sampling and is not formally certified for the "
+        "sampling actually used."
+    )
+    ew = meta["edgeworth_estimate"]
+    extra: list[str] = []
+    if meta.get("noise_rng"):
+        extra.append(f"| noise generator | {meta['noise_rng']} |")
+    calibration = meta.get("calibration") or {}
+    if calibration:
+        extra.append("| noise calibration | " + ", ".join(f"{k} = {_num(v)}" for k, v in calibration.items()) + " |")
+    for key, label in (("dataset_size", "training examples N"), ("num_examples", "training examples N"),
+                       ("expected_batch_size", "expected batch size")):
+        if key in meta:
+            extra.append(f"| {label} | {_num(meta[key])} |")
+    values = {
+        "epsilon": eps_text,
+        "delta": f"{meta['delta']:g}",
+        "library": meta["library"],
+        "certified_by": meta["certified_by"],
+        "sampling_caveat": caveat,
+        "edgeworth": f"{_num(ew.get('order_1'))} / {_num(ew.get('order_2'))}",
+        "edgeworth_bound": _edgeworth_bound_text(ew),
+        "noise_multiplier": _num(meta.get("noise_multiplier")),
+        "max_grad_norm": _num(meta.get("max_grad_norm")),
+        "clipping": meta.get("clipping") or "flat",
+        "sampling": "Poisson sampling" if poisson else f"{NOT_POISSON} sampling",
+        "sample_rate": _num(meta.get("sampling_rate")),
+        "steps": _num(meta.get("steps")),
+        "epochs": _num(meta.get("epochs"), 3),
+        "world_size": _num(meta.get("world_size")),
+        "target_epsilon": _num(meta.get("target_epsilon")) if meta.get("target_epsilon") is not None else "none",
+        "stopped_early": _num(bool(meta.get("stopped_early"))),
+        "extra_rows": "\n".join(extra) + ("\n" if extra else ""),
+    }
+    body = _template().substitute(values).strip("\n")
+    return f"{BEGIN_MARKER}\n{body}\n{END_MARKER}"
+
+
+def _splice_section(text: str, section: str) -> str:
+    """Replace the marked section in ``text``, or insert it before the first ``## `` heading (else append)."""
+    begin, end = text.find(BEGIN_MARKER), text.find(END_MARKER)
+    if begin != -1 and end != -1 and end > begin:
+        return text[:begin] + section + text[end + len(END_MARKER):]
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            return "\n".join(lines[:i] + [section, ""] + lines[i:])
+    return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
+# ----------------------------------------------------------------------------------------- the card
+def add_privacy_to_model_card(output_dir: str | os.PathLike, privacy_state: Mapping[str, Any], *,
+                              include_dataset_size: bool = False) -> None:
+    """Add (or refresh) the privacy statement in ``output_dir/README.md``; idempotent.
+
+    Merges the tags ``differential-privacy``, ``dp-sgd``, ``hf_ewtune`` with the existing ones, writes the
+    ``privacy:`` metadata block, and inserts or replaces the "Privacy" section between hf_ewtune's markers.
+    Works on a card written by ``Trainer.create_model_card`` and on PEFT cards; creates a minimal card if
+    there is none. PEFT's ``save_pretrained`` rewrites ``tags`` (keeping the privacy block and section): call
+    this again after it, or tag the model first with :func:`add_privacy_tags`.
+
+    Args:
+        output_dir: folder holding (or to hold) ``README.md``.
+        privacy_state: the dict saved as ``privacy_state.json`` by ``DPTrainer``.
+        include_dataset_size: publish N and the expected batch size (off by default).
+
+    Example:
+        >>> import tempfile
+        >>> from hf_ewtune.accounting import PLDAccountant
+        >>> acc = PLDAccountant()
+        >>> acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=10)
+        >>> out = tempfile.mkdtemp()
+        >>> add_privacy_to_model_card(out, {"accountant": {"name": "pld", "state": acc.state_dict()},
+        ...                                 "delta": 1e-5, "poisson_sampling": True, "steps": 10})
+        >>> "differential-privacy" in open(f"{out}/README.md").read()
+        True
+    """
+    from huggingface_hub import ModelCard
+
+    meta = build_privacy_metadata(privacy_state, include_dataset_size=include_dataset_size)
+    section = render_privacy_section(privacy_state, include_dataset_size=include_dataset_size, metadata=meta)
+    path = Path(output_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard(f"---\nlibrary_name: transformers\n---\n\n# {Path(output_dir).resolve().name}\n")
+    tags = card.data.tags or []
+    if isinstance(tags, str):
+        tags = [tags]
+    card.data.tags = list(tags) + [t for t in PRIVACY_TAGS if t not in tags]
+    card.data["privacy"] = meta
+    card.text = _splice_section(card.text, section)
+    card.save(path)
+
+
+def add_privacy_tags(model: Any) -> None:
+    """Tag a (PEFT or plain) transformers model with :data:`PRIVACY_TAGS` via ``add_model_tags``.
+
+    ``Trainer.push_to_hub`` and PEFT's card writer read these tags, so they survive PEFT rewriting the card.
+
+    Example:
+        >>> from hf_ewtune.testing import tiny_bert
+        >>> model = tiny_bert()
+        >>> add_privacy_tags(model)
+        >>> "dp-sgd" in model.model_tags
+        True
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "add_model_tags"):
+        base.add_model_tags(list(PRIVACY_TAGS))
+
+
+def read_privacy_metadata(path_or_dir: str | os.PathLike) -> dict[str, Any]:
+    """Parse the ``privacy:`` metadata block back from a model card (a ``README.md`` or its folder).
+
+    Only local files are read (never the Hub).
+
+    Raises:
+        PrivacyStateError: no card, or a card without a privacy block.
+    """
+    from huggingface_hub import ModelCard
+
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / "README.md"
+    if not path.is_file():
+        raise PrivacyStateError(f"no model card at {path}: run `hf-ewtune card OUTPUT_DIR` to write one.")
+    privacy = ModelCard.load(path).data.get("privacy")
+    if not isinstance(privacy, dict):
+        raise PrivacyStateError(f"the model card {path} has no 'privacy' metadata block.")
+    return dict(privacy)
+
+
+def format_privacy_report(privacy_state: Mapping[str, Any], *, include_dataset_size: bool = False) -> str:
+    """A plain-text statement of the guarantee for the terminal (used by ``hf-ewtune report``)."""
+    meta = build_privacy_metadata(privacy_state, include_dataset_size=include_dataset_size)
+    eps = meta["epsilon"]
+    ew = meta["edgeworth_estimate"]
+    lines = [
+        f"Certified guarantee: ({_ceil_sig(float(eps)) if not isinstance(eps, str) else eps}, {meta['delta']:g})"
+        f"-differential privacy (epsilon = {_num(eps, 8)}, an upper bound)",
+        f"  certified by: {meta['certified_by']}",
+        f"  privacy unit: {meta['privacy_unit']}; adjacency: {meta['adjacency']}; covers {meta['covers']}",
+        f"  sampling: {meta['sampling']} (rate {_num(meta.get('sampling_rate'))}); steps {_num(meta.get('steps'))}, "
+        f"epochs {_num(meta.get('epochs'), 3)}; noise multiplier {_num(meta.get('noise_multiplier'))}; "
+        f"clipping norm {_num(meta.get('max_grad_norm'))} ({meta.get('clipping') or 'flat'})",
+    ]
+    if meta.get("target_epsilon") is not None:
+        lines.append(f"  target epsilon: {_num(meta['target_epsilon'])}; stopped early: {_num(meta['stopped_early'])}")
+    if meta["sampling"] != "Poisson":
+        lines.append("  CAVEAT: the run did not use Poisson sampling; the accounting assumes it.")
+    lines.append(f"Edgeworth {EDGEWORTH_LABEL}: epsilon ~ {_num(ew.get('order_1'))} (order 1), "
+                 f"{_num(ew.get('order_2'))} (order 2)")
+    lines.append(f"  Edgeworth error bound: {_edgeworth_bound_text(ew)}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "PRIVACY_TAGS", "BEGIN_MARKER", "END_MARKER", "build_privacy_metadata", "render_privacy_section",
+    "add_privacy_to_model_card", "add_privacy_tags", "read_privacy_metadata", "format_privacy_report",
+    "load_state", "privacy_report",
+]
