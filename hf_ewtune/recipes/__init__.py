@@ -1,0 +1,13 @@
+"""Reusable main-job logic: the recipes behind ``hf-ewtune train`` and the examples.
+
+Example:
+    >>> from hf_ewtune.recipes import TextClassificationConfig
+    >>> TextClassificationConfig().model
+    'all-MiniLM-L6-v2'
+"""
+
+from hf_ewtune.recipes.models import LoraSettings
+from hf_ewtune.recipes.text_classification import TextClassificationConfig, run_text_classification
+from hf_ewtune.recipes.training import PrivacySettings, RunResult
+
+__all__ = ["LoraSettings", "PrivacySettings", "RunResult", "TextClassificationConfig", "run_text_classification"]

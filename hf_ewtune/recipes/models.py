@@ -1,0 +1,143 @@
+"""Model loading and LoRA wrapping shared by the recipes.
+
+Offline names (``"all-MiniLM-L6-v2"``, ``"SmolLM2-135M"``) map to local assets through
+:func:`hf_ewtune.data.resolve_model`; any other name or folder goes to ``from_pretrained`` as is
+(the Hub when there is a network).
+
+Example:
+    >>> from hf_ewtune.recipes.models import lora_targets
+    >>> from hf_ewtune.testing import tiny_bert
+    >>> lora_targets(tiny_bert())
+    (['query', 'value'], ['classifier'])
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# (attention projections to adapt) in order of preference, by architecture naming convention.
+_TARGET_SETS: tuple[tuple[str, ...], ...] = (
+    ("query", "value"),  # BERT, RoBERTa, ELECTRA, MiniLM
+    ("q_proj", "v_proj"),  # Llama, SmolLM, Mistral, OPT, BART
+    ("q_lin", "v_lin"),  # DistilBERT
+    ("c_attn",),  # GPT-2
+    ("query_key_value",),  # GPT-NeoX, Falcon
+)
+_HEADS: tuple[str, ...] = ("classifier", "score", "classification_head")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (r=8, alpha=16, dropout 0 by default: dropout adds nothing under DP noise)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+
+def lora_targets(model: Any) -> tuple[list[str], list[str]]:
+    """Guess ``(target_modules, modules_to_save)`` for LoRA on a transformers model.
+
+    Raises:
+        ValueError: If no known attention-projection names are found (pass ``target_modules``).
+    """
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for names in _TARGET_SETS:
+        if all(n in leaf_names for n in names):
+            targets = list(names)
+            break
+    else:
+        raise ValueError(
+            f"Cannot guess LoRA target modules for {type(model).__name__}: pass target_modules "
+            "(e.g. --lora-target query,value)."
+        )
+    heads = [h for h in _HEADS if h in leaf_names]
+    return targets, heads[:1]
+
+
+def apply_lora(model: Any, *, settings: LoraSettings, task_type: str) -> Any:
+    """Wrap ``model`` with PEFT LoRA; the classification head (if any) is trained fully via ``modules_to_save``.
+
+    Args:
+        model: A transformers model already on its final device (see dp-training.md §10).
+        settings: LoRA hyper-parameters.
+        task_type: ``"SEQ_CLS"`` or ``"CAUSAL_LM"``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets, heads = lora_targets(model)
+    if settings.target_modules:
+        targets = list(settings.target_modules)
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=heads if task_type == "SEQ_CLS" else None,
+        task_type=task_type,
+        fan_in_fan_out="c_attn" in targets,
+    )
+    return get_peft_model(model, config)
+
+
+def load_pretrained(name: str, *, kind: str, num_labels: int | None = None) -> tuple[Any, Any, dict]:
+    """Load ``(model, tokenizer, from_pretrained kwargs)`` by name.
+
+    Args:
+        name: Offline name, local folder or Hub id.
+        kind: ``"seq_cls"`` or ``"causal_lm"``.
+        num_labels: Number of classes for ``"seq_cls"``.
+
+    Raises:
+        OSError: With a hint when the model is neither local nor reachable.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_ewtune.data import resolve_model
+
+    path, kwargs = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        if kind == "seq_cls":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        elif kind == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            raise ValueError(f"kind must be 'seq_cls' or 'causal_lm', got {kind!r}")
+    except OSError as exc:
+        raise OSError(
+            f"Could not load model {name!r} ({exc}). Offline, use a local folder or one of the bundled "
+            "models ('all-MiniLM-L6-v2', 'SmolLM2-135M'); online, unset HF_HUB_OFFLINE."
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, kwargs
+
+
+def save_model(*, trainer: Any, output_dir: str | Path, gguf: bool) -> None:
+    """Save the trained model (the adapter for PEFT models) and the tokenizer into ``output_dir``.
+
+    A GGUF-loaded full model cannot ``save_pretrained``: it is rebuilt from its config and the
+    state dict copied over (safetensors, fp32).
+    """
+    from peft import PeftModel
+
+    model = trainer.model
+    if isinstance(model, PeftModel) or not gguf:
+        trainer.save_model(str(output_dir))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        fresh = AutoModelForCausalLM.from_config(model.config)
+        fresh.load_state_dict(model.state_dict())
+        fresh.save_pretrained(str(output_dir))
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(str(output_dir))

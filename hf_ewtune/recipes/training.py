@@ -1,0 +1,199 @@
+"""Trainer construction and run summaries shared by the recipes (private and non-private).
+
+Example:
+    >>> from hf_ewtune.recipes.training import PrivacySettings
+    >>> PrivacySettings(target_epsilon=3.0).private
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrivacySettings:
+    """What the DP trainer is asked to do; ``private=False`` gives the plain-``Trainer`` baseline.
+
+    Attributes:
+        target_epsilon: Certified epsilon to calibrate the noise to (ignored when ``noise_multiplier`` is set).
+        noise_multiplier: Fixed sigma instead of a target epsilon.
+        target_delta: Delta; ``None`` lets the trainer choose (below 1/N).
+        max_grad_norm: Per-example clipping norm C.
+        accountant: Accountant used for calibration/estimates (``"edgeworth"`` by default; the published
+            epsilon is always certified).
+        private: ``False`` runs the non-private baseline with the same optimisation settings.
+    """
+
+    target_epsilon: float | None = 3.0
+    noise_multiplier: float | None = None
+    target_delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "edgeworth"
+    private: bool = True
+
+
+@dataclass
+class RunResult:
+    """Outcome of a recipe run (also written to ``output_dir/results.json``)."""
+
+    output_dir: str
+    metrics: dict[str, float]
+    wall_seconds: float
+    train_seconds: float
+    steps: int
+    private: bool
+    epsilon: float | None = None
+    certified_by: str | None = None
+    edgeworth_epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    report: str | None = None
+    plot_path: str | None = None
+    card_path: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable lines: metrics, certified epsilon (and by what), Edgeworth estimate."""
+        lines = [f"{k}: {v:.4f}" for k, v in self.metrics.items()]
+        if self.private:
+            delta = f", δ = {self.delta:.3g}" if self.delta else ""
+            lines.append(f"certified ε = {self.epsilon:.3f}{delta} (certified by {self.certified_by})")
+            if self.edgeworth_epsilon is not None:
+                lines.append(f"Edgeworth ε = {self.edgeworth_epsilon:.3f} — estimate (not a guarantee)")
+            if self.noise_multiplier is not None:
+                lines.append(f"noise multiplier σ = {self.noise_multiplier:.4f}")
+        else:
+            lines.append("non-private baseline: no privacy guarantee (ε = ∞)")
+        lines.append(f"optimizer steps: {self.steps}; wall time {self.wall_seconds:.0f} s (training {self.train_seconds:.0f} s)")
+        lines.append(f"saved to {self.output_dir}")
+        return lines
+
+    def write_json(self) -> Path:
+        path = Path(self.output_dir) / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2, default=str))
+        return path
+
+
+def build_trainer(
+    *,
+    model: Any,
+    args: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    tokenizer: Any,
+    data_collator: Any,
+    compute_metrics: Callable | None,
+    privacy: PrivacySettings,
+) -> Any:
+    """A ``DPTrainer`` (or, for ``privacy.private=False``, a plain ``transformers.Trainer``)."""
+    common = dict(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, data_collator=data_collator, compute_metrics=compute_metrics,
+    )
+    if not privacy.private:
+        from transformers import Trainer
+
+        return Trainer(**common)
+    from hf_ewtune import DPTrainer
+
+    dp_kwargs: dict[str, Any] = dict(
+        target_delta=privacy.target_delta, max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant,
+    )
+    if privacy.noise_multiplier is not None:
+        dp_kwargs["noise_multiplier"] = privacy.noise_multiplier
+    else:
+        dp_kwargs["target_epsilon"] = privacy.target_epsilon
+    return DPTrainer(**common, **dp_kwargs)
+
+
+def privacy_fields(trainer: Any) -> dict[str, Any]:
+    """Certified epsilon, its certifier, the Edgeworth estimate, delta and sigma from a DP trainer."""
+    report = trainer.get_privacy_spent()
+
+    def _num(*names: str) -> float | None:
+        for obj in (report, trainer):
+            for name in names:
+                value = getattr(obj, name, None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return float(value)
+        return None
+
+    eps = _num("epsilon")
+    if eps is None or not math.isfinite(eps):
+        logger.warning("The trainer reported no finite certified epsilon: %r", eps)
+    return {
+        "epsilon": eps,
+        "certified_by": str(getattr(report, "certified_by", "unknown")),
+        "edgeworth_epsilon": _num("edgeworth_epsilon", "epsilon_edgeworth"),
+        "delta": _num("delta", "target_delta"),
+        "noise_multiplier": _num("noise_multiplier", "sigma"),
+        "report": str(report),
+    }
+
+
+def training_arguments(
+    *,
+    output_dir: str,
+    batch_size: int,
+    micro_batch_size: int,
+    epochs: float,
+    learning_rate: float,
+    seed: int,
+    max_steps: int | None = None,
+    progress: bool = True,
+    **extra: Any,
+) -> Any:
+    """``TrainingArguments`` for a logical batch of ``batch_size`` = micro-batch x accumulation (CPU-friendly).
+
+    Raises:
+        ValueError: If ``batch_size`` is not a positive multiple of ``micro_batch_size``.
+    """
+    from transformers import TrainingArguments
+
+    if micro_batch_size <= 0 or batch_size <= 0:
+        raise ValueError(f"batch_size and micro_batch_size must be positive, got {batch_size} and {micro_batch_size}")
+    micro = min(micro_batch_size, batch_size)
+    if batch_size % micro:
+        raise ValueError(
+            f"batch_size={batch_size} must be a multiple of micro_batch_size={micro} (it is split into "
+            "micro-batches for gradient accumulation): change --batch-size or --micro-batch-size."
+        )
+    kwargs: dict[str, Any] = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=max(micro, 64),
+        gradient_accumulation_steps=batch_size // micro,
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=0.05,
+        logging_first_step=True,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        use_cpu=extra.pop("use_cpu", None) or _no_accelerator(),
+    )
+    if max_steps:
+        kwargs["max_steps"] = max_steps
+    kwargs.update(extra)
+    return TrainingArguments(**kwargs)
+
+
+def _no_accelerator() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
