@@ -1,0 +1,38 @@
+"""Privacy accounting for DP-SGD with Poisson sampling: certified PLD/RDP and the Edgeworth estimate.
+
+Every epsilon returned by ``get_epsilon`` is a CERTIFIED upper bound (dp-accounting PLD by default);
+the Edgeworth (EW-Tune) number is available as an estimate and is labelled as such in reports.
+
+Example:
+    >>> from hf_ewtune.accounting import EdgeworthAccountant
+    >>> acc = EdgeworthAccountant()
+    >>> acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=1000)
+    >>> report = acc.get_privacy_spent(delta=1e-5)
+    >>> round(report.epsilon, 2), round(report.edgeworth_epsilon, 2)
+    (1.83, 1.89)
+"""
+
+from __future__ import annotations
+
+from .base import Accountant
+from .calibration import CalibrationResult, calibrate, calibrate_noise_multiplier, edgeworth_sigma, steps_within_budget
+from .certified import PLDAccountant, RDPAccountant
+from .edgeworth_accountant import EdgeworthAccountant
+from .registry import ACCOUNTANTS, accountant_from_state, make_accountant
+from .report import PrivacyReport
+
+__all__ = [
+    "ACCOUNTANTS",
+    "Accountant",
+    "CalibrationResult",
+    "EdgeworthAccountant",
+    "PLDAccountant",
+    "PrivacyReport",
+    "RDPAccountant",
+    "accountant_from_state",
+    "calibrate",
+    "calibrate_noise_multiplier",
+    "edgeworth_sigma",
+    "make_accountant",
+    "steps_within_budget",
+]

@@ -1,0 +1,160 @@
+"""Common base of all accountants: a history of ``(noise_multiplier, sample_rate, num_steps)`` segments."""
+
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from typing import Any
+
+from hf_ewtune.errors import PrivacyStateError
+
+from ._validation import check_delta, check_noise_multiplier, check_sample_rate, check_steps
+from .report import PrivacyReport
+
+STATE_VERSION = 1
+
+
+class Accountant(abc.ABC):
+    """Privacy accountant for DP-SGD with Poisson sampling and Gaussian noise (add-or-remove-one).
+
+    Subclasses implement :meth:`_certified_epsilon` (a certified upper bound) and :attr:`certified_by`.
+    Steps are recorded as segments ``(noise_multiplier, sample_rate, num_steps)``; consecutive steps with
+    equal parameters are merged, so the state stays small for any number of steps.
+
+    Example:
+        >>> from hf_ewtune.accounting import make_accountant
+        >>> acc = make_accountant("pld")
+        >>> acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=10)
+        >>> acc.step(noise_multiplier=1.0, sample_rate=0.01)
+        >>> acc.history
+        [(1.0, 0.01, 11)]
+    """
+
+    #: registry name ("edgeworth", "pld", "rdp")
+    name: str = "base"
+
+    def __init__(self) -> None:
+        self._history: list[tuple[float, float, int]] = []
+        self._cache: dict[Any, Any] = {}
+
+    # ------------------------------------------------------------------ steps
+    def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
+        """Record ``num_steps`` DP-SGD steps with the given noise multiplier and Poisson sampling rate.
+
+        Args:
+            noise_multiplier: noise std / clipping norm (>= 0; 0 makes epsilon infinite).
+            sample_rate: Poisson sampling rate q in (0, 1].
+            num_steps: number of steps (>= 0). Every step counts, empty batches included.
+        """
+        sigma = check_noise_multiplier(noise_multiplier)
+        q = check_sample_rate(sample_rate)
+        n = check_steps(num_steps, name="num_steps")
+        if n == 0:
+            return
+        if self._history and self._history[-1][:2] == (sigma, q):
+            self._history[-1] = (sigma, q, self._history[-1][2] + n)
+        else:
+            self._history.append((sigma, q, n))
+
+    @property
+    def steps(self) -> int:
+        """Total number of steps recorded."""
+        return sum(n for _, _, n in self._history)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """Copy of the segments ``(noise_multiplier, sample_rate, num_steps)``."""
+        return list(self._history)
+
+    def options(self) -> dict[str, Any]:
+        """Constructor options (stored in :meth:`state_dict`)."""
+        return {}
+
+    def copy(self) -> "Accountant":
+        """Independent copy (same options and history)."""
+        return copy.deepcopy(self)
+
+    # -------------------------------------------------------------- epsilons
+    @property
+    @abc.abstractmethod
+    def certified_by(self) -> str:
+        """Human-readable description of what certifies :meth:`get_epsilon`."""
+
+    @abc.abstractmethod
+    def _certified_epsilon(self, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+        """Certified epsilon for a non-empty history without zero-noise steps."""
+
+    def get_epsilon(self, delta: float = 1e-5) -> float:
+        """CERTIFIED epsilon (an upper bound) at ``delta`` for all steps so far.
+
+        Returns 0.0 before any step and ``math.inf`` if any step had ``noise_multiplier == 0``.
+        Repeated queries with an unchanged history are answered from a cache.
+        """
+        delta = check_delta(delta)
+        history = tuple(self._history)
+        if not history:
+            return 0.0
+        if any(sigma == 0.0 for sigma, _, _ in history):
+            return math.inf
+        key = ("certified", history, delta)
+        if key not in self._cache:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[key] = float(self._certified_epsilon(history, delta))
+        return self._cache[key]
+
+    def _certified_by_for(self, history: tuple, delta: float) -> str:
+        return self.certified_by
+
+    def get_privacy_spent(self, delta: float = 1e-5) -> PrivacyReport:
+        """Full :class:`PrivacyReport`: certified epsilon plus the Edgeworth estimates and error bound."""
+        from .edgeworth_accountant import edgeworth_summary  # local: avoids an import cycle
+
+        epsilon = self.get_epsilon(delta)
+        history = tuple(self._history)
+        summary = edgeworth_summary(history, delta)
+        last = history[-1] if history else (None, None, 0)
+        return PrivacyReport(
+            epsilon=epsilon,
+            delta=delta,
+            certified_by=self._certified_by_for(history, delta),
+            accountant=self.name,
+            edgeworth_epsilon=summary["order1"],
+            edgeworth_epsilon_order2=summary["order2"],
+            edgeworth_error_bound=summary["bound"],
+            steps=self.steps,
+            history=list(history),
+            noise_multiplier=last[0],
+            sample_rate=last[1],
+        )
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: accountant name, options and history."""
+        return {
+            "accountant": self.name,
+            "options": self.options(),
+            "history": [[sigma, q, n] for sigma, q, n in self._history],
+            "version": STATE_VERSION,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history from :meth:`state_dict` (the accountant name must match)."""
+        try:
+            name = state_dict["accountant"]
+            history = [(float(s), float(q), int(n)) for s, q, n in state_dict["history"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrivacyStateError(f"corrupt accountant state_dict: {exc!r}") from exc
+        if name != self.name:
+            raise PrivacyStateError(
+                f"state_dict is for accountant {name!r}, not {self.name!r}; use accountant_from_state(state_dict)."
+            )
+        self._history = []
+        self._cache.clear()
+        for sigma, q, n in history:
+            self.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts}) with {self.steps} steps in {len(self._history)} segment(s)"
