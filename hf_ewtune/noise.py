@@ -1,0 +1,196 @@
+"""Gaussian noise once per optimizer step, as a wrapper around any torch optimizer.
+
+:class:`DPOptimizer` wraps whatever optimizer the Trainer builds (AdamW, SGD, ...). Its ``step()``:
+
+1. takes ``p.grad`` = the SUM of clipped per-example gradients accumulated over the GA micro-batches
+   (parameters without a gradient, e.g. after an empty logical batch, get zeros);
+2. on rank 0 only, adds ``N(0, (sigma * sensitivity)^2)`` drawn from a dedicated ``torch.Generator``;
+3. in multi-process runs (``torch.distributed`` initialised, world size > 1) all-reduces the sums (SUM),
+   so the noise is added exactly once across ranks;
+4. divides by ``expected_batch_size`` = q N, a public constant (NEVER the realised batch size);
+5. calls the inner optimizer's ``step()``.
+
+The noise generator is reseeded at every step from ``(base_seed, step_index)``: ``base_seed`` comes from
+OS entropy unless a ``noise_seed`` was given. Its state is never saved (HF checkpoints store the global
+RNG state, not this one). A resumed run with the default entropy seed draws fresh noise; with a fixed
+seed it reproduces the uninterrupted run's noise step for step (never reusing a draw for another step).
+
+Example:
+    >>> import torch
+    >>> p = torch.nn.Parameter(torch.zeros(3))
+    >>> opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=0.0, sensitivity=1.0, expected_batch_size=2)
+    >>> p.grad = torch.tensor([2.0, 4.0, 6.0])
+    >>> opt.step(); p.data
+    tensor([-1., -2., -3.])
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hf_ewtune.sampling import derive_seed, new_seed
+
+logger = logging.getLogger(__name__)
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """Adds calibrated Gaussian noise and the public normalisation before the wrapped optimizer's step.
+
+    ``param_groups``, ``state``, ``defaults``, ``state_dict`` and ``load_state_dict`` are those of the
+    inner optimizer, so LR schedulers and HF checkpointing work unchanged (no noise state is saved).
+
+    Args:
+        optimizer: The optimizer to wrap.
+        noise_multiplier: sigma (>= 0).
+        sensitivity: L2 sensitivity of one example's clipped contribution (C for flat clipping).
+        expected_batch_size: The public constant q N that the noisy sum is divided by.
+        noise_seed: Base seed; ``None`` draws one from OS entropy.
+        step_index_fn: Returns the index of the step being taken (to derive each step's noise seed);
+            default: an internal counter.
+        distributed: ``None`` (auto: use ``torch.distributed`` if initialised with world size > 1),
+            ``True`` or ``False``.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        sensitivity: float,
+        expected_batch_size: float,
+        noise_seed: int | None = None,
+        step_index_fn: Callable[[], int] | None = None,
+        distributed: bool | None = None,
+    ) -> None:
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
+        if expected_batch_size <= 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}.")
+        # Deliberately no Optimizer.__init__: every attribute below is delegated to the inner optimizer.
+        self.original_optimizer = optimizer
+        self.noise_multiplier = float(noise_multiplier)
+        self.sensitivity = float(sensitivity)
+        self.expected_batch_size = float(expected_batch_size)
+        self._base_seed = int(noise_seed) if noise_seed is not None else new_seed()
+        self._seeded_by_user = noise_seed is not None
+        self._step_index_fn = step_index_fn
+        self._counter = 0
+        self._distributed = distributed
+        self._generators: dict[str, torch.Generator] = {}
+        self._optimizer_step_pre_hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {})
+        self._optimizer_step_post_hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
+        self.steps_taken = 0
+
+    # ---- delegation -------------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.original_optimizer.defaults = value
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.original_optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return (
+            f"DPOptimizer(noise_multiplier={self.noise_multiplier}, sensitivity={self.sensitivity}, "
+            f"expected_batch_size={self.expected_batch_size}, inner={self.original_optimizer!r})"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes not found normally (e.g. optimizer-specific methods).
+        if name == "original_optimizer":
+            raise AttributeError(name)
+        return getattr(self.original_optimizer, name)
+
+    # ---- the DP step ------------------------------------------------------------------------------
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _generator(self, device: torch.device, step_index: int) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            self._generators[key] = gen
+        gen.manual_seed(derive_seed(self._base_seed, step_index, zlib.crc32(key.encode())))
+        return gen
+
+    def _use_distributed(self) -> bool:
+        rank, world = _dist_info()
+        if self._distributed is None:
+            return world > 1
+        return bool(self._distributed) and world > 1
+
+    @torch.no_grad()
+    def add_noise_and_scale(self) -> None:
+        """Turn the accumulated clipped sums in ``p.grad`` into the noisy mean gradient (in place)."""
+        step_index = self._step_index_fn() if self._step_index_fn is not None else self._counter
+        rank, _ = _dist_info()
+        distributed = self._use_distributed()
+        std = self.noise_multiplier * self.sensitivity
+        gens: dict[str, torch.Generator] = {}
+        for p in self._params():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if std > 0 and (rank == 0 or not distributed):
+                key = str(p.device)
+                if key not in gens:
+                    gens[key] = self._generator(p.device, step_index)
+                noise = torch.normal(
+                    mean=0.0, std=std, size=p.shape, generator=gens[key], device=p.device, dtype=torch.float32
+                )
+                p.grad.add_(noise.to(p.grad.dtype))
+            if distributed:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+            p.grad.div_(self.expected_batch_size)
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """Noise, (all-reduce), scale by ``1/expected_batch_size``, then the inner optimizer's step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.add_noise_and_scale()
+        self._counter += 1
+        self.steps_taken += 1
+        self.original_optimizer.step()
+        return loss

@@ -1,0 +1,541 @@
+"""``DPTrainer``: a ``transformers.Trainer`` that trains with DP-SGD.
+
+Per optimizer step ("logical batch"):
+
+1. one Poisson(q) draw over the training set, identical on all ranks, split into exactly
+   ``gradient_accumulation_steps`` micro-batches per rank (some possibly empty) — :mod:`hf_ewtune.sampling`;
+2. per micro-batch: forward, per-example losses from the logits (:mod:`hf_ewtune.losses`; HF's
+   ``num_items_in_batch`` is ignored), one backward through the :class:`~hf_ewtune.clipping.ClippingEngine`
+   that adds ``sum_i c_i g_i`` into ``p.grad`` (no DDP gradient sync);
+3. at the optimizer step: Gaussian noise ``N(0, (sigma C)^2)`` once (rank 0), all-reduce SUM, division by
+   the public expected batch size ``q N`` (:mod:`hf_ewtune.noise`), then the wrapped optimizer's step;
+4. the :class:`~hf_ewtune.callbacks.PrivacyCallback` steps the accountant (empty batches included), logs
+   ``epsilon`` (certified) and ``epsilon_edgeworth`` (estimate), enforces the budget and writes
+   ``privacy_state.json`` into every checkpoint and into ``output_dir`` on ``save_model``.
+
+``q = per_device_train_batch_size * gradient_accumulation_steps * world_size / N``; an epoch is
+``round(1/q)`` steps. ``TrainingArguments.max_grad_norm`` is set to 0 (per-example clipping replaces it),
+``average_tokens_across_devices`` to False, and the Trainer's pre-step ``grad_norm`` (a statistic of the
+un-noised gradient) is not logged.
+
+Example:
+    >>> from transformers import TrainingArguments
+    >>> from hf_ewtune import DPTrainer
+    >>> from hf_ewtune.testing import tiny_bert, tiny_classification_dataset, tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> args = TrainingArguments(output_dir="/tmp/dp-doc", use_cpu=True, report_to="none", max_steps=2,
+    ...                          per_device_train_batch_size=8, save_strategy="no", logging_steps=1)
+    >>> trainer = DPTrainer(model=tiny_bert(vocab_size=len(tok)), args=args,
+    ...                     train_dataset=tiny_classification_dataset(tok, n=32),
+    ...                     noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=0)
+    >>> _ = trainer.train()
+    >>> trainer.get_privacy_spent().steps
+    2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_ewtune.arguments import PrivacyArguments, default_delta
+from hf_ewtune.callbacks import PrivacyCallback
+from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, PrivacyStateError
+from hf_ewtune.losses import TASKS, infer_task, per_example_loss
+from hf_ewtune.noise import DPOptimizer
+from hf_ewtune.privacy_state import load_privacy_state, save_privacy_state
+from hf_ewtune.sampling import (
+    DPDataLoader,
+    EmptyAwareCollator,
+    PoissonBatchSampler,
+    derive_seed,
+    is_empty_batch,
+    new_seed,
+    steps_per_epoch_for,
+)
+
+logger = logging.getLogger(__name__)
+
+_NOISE_STREAM = 0
+_SAMPLING_STREAM = 1
+
+
+class DPTrainer(Trainer):
+    """``transformers.Trainer`` with differentially private training (DP-SGD, Poisson sampling).
+
+    Accepts every ``Trainer`` argument plus the privacy settings, either as ``privacy_args=
+    PrivacyArguments(...)`` or as the same fields as keyword arguments (``target_epsilon=3.0, ...``).
+    Everything is validated here, before training: a missing or unsized ``train_dataset``, an expected
+    batch larger than the dataset, an invalid rate, neither ``target_epsilon`` nor ``noise_multiplier``,
+    a budget that cannot afford one step, DataParallel, custom samplers, unsupported modules (BatchNorm,
+    uncovered trainable parameters) all raise :class:`~hf_ewtune.errors.PrivacyConfigError` (or a subclass).
+
+    Args:
+        *args: Positional ``Trainer`` arguments (``model``, ``args``, ...).
+        privacy_args: The privacy settings.
+        per_example_loss_task: Force the per-example loss (one of :data:`hf_ewtune.losses.TASKS`);
+            default: inferred from the model and the shapes of logits and labels.
+        **kwargs: ``Trainer`` keyword arguments and/or :class:`PrivacyArguments` fields.
+
+    Example:
+        >>> from hf_ewtune import DPTrainer, PrivacyArguments
+        >>> DPTrainer.__mro__[1].__name__
+        'Trainer'
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        privacy_args: PrivacyArguments | None = None,
+        per_example_loss_task: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        privacy_kwargs = {k: kwargs.pop(k) for k in PrivacyArguments.field_names() if k in kwargs}
+        if privacy_args is not None and privacy_kwargs:
+            raise PrivacyConfigError(
+                f"pass the privacy settings either as privacy_args= or as keyword arguments, not both "
+                f"(got privacy_args and {sorted(privacy_kwargs)})."
+            )
+        if privacy_args is None:
+            privacy_args = PrivacyArguments(**privacy_kwargs)
+        elif not isinstance(privacy_args, PrivacyArguments):
+            raise PrivacyConfigError(f"privacy_args must be a PrivacyArguments, got {type(privacy_args).__name__}.")
+        else:
+            privacy_args.validate()
+        if per_example_loss_task is not None and per_example_loss_task not in TASKS:
+            raise PrivacyConfigError(f"per_example_loss_task must be one of {TASKS} or None, got {per_example_loss_task!r}.")
+        if kwargs.get("model_init") is not None:
+            raise PrivacyConfigError(
+                "DPTrainer does not support model_init (hyperparameter search would re-train on the same private "
+                "data without accounting for it); pass model= instead."
+            )
+        self.privacy_args = privacy_args
+        self.per_example_loss_task = per_example_loss_task
+        self.privacy_callback: PrivacyCallback | None = None
+        self._engine = None
+        super().__init__(*args, **kwargs)
+        if self.model is None:
+            raise PrivacyConfigError("DPTrainer needs model=.")
+        self._setup_privacy()
+
+    # ------------------------------------------------------------------------------------- set-up
+    def _setup_privacy(self) -> None:
+        pa = self.privacy_args
+        args = self.args
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            logger.info(
+                "DPTrainer: setting TrainingArguments.max_grad_norm=%s to 0; per-example clipping at "
+                "PrivacyArguments.max_grad_norm=%s replaces the Trainer's clipping of the batch gradient.",
+                args.max_grad_norm, pa.max_grad_norm,
+            )
+            args.max_grad_norm = 0.0
+        if getattr(args, "average_tokens_across_devices", False):
+            args.average_tokens_across_devices = False
+        if args.n_gpu > 1:
+            raise PrivacyConfigError(
+                f"DPTrainer does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process); launch one "
+                "process per GPU with torchrun or accelerate launch instead."
+            )
+        strategy = getattr(args, "train_sampling_strategy", "random")
+        if strategy not in ("random", None):
+            raise PrivacyConfigError(
+                f"train_sampling_strategy={strategy!r} is not supported: DPTrainer draws every batch by Poisson "
+                "sampling (which the privacy accounting assumes). Leave it at 'random'."
+            )
+        if getattr(args, "group_by_length", False):
+            raise PrivacyConfigError("group_by_length=True is not supported by DPTrainer (it replaces the sampler).")
+        if type(self)._get_train_sampler is not Trainer._get_train_sampler or (
+            type(self).get_train_dataloader is not DPTrainer.get_train_dataloader
+        ):
+            raise PrivacyConfigError(
+                "custom training samplers/dataloaders are rejected: the privacy accounting requires DPTrainer's "
+                "Poisson sampler (a custom or weighted sampler silently changes the sampling rate)."
+            )
+        ds = self.train_dataset
+        if ds is None:
+            raise PrivacyConfigError("DPTrainer needs train_dataset= (the private training data).")
+        if isinstance(ds, torch.utils.data.IterableDataset) or not hasattr(ds, "__len__"):
+            raise PrivacyConfigError(
+                "train_dataset must have a length (a map-style Dataset): Poisson sampling needs the dataset size N."
+            )
+        n = len(ds)
+        if n == 0:
+            raise PrivacyConfigError("train_dataset is empty.")
+        world = int(args.world_size)
+        num_processes = getattr(self.accelerator, "num_processes", world)
+        if num_processes != world:
+            raise PrivacyConfigError(
+                f"world size mismatch: TrainingArguments.world_size={world} but accelerate runs {num_processes} processes."
+            )
+        ga = int(args.gradient_accumulation_steps)
+        per_device = int(args.per_device_train_batch_size)
+        if ga < 1 or per_device < 1:
+            raise PrivacyConfigError("gradient_accumulation_steps and per_device_train_batch_size must be >= 1.")
+        expected = per_device * ga * world
+        if expected > n:
+            raise PrivacyConfigError(
+                f"expected batch size per_device_train_batch_size x gradient_accumulation_steps x world_size = "
+                f"{per_device} x {ga} x {world} = {expected} exceeds the dataset size N={n} (sample rate q > 1). "
+                "Lower the batch size or gradient_accumulation_steps."
+            )
+        q = expected / n
+        spe = steps_per_epoch_for(q)
+        planned = int(args.max_steps) if args.max_steps and args.max_steps > 0 else int(math.ceil(args.num_train_epochs * spe))
+        if planned < 1:
+            raise PrivacyConfigError(f"the run plans {planned} optimizer steps; set max_steps or num_train_epochs > 0.")
+        if pa.target_delta is None:
+            delta = default_delta(n)
+            logger.info("DPTrainer: target_delta not set; using the default min(1e-5, 1/(10 N)) = %.3g (N=%d).", delta, n)
+        else:
+            delta = float(pa.target_delta)
+            if delta >= 1.0 / n:
+                warnings.warn(
+                    f"target_delta={delta:g} is not below 1/N = {1.0 / n:g}: such a delta permits releasing a whole "
+                    "record. Use a delta well below 1/N (the default is min(1e-5, 1/(10 N))).",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+        from hf_ewtune.accounting import calibrate, make_accountant, steps_within_budget
+
+        calibration: dict[str, Any] | None = None
+        budget_steps: int | None = None
+        if pa.target_epsilon is None and pa.noise_multiplier is None:
+            raise PrivacyConfigError(
+                "set target_epsilon (the noise is calibrated for the planned run), noise_multiplier (fixed noise), "
+                "or both (fixed noise, training stops before exceeding the budget)."
+            )
+        if pa.noise_multiplier is None:
+            result = calibrate(
+                target_epsilon=pa.target_epsilon, delta=delta, sample_rate=q, steps=planned,
+                accountant=pa.accountant, certify=pa.certify_calibration,
+            )
+            sigma = float(result.noise_multiplier)
+            calibration = result.to_dict()
+            if result.certified:
+                budget_steps = planned
+            logger.info(
+                "DPTrainer: calibrated noise_multiplier=%.4g for target_epsilon=%g, delta=%.3g, q=%.4g, %d steps "
+                "(certified epsilon %.4g; Edgeworth sigma %.4g).",
+                sigma, pa.target_epsilon, delta, q, planned, result.epsilon, result.sigma_edgeworth,
+            )
+        else:
+            sigma = float(pa.noise_multiplier)
+        if sigma == 0.0:
+            if pa.target_epsilon is not None:
+                raise BudgetExhaustedError(
+                    f"noise_multiplier=0 cannot meet target_epsilon={pa.target_epsilon:g} (epsilon is infinite after one step)."
+                )
+            warnings.warn(
+                "noise_multiplier=0: NO differential privacy (epsilon = inf). Use only for debugging.",
+                UserWarning,
+                stacklevel=3,
+            )
+        accountant = make_accountant(pa.accountant)
+        if pa.target_epsilon is not None and budget_steps is None:
+            budget_steps = steps_within_budget(
+                noise_multiplier=sigma, sample_rate=q, target_epsilon=pa.target_epsilon, delta=delta,
+                accountant=pa.accountant, max_steps=planned,
+            )
+            if budget_steps == 0:
+                raise BudgetExhaustedError(
+                    f"with noise_multiplier={sigma:g}, sample rate q={q:.4g} and delta={delta:.3g}, even one step "
+                    f"exceeds target_epsilon={pa.target_epsilon:g}. Raise noise_multiplier or target_epsilon, or "
+                    "leave noise_multiplier unset to calibrate it."
+                )
+            if budget_steps < planned:
+                logger.warning(
+                    "DPTrainer: the privacy budget target_epsilon=%g allows %d of the %d planned steps with "
+                    "noise_multiplier=%g; training will stop after step %d.",
+                    pa.target_epsilon, budget_steps, planned, sigma, budget_steps,
+                )
+
+        from hf_ewtune.clipping import ClippingEngine
+
+        self._engine = ClippingEngine(self.model, max_grad_norm=pa.max_grad_norm, clipping=pa.clipping)
+
+        self.num_train_examples = n
+        self.sample_rate = q
+        self.expected_batch_size = expected
+        self.steps_per_epoch = spe
+        self.planned_steps = planned
+        self.delta = delta
+        self.noise_multiplier = sigma
+        self._base_noise_seed = derive_seed(pa.noise_seed, _NOISE_STREAM) if pa.noise_seed is not None else None
+        config = {
+            "max_grad_norm": pa.max_grad_norm,
+            "clipping": pa.clipping,
+            "sensitivity": self._engine.sensitivity,
+            "expected_batch_size": expected,
+            "poisson_sampling": pa.poisson_sampling,
+            "sampling_assumed_by_accounting": "poisson",
+            "sampling_note": None
+            if pa.poisson_sampling
+            else "Batches were shuffled fixed-size batches; the reported epsilon ASSUMES Poisson sampling.",
+            "world_size": world,
+            "gradient_accumulation_steps": ga,
+            "per_device_train_batch_size": per_device,
+            "planned_steps": planned,
+            "steps_per_epoch": spe,
+            "calibration": calibration,
+            "certify_calibration": pa.certify_calibration,
+            "delta_default": pa.target_delta is None,
+            "randomness": "user-provided noise_seed (reproducible, NOT private)"
+            if pa.noise_seed is not None
+            else "torch generators seeded from OS entropy via secrets (unpredictable, not a CSPRNG)",
+            "privacy_unit": "one training example (add/remove adjacency)",
+        }
+        self.privacy_callback = PrivacyCallback(
+            accountant=accountant, accountant_name=pa.accountant, noise_multiplier=sigma, sample_rate=q,
+            delta=delta, target_epsilon=pa.target_epsilon, budget_steps=budget_steps, config=config,
+        )
+        self.add_callback(self.privacy_callback)
+
+    # ------------------------------------------------------------------------------- training
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        """``Trainer.train`` that restores the privacy accountant when resuming.
+
+        ``resume_from_checkpoint`` must name a checkpoint written by ``DPTrainer`` (it holds
+        ``privacy_state.json``); otherwise :class:`~hf_ewtune.errors.PrivacyStateError` is raised rather than
+        restarting the accounting from zero. HF fast-forwards the dataloader past the steps already taken;
+        those replayed draws are never accounted (the accountant only steps on real optimizer steps) and,
+        the sampler being seeded afresh, the resumed run continues with fresh Poisson draws.
+        """
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        callback = self.privacy_callback
+        assert callback is not None
+        if resume_from_checkpoint is not None:
+            state = load_privacy_state(resume_from_checkpoint)
+            try:
+                callback.load_state(state)
+            except KeyError as exc:
+                raise PrivacyStateError(f"{resume_from_checkpoint!r}: privacy state lacks {exc}.") from exc
+            callback.stopped_early = bool(state.get("stopped_early", False))
+            self._check_resumed_state(state)
+            self._refresh_budget()
+            logger.info(
+                "DPTrainer: resumed privacy accounting from %s (%d steps already taken).",
+                resume_from_checkpoint, callback.steps,
+            )
+        elif callback.steps > 0:
+            # A second train() call on the same trainer trains on the same data again: keep composing.
+            self._refresh_budget()
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
+    def _check_resumed_state(self, state: dict[str, Any]) -> None:
+        for key, mine in (
+            ("noise_multiplier", self.noise_multiplier),
+            ("sample_rate", self.sample_rate),
+            ("max_grad_norm", self.privacy_args.max_grad_norm),
+            ("delta", self.delta),
+        ):
+            theirs = state.get(key)
+            if theirs is not None and not math.isclose(float(theirs), float(mine), rel_tol=1e-9):
+                logger.warning(
+                    "DPTrainer: resuming with %s=%s, the checkpoint used %s; the accountant composes both.", key, mine, theirs
+                )
+        if state.get("clipping") not in (None, self.privacy_args.clipping):
+            logger.warning("DPTrainer: resuming with clipping=%s, the checkpoint used %s.", self.privacy_args.clipping, state.get("clipping"))
+
+    def _refresh_budget(self) -> None:
+        """Recompute the total steps allowed by ``target_epsilon`` given the accountant history."""
+        pa = self.privacy_args
+        callback = self.privacy_callback
+        if pa.target_epsilon is None or callback is None:
+            return
+        from hf_ewtune.accounting import steps_within_budget
+
+        remaining_planned = max(self.planned_steps - callback.steps, 0)
+        further = steps_within_budget(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, target_epsilon=pa.target_epsilon,
+            delta=self.delta, already=callback.accountant, max_steps=max(remaining_planned, 1),
+        )
+        if further == 0:
+            raise BudgetExhaustedError(
+                f"the privacy budget target_epsilon={pa.target_epsilon:g} is spent: {callback.steps} steps already "
+                f"taken give a certified epsilon of {callback.accountant.get_epsilon(self.delta):.4g}; one more step "
+                "would exceed it."
+            )
+        callback.budget_steps = callback.steps + further
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """A plain DataLoader over :class:`~hf_ewtune.sampling.PoissonBatchSampler` (not accelerate-prepared)."""
+        dataset = self.train_dataset
+        collator = self.data_collator
+        try:
+            import datasets
+
+            is_hf_dataset = isinstance(dataset, datasets.Dataset)
+        except ImportError:  # pragma: no cover
+            is_hf_dataset = False
+        if is_hf_dataset:
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        sampler = PoissonBatchSampler(
+            self.num_train_examples,
+            self.sample_rate,
+            num_micro_batches=self.args.gradient_accumulation_steps * self.args.world_size,
+            rank=self.args.process_index,
+            world_size=self.args.world_size,
+            steps_per_epoch=self.steps_per_epoch,
+            seed=self._sampling_seed(),
+            poisson=self.privacy_args.poisson_sampling,
+        )
+        params: dict[str, Any] = {
+            "batch_sampler": sampler,
+            "collate_fn": EmptyAwareCollator(collator),
+            "num_workers": self.args.dataloader_num_workers,
+            "pin_memory": self.args.dataloader_pin_memory,
+        }
+        if self.args.dataloader_num_workers > 0:
+            params["persistent_workers"] = self.args.dataloader_persistent_workers
+            if self.args.dataloader_prefetch_factor is not None:
+                params["prefetch_factor"] = self.args.dataloader_prefetch_factor
+        return DPDataLoader(dataset, **params)
+
+    def _sampling_seed(self) -> int:
+        """Seed shared by all ranks: from ``noise_seed`` and the steps already taken, or OS entropy (rank 0)."""
+        steps = self.privacy_callback.steps if self.privacy_callback is not None else 0
+        if self.privacy_args.noise_seed is not None:
+            return derive_seed(self.privacy_args.noise_seed, _SAMPLING_STREAM, steps)
+        seed = new_seed()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            t = torch.tensor([seed], dtype=torch.int64, device=device)
+            torch.distributed.broadcast(t, src=0)
+            seed = int(t.item())
+        return seed
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, wrapped in :class:`~hf_ewtune.noise.DPOptimizer` (noise once per step)."""
+        optimizer = super().create_optimizer(model)
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(optimizer, DPOptimizer) or isinstance(inner, DPOptimizer):
+            return optimizer
+        callback = self.privacy_callback
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            sensitivity=self._engine.sensitivity,
+            expected_batch_size=self.expected_batch_size,
+            noise_seed=self._base_noise_seed,
+            step_index_fn=(lambda: callback.steps) if callback is not None else None,
+        )
+        return self.optimizer
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> None:
+        # The pre-step gradient is the UN-noised clipped sum: its norm is not private, so it is not logged.
+        return None
+
+    @contextlib.contextmanager
+    def _no_grad_sync(self, model: torch.nn.Module):
+        if hasattr(model, "no_sync") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            with model.no_sync():
+                yield
+        else:
+            yield
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor:
+        """Forward, per-example losses, clipped backward into ``p.grad``; ``num_items_in_batch`` is ignored.
+
+        Returns the detached sum of this micro-batch's losses divided by the expected per-rank logical
+        batch (``per_device_train_batch_size x gradient_accumulation_steps``), so that the Trainer's summed
+        ``loss`` log estimates the mean example loss. (That logged training loss is computed without noise.)
+        """
+        model.train()
+        norm = float(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
+        if is_empty_batch(inputs):
+            return torch.zeros((), device=self.args.device)
+        inputs = self._prepare_inputs(inputs)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            labels = inputs.pop("label", None)
+        if labels is None:
+            raise PrivacyConfigError(
+                "the training batch has no 'labels': DPTrainer computes per-example losses from the logits and "
+                "the labels (for causal LM, set labels = input_ids with padding as -100)."
+            )
+        batch_size = labels.shape[0]
+        limit = self.privacy_args.max_physical_batch_size or batch_size
+        total = torch.zeros((), device=self.args.device)
+        with self._no_grad_sync(model):
+            for start in range(0, batch_size, limit):
+                sl = slice(start, start + limit)
+                chunk = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
+                         for k, v in inputs.items()}
+                chunk_labels = labels[sl]
+                with self.compute_loss_context_manager():
+                    outputs = model(**chunk)
+                    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+                task = self.per_example_loss_task or infer_task(self.model, logits, chunk_labels)
+                losses = per_example_loss(logits, chunk_labels, task=task, attention_mask=chunk.get("attention_mask"))
+                self._engine.backward(losses)
+                total = total + losses.detach().sum().to(total.device)
+        return total / norm
+
+    # ------------------------------------------------------------------------------ reporting
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add ``epsilon`` (certified) and ``epsilon_edgeworth`` (estimate) to every log entry."""
+        if self.privacy_callback is not None:
+            logs.update(self.privacy_callback.epsilon_logs())
+        super().log(logs, start_time)
+
+    def get_privacy_spent(self):
+        """``PrivacyReport`` (``.epsilon`` certified, ``.edgeworth_epsilon`` estimate) for the steps taken so far."""
+        assert self.privacy_callback is not None
+        return self.privacy_callback.accountant.get_privacy_spent(delta=self.delta)
+
+    def privacy_state(self) -> dict[str, Any]:
+        """The privacy state written to ``privacy_state.json`` (no RNG state)."""
+        assert self.privacy_callback is not None
+        return self.privacy_callback.state_dict(getattr(self, "state", None))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` plus ``privacy_state.json`` in the same folder."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save and self.privacy_callback is not None:
+            save_privacy_state(output_dir if output_dir is not None else self.args.output_dir, self.privacy_state())
+
+    def create_model_card(self, **kwargs: Any) -> None:
+        """``Trainer.create_model_card`` plus the privacy block (YAML metadata and a Privacy section).
+
+        ``push_to_hub`` calls this before uploading ``output_dir``, so pushed cards carry the privacy block.
+        """
+        super().create_model_card(**kwargs)
+        if not self.is_world_process_zero():
+            return
+        try:
+            from hf_ewtune.model_card import add_privacy_to_model_card
+        except ImportError:  # pragma: no cover - until the model-card module lands
+            logger.warning("hf_ewtune.model_card is unavailable: the model card has no privacy section.")
+            return
+        add_privacy_to_model_card(self.args.output_dir, self.privacy_state())
