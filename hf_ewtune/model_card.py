@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import math
@@ -95,13 +97,40 @@ def privacy_report(privacy_state: Mapping[str, Any]):
     """
     from hf_ewtune.accounting import accountant_from_state
 
-    accountant = privacy_state.get("accountant")
-    if not isinstance(accountant, Mapping) or "state" not in accountant:
-        raise PrivacyStateError("privacy state has no 'accountant': {'name', 'state'} entry; it cannot be certified.")
+    _, accountant_state = _accountant_entry(privacy_state)
+    if not isinstance(accountant_state, Mapping):
+        raise PrivacyStateError(
+            "privacy state has no accountant state ('accountant': {'name', 'state'}); it cannot be certified. "
+            "Use the privacy_state.json written by DPTrainer.")
     delta = privacy_state.get("delta")
     if delta is None:
         raise PrivacyStateError("privacy state has no 'delta'; it cannot be certified.")
-    return accountant_from_state(accountant["state"]).get_privacy_spent(delta=float(delta))
+    try:
+        key = json.dumps(accountant_state, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):  # not JSON-able: no caching
+        return accountant_from_state(dict(accountant_state)).get_privacy_spent(delta=float(delta))
+    return copy.deepcopy(_cached_report(key, float(delta)))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_report(accountant_state_json: str, delta: float):
+    """PLD at a 1e-4 discretisation plus the Edgeworth bound take ~0.5 s: render, metadata and CLI share one."""
+    from hf_ewtune.accounting import accountant_from_state
+
+    return accountant_from_state(json.loads(accountant_state_json)).get_privacy_spent(delta=delta)
+
+
+def _accountant_entry(privacy_state: Mapping[str, Any]) -> tuple[str | None, Any]:
+    """(name, state_dict) from ``{"accountant": {"name", "state"}}`` or the flat
+    ``{"accountant": name, "accountant_state": state_dict}`` layout."""
+    entry = privacy_state.get("accountant")
+    if isinstance(entry, Mapping):
+        state = entry.get("state")
+        name = entry.get("name") or (state.get("accountant") if isinstance(state, Mapping) else None)
+        return name, state
+    state = privacy_state.get("accountant_state")
+    name = entry if isinstance(entry, str) else (state.get("accountant") if isinstance(state, Mapping) else None)
+    return name, state
 
 
 # -------------------------------------------------------------------------------------------- metadata
@@ -181,7 +210,7 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
         report = privacy_report(privacy_state)
     state = privacy_state
     poisson = state.get("poisson_sampling")
-    accountant = state.get("accountant") or {}
+    accountant_name, _ = _accountant_entry(state)
     library_version = state.get("library_version")
     if library_version is None:
         from hf_ewtune import __version__ as library_version
@@ -202,7 +231,7 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
         "steps": int(state["steps"]) if state.get("steps") is not None else int(getattr(report, "steps", 0)),
         "epochs": _as_float(state.get("epochs")),
         "world_size": state.get("world_size"),
-        "accountant": accountant.get("name") or getattr(report, "accountant", None),
+        "accountant": accountant_name or getattr(report, "accountant", None),
         "target_epsilon": _as_float(state.get("target_epsilon")),
         "stopped_early": bool(state.get("stopped_early", False)),
         "library": f"{state.get('library') or 'hf_ewtune'} {library_version}",
