@@ -1,0 +1,1 @@
+"""Sub-commands of ``hf-ewtune``; each module exposes ``register(subparsers)`` (see ``hf_ewtune.cli``)."""
