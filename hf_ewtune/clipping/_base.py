@@ -1,0 +1,94 @@
+"""Shared pieces of the per-example gradient rules: the per-call record and the rule interface.
+
+A *rule* knows, for one module type, what to capture in the forward pass and how to turn the captured
+input ``A`` and output gradient ``G`` of one call into per-example gradient norms, per-example gradients and
+the clipped sum ``sum_i c_i g_i`` of each of the module's own trainable parameters (its *roles*, e.g.
+``"weight"`` and ``"bias"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 activations are upcast)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@dataclass
+class Record:
+    """One recorded call of a hooked module (a module called twice gives two records)."""
+
+    module: nn.Module
+    rule: "Rule"
+    data: Any
+    outputs: list[torch.Tensor]
+    versions: list[int]
+    grads: list[torch.Tensor | None] | None = None
+    batch_size: int = 0
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        """Whether the loss depended on this call (at least one output got a gradient)."""
+        return self.grads is not None and any(g is not None for g in self.grads)
+
+
+class Rule:
+    """Per-module-type per-example gradient rule. Subclasses override ``capture`` and ``per_example``;
+    ``norm_sq`` and ``clipped_sum`` default to going through the (cached) per-example gradient."""
+
+    name = "rule"
+
+    def capture(self, engine: Any, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> tuple[Record | None, Any]:
+        """Return the record of this call (or None) and a replacement output (or None to keep it)."""
+        raise NotImplementedError
+
+    def per_example(self, rec: Record, role: str) -> torch.Tensor:
+        """Per-example gradient of parameter ``role`` for this call: ``Tensor[B, *param.shape]``."""
+        raise NotImplementedError
+
+    def cached_per_example(self, rec: Record, role: str) -> torch.Tensor:
+        if role not in rec.cache:
+            rec.cache[role] = self.per_example(rec, role)
+        return rec.cache[role]
+
+    def norm_sq(self, rec: Record, role: str) -> torch.Tensor:
+        """Squared per-example gradient norm of ``role`` for this call: ``Tensor[B]`` (float32/64)."""
+        pe = self.cached_per_example(rec, role)
+        return pe.reshape(pe.shape[0], -1).pow(2).sum(1)
+
+    def clipped_sum(self, rec: Record, role: str, c: torch.Tensor) -> torch.Tensor:
+        """``sum_i c_i g_i`` of ``role`` for this call, shape ``param.shape``."""
+        pe = self.cached_per_example(rec, role)
+        return torch.tensordot(c.to(pe.dtype), pe, dims=1)
+
+    def mask_examples(self, rec: Record, keep: torch.Tensor) -> None:
+        """Zero everything stored for the examples where ``keep`` is False (non-finite gradients)."""
+        rec.grads = [None if g is None else _zero_rows(g, keep) for g in rec.grads]
+        rec.data = _mask_data(rec.data, keep)
+        rec.cache = {k: _zero_rows(v, keep) for k, v in rec.cache.items()}
+
+
+def _zero_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    if not torch.is_floating_point(t) or t.dim() == 0 or t.shape[0] != keep.shape[0]:
+        return t
+    return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _mask_data(data: Any, keep: torch.Tensor) -> Any:
+    if isinstance(data, torch.Tensor):
+        return _zero_rows(data, keep)
+    if isinstance(data, dict):
+        return {k: _mask_data(v, keep) for k, v in data.items()}
+    return data
+
+
+def tensor_arg(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
+    """The first positional argument, or keyword ``name``."""
+    return args[0] if args else kwargs[name]

@@ -1,0 +1,68 @@
+"""Per-example gradients of ``nn.Embedding``.
+
+Norm (ghost, never materialises ``[B, V, d]``): ``||dE_i||^2 = sum_{s,t} 1[x_s = x_t] (g_s . g_t)`` over the
+example's non-padding positions; clipped sum: ``index_add`` of ``c_i g_{i,t}`` into row ``x_{i,t}``.
+
+Hugging Face models call position embeddings with ``[1, T]`` ids and broadcast the ``[1, T, d]`` output over
+the batch, which hides the per-example gradient. The hook therefore expands such an output (and the ids) to
+the batch size seen by the model's forward, so that each example's gradient is the sum over its own positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._base import Record, Rule, compute_dtype, tensor_arg
+
+
+class EmbeddingRule(Rule):
+    name = "embedding"
+
+    def capture(self, engine, module, args, kwargs, output):
+        ids = tensor_arg(args, kwargs, "input")
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None, None
+        new_out = None
+        b = engine.current_batch_size
+        if ids.dim() >= 1 and ids.shape[0] == 1 and b is not None and b > 1:
+            ids = ids.expand(b, *ids.shape[1:])
+            output = new_out = output.expand(b, *output.shape[1:])
+        return Record(module, self, ids.detach(), [output], [output._version]), new_out
+
+    def _ids_g(self, rec: Record) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        module = rec.module
+        b = rec.batch_size
+        ids = rec.data.reshape(b, -1)
+        g = rec.grads[0]
+        g = g.reshape(b, -1, g.shape[-1]).to(compute_dtype(g))
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        if module.padding_idx is not None:
+            valid = ids != module.padding_idx
+            g = g * valid.unsqueeze(-1).to(g.dtype)
+        return ids, g, valid
+
+    def norm_sq(self, rec: Record, role: str) -> torch.Tensor:
+        ids, g, _ = self._ids_g(rec)
+        same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
+        return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
+
+    def per_example(self, rec: Record, role: str) -> torch.Tensor:
+        ids, g, _ = self._ids_g(rec)
+        b, v, d = ids.shape[0], rec.module.num_embeddings, g.shape[-1]
+        rows = (ids + torch.arange(b, device=ids.device).unsqueeze(1) * v).reshape(-1)
+        out = torch.zeros(b * v, d, dtype=g.dtype, device=g.device)
+        return out.index_add_(0, rows, g.reshape(-1, d)).view(b, v, d)
+
+    def clipped_sum(self, rec: Record, role: str, c: torch.Tensor) -> torch.Tensor:
+        if role in rec.cache:
+            return super().clipped_sum(rec, role, c)
+        ids, g, _ = self._ids_g(rec)
+        d = g.shape[-1]
+        gc = (g * c.to(g.dtype).view(-1, 1, 1)).reshape(-1, d)
+        out = torch.zeros(rec.module.num_embeddings, d, dtype=g.dtype, device=g.device)
+        return out.index_add_(0, ids.reshape(-1), gc)
+
+
+def is_plain_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward

@@ -1,0 +1,280 @@
+"""``ClippingEngine``: one backward pass, per-example norms, clipped sum written into ``p.grad``.
+
+Book-keeping scheme (Bu et al., "Differentially Private Optimization on Large Model at Small Cost"):
+
+1. Forward hooks on the *original* modules record each call's input ``A`` and output tensor (only when grad
+   is enabled and the module is in training mode).
+2. ``backward`` runs a single ``torch.autograd.grad`` of ``sum_i loss_i`` with respect to the recorded
+   *outputs* only, so autograd never computes (nor accumulates) the unclipped parameter gradients.
+3. Per parameter, per-example norms come from ghost identities or instantiation (see the rule modules);
+   parameters used more than once (tied GPT-2 ``lm_head``/``wte``, a module called twice) are instantiated
+   as the sum over uses, so the norm includes the cross terms.
+4. Clipping factors are computed from all norms, then ``sum_i c_i g_i`` is built per parameter and added to
+   ``p.grad`` (created if ``None``) in the parameter's dtype. Norms and sums are computed in float32 (or
+   float64 for float64 models), also under bf16 autocast.
+
+Non-finite per-example gradients: an example whose gradient norm is not finite gets a clipping factor of 0
+and its stored activations/gradients are zeroed, so its contribution to ``p.grad`` is exactly zero; its
+returned norm stays non-finite so the caller can report it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import PrivacyConfigError, UnsupportedModuleError
+from ._base import Record, Rule
+from .functorch_fallback import direct_trainable
+from .validation import check_model, choose_rule, is_checkpointing
+
+CLIPPING_STYLES = ("flat", "per_layer", "automatic")
+FLAT_EPS = 1e-6
+AUTO_GAMMA = 0.01
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "attention_mask")
+
+
+class ClippingEngine:
+    """Per-example gradient clipping for a model, with hooks on its own modules (no wrapper).
+
+    Args:
+        model: The model to train. Every parameter with ``requires_grad`` must be covered by a rule
+            (Linear, GPT-2 Conv1D, Embedding, LayerNorm, or the torch.func fallback).
+        max_grad_norm: Clipping norm ``C`` (> 0).
+        clipping: ``"flat"`` (``c_i = min(1, C/(||g_i|| + 1e-6))``), ``"per_layer"`` (each module's group of
+            parameters clipped at ``C/sqrt(L)``, ``L`` = number of trainable modules) or ``"automatic"``
+            (AUTO-S: ``c_i = C/(||g_i|| + 0.01)``). The sensitivity is ``C`` for all three.
+
+    Raises:
+        PrivacyConfigError: invalid ``max_grad_norm`` or ``clipping``.
+        UnsupportedModuleError: a trainable parameter no rule covers, BatchNorm, gradient checkpointing.
+
+    Example:
+        >>> import torch
+        >>> from hf_ewtune.clipping import ClippingEngine
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+        >>> engine = ClippingEngine(model, max_grad_norm=1.0)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+        >>> norms = engine.backward(((model(x) - y) ** 2).squeeze(1))
+        >>> norms.shape, engine.sensitivity
+        (torch.Size([8]), 1.0)
+        >>> engine.remove()
+    """
+
+    def __init__(self, model: nn.Module, *, max_grad_norm: float, clipping: str = "flat") -> None:
+        if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+            raise PrivacyConfigError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}.")
+        if clipping not in CLIPPING_STYLES:
+            raise PrivacyConfigError(f"clipping must be one of {CLIPPING_STYLES}, got {clipping!r}.")
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self.clipping = clipping
+        check_model(model)
+
+        self._params: dict[str, nn.Parameter] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self._params:
+            raise UnsupportedModuleError("The model has no trainable parameter (requires_grad=True); nothing to clip.")
+        self._param_name = {id(p): n for n, p in self._params.items()}
+        # Group for per-layer clipping: the module that owns the parameter under its canonical name.
+        owners = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self._params})
+        self._group_of = {id(p): owners.index(n.rsplit(".", 1)[0] if "." in n else "") for n, p in self._params.items()}
+        self.num_groups = len(owners)
+
+        self._rules: dict[nn.Module, Rule] = {}
+        covered: set[int] = set()
+        for name, module in model.named_modules():
+            roles = direct_trainable(module)
+            if not roles:
+                continue
+            self._rules[module] = choose_rule(name, module)
+            covered.update(id(getattr(module, r)) for r in roles)
+        missing = [n for n, p in self._params.items() if id(p) not in covered]
+        if missing:  # pragma: no cover - every parameter is owned by some module
+            raise UnsupportedModuleError(f"Trainable parameters {missing} are not covered; freeze them.")
+
+        self._records: list[Record] = []
+        self._suspend = 0
+        self.current_batch_size: int | None = None
+        self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self._rules]
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+
+    # -- public API --------------------------------------------------------------------------------
+    @property
+    def sensitivity(self) -> float:
+        """L2 sensitivity of one example's clipped contribution (``C`` for every clipping style)."""
+        return self.max_grad_norm
+
+    def remove(self) -> None:
+        """Remove all hooks and drop any recorded activations."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._records = []
+
+    def clear(self) -> None:
+        """Drop activations recorded by forwards that will not be followed by ``backward``."""
+        self._records = []
+
+    def backward(self, per_example_loss: torch.Tensor) -> torch.Tensor:
+        """One backward pass; add ``sum_i c_i g_i`` into ``p.grad`` of every trainable parameter.
+
+        Args:
+            per_example_loss: ``Tensor[B]``, example ``i``'s loss only, from the forward just run.
+
+        Returns:
+            The per-example (pre-clip) total gradient norms, ``Tensor[B]`` (detached, float32/64).
+        """
+        records, uses, b = self._run_backward(per_example_loss)
+        try:
+            dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params.values()) else torch.float32
+            device = per_example_loss.device
+            norm_sq: dict[int, torch.Tensor] = {}
+            pe_sum: dict[int, torch.Tensor] = {}
+            for pid, plist in uses.items():
+                if len(plist) == 1:
+                    rec, role = plist[0]
+                    norm_sq[pid] = rec.rule.norm_sq(rec, role).to(dtype)
+                else:  # tied / reused: instantiate the sum over uses (cross terms)
+                    pe = sum(rec.rule.cached_per_example(rec, role).to(dtype) for rec, role in plist)
+                    pe_sum[pid] = pe
+                    norm_sq[pid] = pe.reshape(b, -1).pow(2).sum(1)
+            group_sq = torch.zeros(self.num_groups, b, dtype=dtype, device=device)
+            for pid, n2 in norm_sq.items():
+                group_sq[self._group_of[pid]] += n2
+            total = group_sq.sum(0).sqrt()
+            keep = torch.isfinite(total)
+            factors = self._factors(group_sq, total, keep)  # [groups, B] or [1, B]
+            if not bool(keep.all()):
+                for rec in records:
+                    rec.rule.mask_examples(rec, keep)
+                pe_sum = {k: torch.where(keep.view(-1, *([1] * (v.dim() - 1))), v, 0) for k, v in pe_sum.items()}
+            for pid, plist in uses.items():
+                p = self._params[self._param_name[pid]]
+                c = factors[self._group_of[pid] if factors.shape[0] > 1 else 0]
+                if pid in pe_sum:
+                    s = torch.tensordot(c, pe_sum[pid], dims=1)
+                else:
+                    s = sum(rec.rule.clipped_sum(rec, role, c) for rec, role in plist)
+                self._add_grad(p, s)
+            for pid_name, p in self._params.items():
+                if id(p) not in uses and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            return total.detach()
+        finally:
+            records.clear()
+
+    def per_example_gradients(self, per_example_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Materialised per-example gradients ``{name: Tensor[B, *p.shape]}`` (tests/debugging; no ``p.grad``)."""
+        records, uses, b = self._run_backward(per_example_loss)
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self._params.items():
+            plist = uses.get(id(p), [])
+            if plist:
+                out[name] = sum(rec.rule.per_example(rec, role) for rec, role in plist).to(p.dtype)
+            else:
+                out[name] = torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device)
+        records.clear()
+        return out
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Context in which the hooks record nothing (used for the torch.func recomputation)."""
+        self._suspend += 1
+        try:
+            yield
+        finally:
+            self._suspend -= 1
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _recording(self, module: nn.Module) -> bool:
+        return not self._suspend and module.training and torch.is_grad_enabled()
+
+    def _root_pre_hook(self, module, args, kwargs):
+        if not self._recording(module):
+            return None
+        if is_checkpointing(self.model):
+            raise UnsupportedModuleError(
+                "Gradient checkpointing was enabled after the ClippingEngine was created; it is not supported. "
+                "Call model.gradient_checkpointing_disable().")
+        for key in _BATCH_KEYS:
+            t = kwargs.get(key)
+            if isinstance(t, torch.Tensor) and t.dim() >= 1:
+                self.current_batch_size = int(t.shape[0])
+                return None
+        for t in list(args) + list(kwargs.values()):
+            if isinstance(t, torch.Tensor) and t.dim() >= 1:
+                self.current_batch_size = int(t.shape[0])
+                return None
+        return None
+
+    def _forward_hook(self, module, args, kwargs, output):
+        if not self._recording(module):
+            return None
+        rule = self._rules[module]
+        rec, new_out = rule.capture(self, module, args, kwargs, output)
+        if rec is not None:
+            self._records.append(rec)
+        return new_out
+
+    def _run_backward(self, per_example_loss: torch.Tensor) -> tuple[list[Record], dict[int, list], int]:
+        if not isinstance(per_example_loss, torch.Tensor) or per_example_loss.dim() != 1:
+            raise ValueError("per_example_loss must be a 1-D Tensor[B] of per-example losses "
+                             f"(got {getattr(per_example_loss, 'shape', type(per_example_loss))}).")
+        records, self._records = self._records, []
+        b = per_example_loss.shape[0]
+        if not per_example_loss.requires_grad:
+            raise ValueError("per_example_loss does not require grad: run the forward with grad enabled, "
+                             "in train() mode, with the ClippingEngine attached.")
+        targets, owners = [], []
+        for ri, rec in enumerate(records):
+            for k, (t, v) in enumerate(zip(rec.outputs, rec.versions)):
+                if t._version != v:
+                    raise RuntimeError(
+                        f"The output of {type(rec.module).__name__} was modified in place after the forward hook "
+                        "recorded it; per-example gradients would be wrong. Avoid in-place ops on its output.")
+                targets.append(t)
+                owners.append((ri, k))
+            rec.grads = [None] * len(rec.outputs)
+            rec.batch_size = b
+        if targets:
+            grads = torch.autograd.grad(per_example_loss.sum(), targets, allow_unused=True)
+            for (ri, k), g in zip(owners, grads):
+                records[ri].grads[k] = g
+        uses: dict[int, list[tuple[Record, str]]] = {}
+        for rec in records:
+            if not rec.active:
+                continue
+            for g, t in zip(rec.grads, rec.outputs):
+                if g is not None and (g.dim() == 0 or g.shape[0] != b):
+                    raise UnsupportedModuleError(
+                        f"The output of {type(rec.module).__name__} has leading dimension "
+                        f"{tuple(t.shape[:1])} instead of the batch size {b} (broadcast over the batch?); its "
+                        "per-example gradients cannot be separated. Freeze it, or pass batch-sized inputs.")
+            for role in direct_trainable(rec.module):
+                p = getattr(rec.module, role)
+                if id(p) in self._param_name:
+                    uses.setdefault(id(p), []).append((rec, role))
+        return records, uses, b
+
+    def _factors(self, group_sq: torch.Tensor, total: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        c_norm = self.max_grad_norm
+        if self.clipping == "flat":
+            f = (c_norm / (total + FLAT_EPS)).clamp(max=1.0).unsqueeze(0)
+        elif self.clipping == "automatic":
+            f = (c_norm / (total + AUTO_GAMMA)).unsqueeze(0)
+        else:
+            c_l = c_norm / math.sqrt(self.num_groups)
+            f = (c_l / (group_sq.sqrt() + FLAT_EPS)).clamp(max=1.0)
+        return torch.where(keep.unsqueeze(0), f, torch.zeros((), dtype=f.dtype, device=f.device))
+
+    @staticmethod
+    def _add_grad(p: nn.Parameter, s: torch.Tensor) -> None:
+        s = s.to(dtype=p.dtype, device=p.device).reshape(p.shape)
+        if p.grad is None:
+            p.grad = s.contiguous()
+        else:
+            p.grad.add_(s)

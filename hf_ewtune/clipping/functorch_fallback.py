@@ -1,0 +1,95 @@
+"""torch.func fallback for any other module that directly owns trainable parameters (RMSNorm, custom layers).
+
+The hook keeps the call's inputs; after the backward pass the module is re-run per example with
+``vmap(grad(functional_call))`` against the recorded output gradient, which gives the per-example gradient
+of the module's *own* parameters (children are treated as constants and covered by their own rules).
+
+Notes:
+    * Tensor arguments whose first dimension equals the batch size are split per example; all others are
+      passed whole (e.g. ``[1, T]`` broadcast tensors).
+    * Randomness inside the module (dropout) is re-drawn per example (``randomness="different"``), so with
+      active dropout the gradients differ from the forward's masks (still a per-example function: the
+      clipping guarantee holds).
+    * The autocast state of the forward is restored for the recomputation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._base import Record, Rule
+
+_DEVICES = ("cpu", "cuda")
+
+
+class FunctorchRule(Rule):
+    name = "functorch"
+
+    def __init__(self, roles: list[str]) -> None:
+        self.roles = roles
+
+    def capture(self, engine, module, args, kwargs, output):
+        leaves, _ = tree_flatten(output)
+        idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not idx:
+            return None, None
+        in_leaves, in_spec = tree_flatten((args, kwargs))
+        in_leaves = [t.detach() if isinstance(t, torch.Tensor) else t for t in in_leaves]
+        autocast = []
+        for dev in _DEVICES:
+            try:
+                autocast.append((dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+            except (RuntimeError, AttributeError):  # pragma: no cover - backend not built
+                pass
+        data = {"in_leaves": in_leaves, "in_spec": in_spec, "out_idx": idx, "autocast": autocast, "engine": engine}
+        outs = [leaves[i] for i in idx]
+        return Record(module, self, data, outs, [t._version for t in outs]), None
+
+    def mask_examples(self, rec: Record, keep: torch.Tensor) -> None:
+        rec.grads = [None if g is None else torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, 0) for g in rec.grads]
+        rec.cache = {k: torch.where(keep.view(-1, *([1] * (v.dim() - 1))), v, 0) for k, v in rec.cache.items()}
+
+    def per_example(self, rec: Record, role: str) -> torch.Tensor:
+        self._compute_all(rec)
+        return rec.cache[role]
+
+    def _compute_all(self, rec: Record) -> None:
+        module, data, b = rec.module, rec.data, rec.batch_size
+        in_leaves, in_spec, out_idx = data["in_leaves"], data["in_spec"], data["out_idx"]
+        batched_pos = [i for i, t in enumerate(in_leaves)
+                       if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b]
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(rec.outputs, rec.grads)]
+        params = {r: getattr(module, r).detach() for r in self.roles}
+
+        def loss_fn(p: dict, batched: list, gs: list) -> torch.Tensor:
+            leaves = list(in_leaves)
+            for pos, t in zip(batched_pos, batched):
+                leaves[pos] = t.unsqueeze(0)
+            args, kwargs = tree_unflatten(leaves, in_spec)
+            out = functional_call(module, p, args, kwargs, strict=False)
+            out_leaves, _ = tree_flatten(out)
+            total = 0.0
+            for j, g in zip(out_idx, gs):
+                total = total + (out_leaves[j] * g.unsqueeze(0).to(out_leaves[j].dtype)).sum()
+            return total
+
+        ctx = contextlib.ExitStack()
+        with ctx:
+            for dev, enabled, dtype in data["autocast"]:
+                ctx.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
+            ctx.enter_context(data["engine"].suspended())
+            per_ex = vmap(grad(loss_fn), in_dims=(None, 0, 0), randomness="different")(
+                params, [in_leaves[i] for i in batched_pos], grads
+            )
+        for r in self.roles:
+            g = per_ex[r]
+            rec.cache[r] = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
+
+
+def direct_trainable(module: nn.Module) -> list[str]:
+    return [n for n, p in module._parameters.items() if p is not None and p.requires_grad]

@@ -1,0 +1,80 @@
+"""Per-example gradients of ``nn.Linear`` and GPT-2's ``Conv1D`` (``y = x @ W + b``, ``W`` is ``[in, out]``).
+
+Norms use the ghost identity ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` when ``2 T^2 < d_in d_out`` and
+instantiate ``G_i^T A_i`` otherwise; the clipped sum is one GEMM ``(c * G)^T A`` over all tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._base import Record, Rule, compute_dtype, tensor_arg
+
+
+def use_ghost(t: int, d_in: int, d_out: int) -> bool:
+    """Ghost norm (cost ~T^2 (d_in + d_out)) beats instantiation (~T d_in d_out) when 2 T^2 < d_in d_out."""
+    return 2 * t * t < d_in * d_out
+
+
+class LinearRule(Rule):
+    """``nn.Linear`` (weight ``[out, in]``); with ``transposed=True`` GPT-2 ``Conv1D`` (weight ``[in, out]``)."""
+
+    def __init__(self, *, transposed: bool = False) -> None:
+        self.transposed = transposed
+        self.name = "conv1d" if transposed else "linear"
+
+    def capture(self, engine, module, args, kwargs, output):
+        x = tensor_arg(args, kwargs, "x" if self.transposed else "input")
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None, None
+        return Record(module, self, x.detach(), [output], [output._version]), None
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _ag(self, rec: Record) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [B, T, d_in] and G [B, T, d_out] in the compute dtype."""
+        a, g = rec.data, rec.grads[0]
+        cd = compute_dtype(a, g)
+        b = rec.batch_size
+        return a.reshape(b, -1, a.shape[-1]).to(cd), g.reshape(b, -1, g.shape[-1]).to(cd)
+
+    def per_example(self, rec: Record, role: str) -> torch.Tensor:
+        a, g = self._ag(rec)
+        if role == "bias":
+            return g.sum(1)
+        if self.transposed:
+            return torch.bmm(a.transpose(1, 2), g)  # [B, in, out]
+        return torch.bmm(g.transpose(1, 2), a)  # [B, out, in]
+
+    def norm_sq(self, rec: Record, role: str) -> torch.Tensor:
+        a, g = self._ag(rec)
+        if role == "bias":
+            return g.sum(1).pow(2).sum(1)
+        t = a.shape[1]
+        if t == 1:
+            return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+        if use_ghost(t, a.shape[2], g.shape[2]):
+            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return super().norm_sq(rec, role)
+
+    def clipped_sum(self, rec: Record, role: str, c: torch.Tensor) -> torch.Tensor:
+        if role in rec.cache:
+            return super().clipped_sum(rec, role, c)
+        a, g = self._ag(rec)
+        gc = g * c.to(g.dtype).view(-1, 1, 1)
+        if role == "bias":
+            return gc.sum((0, 1))
+        a2, g2 = a.reshape(-1, a.shape[-1]), gc.reshape(-1, gc.shape[-1])
+        return a2.t() @ g2 if self.transposed else g2.t() @ a2
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        return False
+    return isinstance(module, Conv1D) and type(module).forward is Conv1D.forward
