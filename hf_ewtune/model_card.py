@@ -244,8 +244,11 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
             if isinstance(v, (int, float, str, bool)) and (
                 _publish_n(state, include_dataset_size) or str(k).lower() not in _DATASET_SIZE_KEYS)
         }
-    if state.get("noise_rng"):
-        meta["noise_rng"] = str(state["noise_rng"])
+    if state.get("sensitivity") is not None and _as_float(state.get("sensitivity")) != meta.get("max_grad_norm"):
+        meta["sensitivity"] = _as_float(state["sensitivity"])
+    rng = state.get("noise_rng") or state.get("randomness")
+    if rng:
+        meta["noise_rng"] = str(rng)
     if _publish_n(state, include_dataset_size):
         for key in ("dataset_size", "num_examples", "expected_batch_size"):
             if state.get(key) is not None:
