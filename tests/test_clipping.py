@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_ewtune.clipping import ClippingEngine
-from tests.clipping_oracle import expected_clipped_sum, loop_grads, make
+from tests.test_clipping_oracle import expected_clipped_sum, loop_grads, make
 
 KINDS = ["bert", "gpt2", "lora"]
 
