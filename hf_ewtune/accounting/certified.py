@@ -72,10 +72,16 @@ def rdp_epsilon(history: Sequence[Sequence[float]], delta: float, *, orders: Seq
     return float(acc.get_epsilon(delta))
 
 
+def _short(value: float) -> str:
+    """``1e-4`` rather than ``0.0001`` for powers of ten."""
+    exponent = round(math.log10(value))
+    return f"1e{exponent}" if math.isclose(value, 10.0**exponent, rel_tol=1e-12) else f"{value:g}"
+
+
 def pld_description(value_discretization_interval: float = DEFAULT_VDI) -> str:
     return (
         f"dp-accounting {dp_accounting_version()} PLD (pessimistic, add-or-remove-one, "
-        f"value discretization {value_discretization_interval:g})"
+        f"value discretization {_short(value_discretization_interval)})"
     )
 
 
