@@ -1,0 +1,211 @@
+"""DPTrainer end to end on tiny models: exact clipped update, validation errors, LoRA, bf16, causal LM."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_ewtune import DPTrainer, PrivacyArguments
+from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, UnsupportedModuleError
+from hf_ewtune.testing import tiny_bert, tiny_classification_dataset, tiny_gpt2, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    kw = dict(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=2, per_device_train_batch_size=8,
+        save_strategy="no", logging_steps=1, disable_tqdm=True,
+    )
+    kw.update(overrides)
+    return TrainingArguments(**kw)
+
+
+def _data(n=32, **kw):
+    return tiny_classification_dataset(TOK, n=n, **kw)
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_one_step_update_equals_mean_of_clipped_per_example_gradients(tmp_path):
+    """noise 0, fixed-size batch = whole dataset, SGD lr=1: update == -(1/N) sum_i clip(g_i)."""
+    c = 0.05
+    n = 8
+    ds = _data(n=n)
+    ds = ds.add_column("text", ["unused column"] * n)  # removed by remove_unused_columns
+    model = tiny_bert(vocab_size=len(TOK))
+    reference = copy.deepcopy(model)
+    before = _trainable(model)
+    args = _args(
+        tmp_path, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2, optim="sgd",
+        learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+    )
+    with pytest.warns(UserWarning, match="NO differential privacy"):
+        trainer = DPTrainer(model=model, args=args, train_dataset=ds, noise_multiplier=0.0, max_grad_norm=c,
+                            poisson_sampling=False, noise_seed=0)
+    assert trainer.args.max_grad_norm == 0.0  # the Trainer's own clipping is disabled
+    assert trainer.sample_rate == 1.0 and trainer.expected_batch_size == 8
+    trainer.train()
+    after = _trainable(model)
+
+    # Ground truth: loop of single-example backward passes on an untouched copy.
+    reference.train()
+    params = {nm: p for nm, p in reference.named_parameters() if p.requires_grad}
+    total = {nm: torch.zeros_like(p) for nm, p in params.items()}
+    clipped_any = False
+    for i in range(n):
+        reference.zero_grad()
+        ex = {k: torch.tensor([ds[i][k]]) for k in ds.column_names if k not in ("text", "labels")}
+        reference(**ex, labels=torch.tensor([ds[i]["labels"]])).loss.backward()
+        grads = {nm: (p.grad if p.grad is not None else torch.zeros_like(p)) for nm, p in params.items()}
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+        factor = min(1.0, c / (norm + 1e-6))
+        clipped_any |= factor < 1.0
+        for nm in total:
+            total[nm] += factor * grads[nm]
+    assert clipped_any
+    for nm in total:
+        expected = -total[nm] / n
+        assert torch.allclose(after[nm] - before[nm], expected, atol=1e-6, rtol=1e-4), nm
+    assert trainer.get_privacy_spent().steps == 1
+    assert math.isinf(trainer.get_privacy_spent().epsilon)
+
+
+def test_privacy_arguments_from_hf_argument_parser():
+    parser = HfArgumentParser(PrivacyArguments)
+    (pa,) = parser.parse_args_into_dataclasses(
+        ["--target_epsilon", "3", "--max_grad_norm", "0.5", "--accountant", "pld", "--poisson_sampling", "false"]
+    )
+    assert pa.target_epsilon == 3.0 and pa.max_grad_norm == 0.5 and pa.accountant == "pld"
+    assert pa.poisson_sampling is False and pa.noise_multiplier is None and pa.noise_seed is None
+    with pytest.raises(TypeError):
+        PrivacyArguments(3.0)  # keyword-only
+    with pytest.raises(PrivacyConfigError):
+        PrivacyArguments(accountant="gdp")
+    with pytest.raises(PrivacyConfigError):
+        PrivacyArguments(max_grad_norm=0)
+
+
+def test_neither_target_nor_noise_raises(tmp_path):
+    with pytest.raises(PrivacyConfigError, match="target_epsilon"):
+        DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path), train_dataset=_data())
+
+
+def test_budget_that_cannot_afford_one_step_raises(tmp_path):
+    with pytest.raises(BudgetExhaustedError):
+        DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path), train_dataset=_data(),
+                  noise_multiplier=0.3, target_epsilon=0.01)
+
+
+def test_batch_larger_than_dataset_raises(tmp_path):
+    with pytest.raises(PrivacyConfigError, match="exceeds the dataset size"):
+        DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path, per_device_train_batch_size=64),
+                  train_dataset=_data(n=32), noise_multiplier=1.0)
+
+
+def test_iterable_or_missing_dataset_raises(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from ()
+
+    with pytest.raises(PrivacyConfigError, match="length"):
+        DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path), train_dataset=Stream(), noise_multiplier=1.0)
+    with pytest.raises(PrivacyConfigError, match="train_dataset"):
+        DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path), noise_multiplier=1.0)
+
+
+def test_privacy_args_and_kwargs_together_raise(tmp_path):
+    with pytest.raises(PrivacyConfigError, match="either"):
+        DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path), train_dataset=_data(),
+                  privacy_args=PrivacyArguments(noise_multiplier=1.0), target_epsilon=2.0)
+
+
+class _BNModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(len(TOK), 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None):
+        return {"logits": self.head(self.bn(self.emb(input_ids).mean(1)))}
+
+
+def test_batchnorm_model_rejected_before_training(tmp_path):
+    with pytest.raises(UnsupportedModuleError):
+        DPTrainer(model=_BNModel(), args=_args(tmp_path), train_dataset=_data(), noise_multiplier=1.0)
+
+
+def test_lora_run_trains_and_lora_weights_change(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_bert(vocab_size=len(TOK)),
+        LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0),
+    )
+    before = _trainable(model)
+    assert any("lora_B" in n for n in before)
+    trainer = DPTrainer(model=model, args=_args(tmp_path, learning_rate=1e-2), train_dataset=_data(),
+                        noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=1)
+    trainer.train()
+    after = _trainable(model)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert any("lora_B" in n for n in changed) and any("lora_A" in n for n in changed)
+    assert len(changed) == len(before)  # noise reaches every trainable tensor
+    assert trainer.get_privacy_spent().steps == 2
+
+
+def test_bf16_autocast_run(tmp_path):
+    model = tiny_bert(vocab_size=len(TOK))
+    before = _trainable(model)
+    trainer = DPTrainer(model=model, args=_args(tmp_path, bf16=True), train_dataset=_data(),
+                        noise_multiplier=1.0, noise_seed=2)
+    out = trainer.train()
+    assert math.isfinite(out.training_loss)
+    after = _trainable(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_causal_lm_run_with_tied_embeddings(tmp_path):
+    from datasets import Dataset
+
+    tok = tiny_tokenizer(kind="bpe")
+    texts = ["a gripping film", "the plot is thin", "warm, funny and wise", "a tedious mess"] * 4
+    enc = tok(texts, padding="max_length", truncation=True, max_length=24)
+    labels = [[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    ds = Dataset.from_dict({**enc, "labels": labels})
+    model = tiny_gpt2(vocab_size=len(tok))
+    before = _trainable(model)
+    trainer = DPTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=4), train_dataset=ds,
+                        noise_multiplier=1.0, noise_seed=3)
+    trainer.train()
+    after = _trainable(model)
+    assert not torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
+    assert trainer.get_privacy_spent().steps == 2
+
+
+def test_empty_logical_batches_still_step_and_account(tmp_path):
+    """q = 1/32: many logical batches are empty; each still gives a (noise-only) step and an accountant step."""
+    model = tiny_bert(vocab_size=len(TOK))
+    trainer = DPTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=1, max_steps=8),
+                        train_dataset=_data(n=32), noise_multiplier=1.0, noise_seed=4)
+    seen = []
+    original = trainer.training_step
+
+    def spy(model, inputs, num_items_in_batch=None):
+        from hf_ewtune.sampling import is_empty_batch
+
+        seen.append(is_empty_batch(inputs))
+        return original(model, inputs, num_items_in_batch)
+
+    trainer.training_step = spy
+    trainer.train()
+    assert len(seen) == 8 and any(seen) and not all(seen)
+    assert trainer.privacy_callback.steps == 8 and trainer.state.global_step == 8
