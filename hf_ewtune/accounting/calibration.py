@@ -310,40 +310,105 @@ def steps_within_budget(
         return a.get_epsilon(delta)
 
     fine = _memo(fine_eps)
+    fine.cache[0] = spent  # type: ignore[attr-defined]
+    hard_cap = cap if cap is not None else 10**9
     if _uses_pld(base):
         coarse = _memo(
             lambda n: pld_epsilon(prefix + ((sigma, q, n),), delta, value_discretization_interval=COARSE_VDI)
         )
+        coarse.cache[0] = spent  # type: ignore[attr-defined]
     else:
         coarse = fine
-    hard_cap = cap if cap is not None else 10**9
-
-    def largest_ok(fn, lo: int, hi: int | None, step: int) -> int:
-        """Largest n in [lo, hard_cap] with fn(n) <= target, given fn(lo) <= target (lo may be 0)."""
-        if hi is None:
-            while True:
-                probe = min(lo + step, hard_cap)
-                if fn(probe) <= target:
-                    lo = probe
-                    if probe == hard_cap:
-                        return lo
-                    step *= 2
-                else:
-                    hi = probe
-                    break
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fn(mid) <= target:
-                lo = mid
-            else:
-                hi = mid
-        return lo
-
-    n_coarse = largest_ok(coarse, 0, None, 1)
+    guess = _edgeworth_steps_guess(prefix, sigma, q, target, delta, hard_cap)
+    n_coarse = _largest_int_ok(coarse, target, guess, hard_cap)
     if coarse is fine:
         return n_coarse
-    if n_coarse > 0 and fine(n_coarse) > target:  # coarse was optimistic (unexpected): search below
-        return largest_ok(fine, 0, n_coarse, 1)
-    if n_coarse >= hard_cap:
-        return n_coarse
-    return largest_ok(fine, n_coarse, None, max(1, math.ceil(0.005 * n_coarse)))
+    # Final answer with the accountant's own certified epsilon (PLD 1e-4), starting from the coarse one.
+    return _largest_int_ok(fine, target, max(n_coarse, 0), hard_cap, first_step=1)
+
+
+def _edgeworth_steps_guess(prefix, sigma: float, q: float, target: float, delta: float, cap: int) -> int:
+    """Largest n whose Edgeworth estimate is <= target (a cheap starting point, not a bound)."""
+
+    def ew(n: int) -> float:
+        return epsilon_estimate(delta, sum_cumulants(list(prefix) + [(sigma, q, n)]), order=1)
+
+    try:
+        n = 1
+        if ew(1) > target:
+            return 1
+        while n < cap and ew(min(2 * n, cap)) <= target:
+            n = min(2 * n, cap)
+        lo, hi = n, min(2 * n, cap)
+        while hi - lo > max(1, lo // 200):
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ew(mid) <= target else (lo, mid)
+        return max(1, lo)
+    except (ValueError, ArithmeticError, FloatingPointError):  # pragma: no cover - defensive
+        return 1
+
+
+def _largest_int_ok(
+    fn: Callable[[int], float], target: float, guess: int, cap: int, first_step: int | None = None
+) -> int:
+    """Largest integer n in [0, cap] with ``fn(n) <= target``, for ``fn`` non-decreasing with ``fn(0) <= target``.
+
+    Brackets around ``guess`` (secant extrapolation, falling back to doubling steps), then interpolates
+    with a pair of probes around each interpolated crossing (falling back to bisection). A good guess
+    costs only a handful of evaluations; the answer is exact for the given ``fn``.
+    """
+
+    def secant_jump(a: int, b: int) -> int | None:
+        fa, fb = fn(a), fn(b)
+        if not (math.isfinite(fa) and math.isfinite(fb)) or fa == fb:
+            return None
+        slope = (fb - fa) / (b - a)
+        return int(1.05 * abs(target - fb) / abs(slope)) + 1 if slope > 0 else None
+
+    g = min(max(int(guess), 0), cap)
+    if fn(g) <= target:
+        lo, hi, prev = g, None, None
+        step = first_step or max(1, g // 4)
+        while hi is None:
+            if lo >= cap:
+                return cap
+            jump = secant_jump(prev, lo) if prev is not None else None
+            if jump is None:
+                jump, step = step, step * 2
+            probe = min(lo + max(1, jump), cap)
+            if fn(probe) <= target:
+                prev, lo = lo, probe
+            else:
+                hi = probe
+    else:
+        hi, lo, prev = g, None, None
+        step = first_step or max(1, g // 5)
+        while lo is None:
+            jump = secant_jump(prev, hi) if prev is not None else None
+            if jump is None:
+                jump, step = step, step * 2
+            probe = max(hi - max(1, jump), 0)
+            if fn(probe) <= target:
+                lo = probe
+            else:
+                prev, hi = hi, probe
+    bisect_next = False
+    while hi - lo > 1:
+        width = hi - lo
+        f_lo, f_hi = fn(lo), fn(hi)
+        if not bisect_next and math.isfinite(f_hi) and f_hi > f_lo:
+            mid = lo + int((target - f_lo) / (f_hi - f_lo) * width)
+        else:
+            mid = (lo + hi) // 2
+        mid = min(max(mid, lo + 1), hi - 1)
+        d = max(1, min(int(0.0015 * mid), width // 4))
+        if fn(mid) <= target:
+            lo = mid
+            if mid + d < hi:
+                lo, hi = (mid + d, hi) if fn(mid + d) <= target else (lo, mid + d)
+        else:
+            hi = mid
+            if mid - d > lo:
+                lo, hi = (mid - d, hi) if fn(mid - d) <= target else (lo, mid - d)
+        bisect_next = (hi - lo) > width // 2
+    return lo
