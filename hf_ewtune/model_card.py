@@ -54,6 +54,8 @@ _DATASET_SIZE_KEYS = frozenset(
     {"dataset_size", "num_examples", "num_train_examples", "train_size", "n", "expected_batch_size"}
 )
 _TEMPLATE_NAME = "privacy_section.md"
+# Calibration-record keys that repeat the top-level statement or are run-time details.
+_CALIBRATION_SKIP = frozenset({"seconds", "certified_by", "delta", "sample_rate", "accountant", "target_epsilon"})
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -241,7 +243,7 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
     if isinstance(calibration, Mapping) and calibration:
         meta["calibration"] = {
             str(k): _finite_or_str(v) for k, v in calibration.items()
-            if isinstance(v, (int, float, str, bool)) and (
+            if isinstance(v, (int, float, str, bool)) and str(k) not in _CALIBRATION_SKIP and (
                 _publish_n(state, include_dataset_size) or str(k).lower() not in _DATASET_SIZE_KEYS)
         }
     if state.get("sensitivity") is not None and _as_float(state.get("sensitivity")) != meta.get("max_grad_norm"):
@@ -290,6 +292,22 @@ def _template() -> Template:
     return Template(text)
 
 
+def _calibration_text(calibration: Mapping[str, Any]) -> str:
+    sigma_ew, sigma = calibration.get("sigma_edgeworth"), calibration.get("noise_multiplier")
+    if sigma_ew is not None and sigma is not None:
+        text = f"Edgeworth first guess σ_EW = {_num(sigma_ew)}, then σ = {_num(sigma)}"
+        if calibration.get("epsilon") is not None:
+            text += f" certified at ε = {_ceil_sig(float(calibration['epsilon']))}"
+        if calibration.get("steps") is not None:
+            text += f" for {_num(calibration['steps'])} planned steps"
+        return text
+    return ", ".join(f"{k} = {_num(v)}" for k, v in calibration.items())
+
+
+def _fmt_delta(delta: float) -> str:
+    return f"{delta:g}".replace("e-0", "e-")
+
+
 def _edgeworth_bound_text(block: Mapping[str, Any]) -> str:
     bound = block.get("error_bound")
     if isinstance(bound, str):
@@ -335,14 +353,14 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         extra.append(f"| noise generator | {meta['noise_rng']} |")
     calibration = meta.get("calibration") or {}
     if calibration:
-        extra.append("| noise calibration | " + ", ".join(f"{k} = {_num(v)}" for k, v in calibration.items()) + " |")
+        extra.append(f"| noise calibration | {_calibration_text(calibration)} |")
     for key, label in (("dataset_size", "training examples N"), ("num_examples", "training examples N"),
                        ("expected_batch_size", "expected batch size")):
         if key in meta:
             extra.append(f"| {label} | {_num(meta[key])} |")
     values = {
         "epsilon": eps_text,
-        "delta": f"{meta['delta']:g}",
+        "delta": _fmt_delta(meta["delta"]),
         "library": meta["library"],
         "certified_by": meta["certified_by"],
         "sampling_caveat": caveat,
@@ -466,7 +484,7 @@ def format_privacy_report(privacy_state: Mapping[str, Any], *, include_dataset_s
     eps = meta["epsilon"]
     ew = meta["edgeworth_estimate"]
     lines = [
-        f"Certified guarantee: ({_ceil_sig(float(eps)) if not isinstance(eps, str) else eps}, {meta['delta']:g})"
+        f"Certified guarantee: ({_ceil_sig(float(eps)) if not isinstance(eps, str) else eps}, {_fmt_delta(meta['delta'])})"
         f"-differential privacy (epsilon = {_num(eps, 8)}, an upper bound)",
         f"  certified by: {meta['certified_by']}",
         f"  privacy unit: {meta['privacy_unit']}; adjacency: {meta['adjacency']}; covers {meta['covers']}",

@@ -59,7 +59,7 @@ def run_card(args: argparse.Namespace) -> int:
     except PrivacyStateError as exc:
         return _fail(exc)
     print(f"wrote the privacy statement to {args.output_dir}/README.md: certified epsilon = {meta['epsilon']} "
-          f"at delta = {meta['delta']:g} ({meta['certified_by']})")
+          f"at delta = {meta['delta']:.3g} ({meta['certified_by']})")
     return 0
 
 
