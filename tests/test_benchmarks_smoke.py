@@ -1,0 +1,38 @@
+"""Smoke test of benchmarks/step.py: it runs end to end and its last line is the promised JSON object.
+
+No timing is asserted (speed belongs to the benchmark itself, not to the test-suite).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = ("full", "lora", "memory_full", "opacus_hooks_over_ours")
+
+
+@pytest.mark.slow
+def test_step_benchmark_quick_gpt2_prints_json_last_line():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--quick", "--only", "gpt2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    result = json.loads(lines[-1])
+    assert list(result)[: len(REQUIRED)] == list(REQUIRED)
+    # Only gpt2 ran: the MiniLM keys are present but empty, the gpt2 figures are filled in.
+    assert result["full"] is None and result["lora"] is None
+    gpt2 = result["summary"]["gpt2"]
+    assert gpt2["plain"]["median_s"] > 0 and gpt2["plain"]["time_ratio"] == 1.0
+    assert gpt2["plain"]["mem_added_mb"] is not None
+    assert gpt2["opacus_hooks"]["time_ratio"] is not None, result["errors"]
+    # The table is printed above the JSON line.
+    assert any(ln.startswith("gpt2") and "(a) Trainer" in ln for ln in lines[:-1])
