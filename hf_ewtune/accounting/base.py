@@ -113,7 +113,10 @@ class Accountant(abc.ABC):
 
         epsilon = self.get_epsilon(delta)
         history = tuple(self._history)
-        summary = edgeworth_summary(history, delta)
+        key = ("summary", history, delta)
+        if key not in self._cache:
+            self._cache[key] = edgeworth_summary(history, delta)
+        summary = self._cache[key]
         last = history[-1] if history else (None, None, 0)
         return PrivacyReport(
             epsilon=epsilon,
@@ -122,7 +125,7 @@ class Accountant(abc.ABC):
             accountant=self.name,
             edgeworth_epsilon=summary["order1"],
             edgeworth_epsilon_order2=summary["order2"],
-            edgeworth_error_bound=summary["bound"],
+            edgeworth_error_bound=dict(summary["bound"]),
             steps=self.steps,
             history=list(history),
             noise_multiplier=last[0],

@@ -92,13 +92,14 @@ def edgeworth_error_bound(history, delta: float) -> dict[str, Any]:
     base = {"delta_x": None, "delta_y": None, "epsilon_lower": None, "epsilon_upper": None, "certified": False}
     if not history:
         return {**base, "reason": "no steps"}
-    if len(history) > 1:
+    if len({(sigma, q) for sigma, q, _ in history}) > 1:
         return {
             **base,
             "reason": "not available: the uniform bound is implemented for identical steps only "
             "(this schedule has several noise multipliers / sample rates)",
         }
-    sigma, q, n = history[0]
+    sigma, q = history[0][:2]
+    n = sum(int(k) for _, _, k in history)
     if sigma == 0.0:
         return {**base, "reason": "not available: a step without noise has infinite epsilon"}
     c = step_cumulants(q, sigma)
