@@ -122,12 +122,42 @@ class DPTrainer(Trainer):
         self.per_example_loss_task = per_example_loss_task
         self.privacy_callback: PrivacyCallback | None = None
         self._engine = None
+        self._reject_sharded_training(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
+        self._reject_sharded_training(self.args)
         if self.model is None:
             raise PrivacyConfigError("DPTrainer needs model=.")
         self._setup_privacy()
 
     # ------------------------------------------------------------------------------------- set-up
+    def _reject_sharded_training(self, args: Any) -> None:
+        """Raise for FSDP, DeepSpeed or Megatron-LM (from ``TrainingArguments``, the accelerate config or env).
+
+        Multi-process DP training is supported with DDP only (``accelerate launch --multi_gpu``): see
+        docs/distributed.md for what sharded training would need.
+        """
+        used = []
+        if args is not None and getattr(args, "fsdp", None):
+            used.append("FSDP (TrainingArguments.fsdp)")
+        if args is not None and getattr(args, "deepspeed", None):
+            used.append("DeepSpeed (TrainingArguments.deepspeed)")
+        for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                          ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
+            if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+                used.append(f"{name} (accelerate config, {var})")
+        if getattr(self, "is_fsdp_enabled", False):
+            used.append("FSDP (accelerate plugin)")
+        if getattr(self, "is_deepspeed_enabled", False):
+            used.append("DeepSpeed (accelerate plugin)")
+        if used:
+            raise PrivacyConfigError(
+                f"DPTrainer does not support sharded training: {', '.join(dict.fromkeys(used))}. Missing: per-example "
+                "clipping across sharded parameters (each example's gradient norm must be summed over all shards "
+                "before clipping, and nothing may reduce unclipped gradients; FSDP and ZeRO reduce-scatter them "
+                "inside backward). Use DDP instead: `accelerate launch --multi_gpu --num_processes N ...` with a "
+                "config without fsdp/deepspeed (see docs/distributed.md)."
+            )
+
     def _setup_privacy(self) -> None:
         pa = self.privacy_args
         args = self.args
@@ -299,6 +329,12 @@ class DPTrainer(Trainer):
             delta=delta, target_epsilon=pa.target_epsilon, budget_steps=budget_steps, config=config,
         )
         self.add_callback(self.privacy_callback)
+        try:  # tags that Trainer.push_to_hub and PEFT's card writer carry over
+            from hf_ewtune.model_card import add_privacy_tags
+
+            add_privacy_tags(self.model)
+        except Exception as exc:  # pragma: no cover - tagging is best effort
+            logger.debug("could not tag the model: %s", exc)
 
     # ------------------------------------------------------------------------------- training
     def train(
@@ -450,13 +486,19 @@ class DPTrainer(Trainer):
         # The pre-step gradient is the UN-noised clipped sum: its norm is not private, so it is not logged.
         return None
 
-    @contextlib.contextmanager
-    def _no_grad_sync(self, model: torch.nn.Module):
-        if hasattr(model, "no_sync") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            with model.no_sync():
-                yield
-        else:
-            yield
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
+        # num_items_in_batch is ignored (per-example losses). HF's count would also raise KeyError('labels')
+        # when an accumulation mixes non-empty and empty micro-batches (the empty marker has no labels).
+        return None
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        # An empty micro-batch still joins the token-count gather, so all ranks run the same collectives.
+        if is_empty_batch(inputs):
+            if self.args.include_num_input_tokens_seen not in ("no", False):
+                zero = torch.zeros((), dtype=torch.int64, device=self.args.device)
+                self.state.num_input_tokens_seen += self.accelerator.gather(zero).sum().item()
+            return
+        super()._track_num_input_tokens(inputs)
 
     def training_step(
         self,
@@ -487,19 +529,22 @@ class DPTrainer(Trainer):
         batch_size = labels.shape[0]
         limit = self.privacy_args.max_physical_batch_size or batch_size
         total = torch.zeros((), device=self.args.device)
-        with self._no_grad_sync(model):
-            for start in range(0, batch_size, limit):
-                sl = slice(start, start + limit)
-                chunk = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
-                         for k, v in inputs.items()}
-                chunk_labels = labels[sl]
-                with self.compute_loss_context_manager():
-                    outputs = model(**chunk)
-                    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-                task = self.per_example_loss_task or infer_task(self.model, logits, chunk_labels)
-                losses = per_example_loss(logits, chunk_labels, task=task, attention_mask=chunk.get("attention_mask"))
-                self._engine.backward(losses)
-                total = total + losses.detach().sum().to(total.device)
+        # Forward through the unwrapped module: DDP must neither sync gradients (we all-reduce the noisy
+        # sums ourselves) nor broadcast buffers on forwards that some ranks skip (empty micro-batches).
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        for start in range(0, batch_size, limit):
+            sl = slice(start, start + limit)
+            chunk = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
+                     for k, v in inputs.items()}
+            chunk_labels = labels[sl]
+            with self.compute_loss_context_manager():
+                outputs = model(**chunk)
+                logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+            task = self.per_example_loss_task or infer_task(self.model, logits, chunk_labels)
+            losses = per_example_loss(logits, chunk_labels, task=task, attention_mask=chunk.get("attention_mask"))
+            self._engine.backward(losses)
+            total = total + losses.detach().sum().to(total.device)
         return total / norm
 
     # ------------------------------------------------------------------------------ reporting
@@ -525,6 +570,22 @@ class DPTrainer(Trainer):
         if self.args.should_save and self.privacy_callback is not None:
             save_privacy_state(output_dir if output_dir is not None else self.args.output_dir, self.privacy_state())
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Intermediate pushes upload output_dir: refresh its privacy state and card first.
+        if self.args.push_to_hub and self.is_world_process_zero() and self.privacy_callback is not None:
+            state = self.privacy_state()
+            save_privacy_state(self.args.output_dir, state)
+            self._add_privacy_card(state)
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _add_privacy_card(self, state: dict[str, Any]) -> None:
+        try:
+            from hf_ewtune.model_card import add_privacy_to_model_card
+        except ImportError:  # pragma: no cover - until the model-card module lands
+            logger.warning("hf_ewtune.model_card is unavailable: the model card has no privacy section.")
+            return
+        add_privacy_to_model_card(self.args.output_dir, state)
+
     def create_model_card(self, **kwargs: Any) -> None:
         """``Trainer.create_model_card`` plus the privacy block (YAML metadata and a Privacy section).
 
@@ -533,9 +594,4 @@ class DPTrainer(Trainer):
         super().create_model_card(**kwargs)
         if not self.is_world_process_zero():
             return
-        try:
-            from hf_ewtune.model_card import add_privacy_to_model_card
-        except ImportError:  # pragma: no cover - until the model-card module lands
-            logger.warning("hf_ewtune.model_card is unavailable: the model card has no privacy section.")
-            return
-        add_privacy_to_model_card(self.args.output_dir, self.privacy_state())
+        self._add_privacy_card(self.privacy_state())

@@ -84,3 +84,8 @@ def test_privacy_state_contents_and_save_model(tmp_path):
     text = json.dumps(state).lower()
     assert "rng" not in text and "generator" not in text and "seed\":" not in text.replace("noise_seed", "")
     assert os.path.isfile(tmp_path / "checkpoint-2" / PRIVACY_STATE_NAME)
+    trainer.create_model_card(model_name="tiny-dp")
+    from hf_ewtune.model_card import read_privacy_metadata
+
+    meta = read_privacy_metadata(str(tmp_path))
+    assert meta["epsilon"] == pytest.approx(trainer.get_privacy_spent().epsilon, rel=1e-3)

@@ -34,7 +34,10 @@ def _trainable(model):
 
 
 def test_one_step_update_equals_mean_of_clipped_per_example_gradients(tmp_path):
-    """noise 0, fixed-size batch = whole dataset, SGD lr=1: update == -(1/N) sum_i clip(g_i)."""
+    """noise 0, fixed-size batch = whole dataset, SGD lr=1: update == -(1/N) sum_i clip(g_i).
+
+    Two micro-batches of 4 (GA=2), each processed in physical chunks of at most 3 examples.
+    """
     c = 0.05
     n = 8
     ds = _data(n=n)
@@ -48,7 +51,7 @@ def test_one_step_update_equals_mean_of_clipped_per_example_gradients(tmp_path):
     )
     with pytest.warns(UserWarning, match="NO differential privacy"):
         trainer = DPTrainer(model=model, args=args, train_dataset=ds, noise_multiplier=0.0, max_grad_norm=c,
-                            poisson_sampling=False, noise_seed=0)
+                            poisson_sampling=False, noise_seed=0, max_physical_batch_size=3)
     assert trainer.args.max_grad_norm == 0.0  # the Trainer's own clipping is disabled
     assert trainer.sample_rate == 1.0 and trainer.expected_batch_size == 8
     trainer.train()
