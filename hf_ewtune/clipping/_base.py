@@ -32,6 +32,8 @@ class Record:
     grads: list[torch.Tensor | None] | None = None
     batch_size: int = 0
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    key: Any = None
+    shared: dict | None = None  # per-backward cache shared by all records (e.g. Gram matrices of a shared input)
 
     @property
     def active(self) -> bool:
@@ -92,3 +94,8 @@ def _mask_data(data: Any, keep: torch.Tensor) -> Any:
 def tensor_arg(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
     """The first positional argument, or keyword ``name``."""
     return args[0] if args else kwargs[name]
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    """Identifies a tensor's data (storage, offset, shape, strides, version) while a reference keeps it alive."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version, t.dtype)

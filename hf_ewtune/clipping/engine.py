@@ -230,7 +230,9 @@ class ClippingEngine:
             raise ValueError("per_example_loss does not require grad: run the forward with grad enabled, "
                              "in train() mode, with the ClippingEngine attached.")
         targets, owners = [], []
+        shared: dict = {}
         for ri, rec in enumerate(records):
+            rec.shared = shared
             for k, (t, v) in enumerate(zip(rec.outputs, rec.versions)):
                 if t._version != v:
                     raise RuntimeError(

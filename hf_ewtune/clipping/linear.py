@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import Record, Rule, compute_dtype, tensor_arg
+from ._base import Record, Rule, compute_dtype, storage_key, tensor_arg
 
 
 def use_ghost(t: int, d_in: int, d_out: int) -> bool:
@@ -28,7 +28,7 @@ class LinearRule(Rule):
         x = tensor_arg(args, kwargs, "x" if self.transposed else "input")
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None, None
-        return Record(module, self, x.detach(), [output], [output._version]), None
+        return Record(module, self, x.detach(), [output], [output._version], key=storage_key(x)), None
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _ag(self, rec: Record) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,17 +54,26 @@ class LinearRule(Rule):
         if t == 1:
             return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
         if use_ghost(t, a.shape[2], g.shape[2]):
-            return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+            shared = rec.shared if rec.shared is not None else {}
+            gram_key = ("gram", rec.key, a.dtype)  # Q/K/V (and LoRA A) share their input: one A A^T for all
+            aa = shared.get(gram_key)
+            if aa is None:
+                aa = shared[gram_key] = torch.bmm(a, a.transpose(1, 2))
+            return (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         return super().norm_sq(rec, role)
 
     def clipped_sum(self, rec: Record, role: str, c: torch.Tensor) -> torch.Tensor:
         if role in rec.cache:
             return super().clipped_sum(rec, role, c)
         a, g = self._ag(rec)
-        gc = g * c.to(g.dtype).view(-1, 1, 1)
+        cv = c.to(g.dtype).view(-1, 1, 1)
         if role == "bias":
-            return gc.sum((0, 1))
-        a2, g2 = a.reshape(-1, a.shape[-1]), gc.reshape(-1, gc.shape[-1])
+            return (g * cv).sum((0, 1))
+        if a.shape[-1] < g.shape[-1]:  # scale the narrower operand
+            a = a * cv
+        else:
+            g = g * cv
+        a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
         return a2.t() @ g2 if self.transposed else g2.t() @ a2
 
 
