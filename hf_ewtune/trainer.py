@@ -175,6 +175,16 @@ class DPTrainer(Trainer):
                 f"DPTrainer does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process); launch one "
                 "process per GPU with torchrun or accelerate launch instead."
             )
+        if args.fp16:
+            raise PrivacyConfigError(
+                "fp16=True is not supported: the GradScaler would rescale the clipped, noised gradient and change "
+                "the effective clipping norm. Use bf16=True (or full precision)."
+            )
+        if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+            raise PrivacyConfigError(
+                "activation/gradient checkpointing is not supported with per-example clipping yet (the recomputed "
+                "forward re-fires the clipping hooks); turn it off or lower the batch size."
+            )
         strategy = getattr(args, "train_sampling_strategy", "random")
         if strategy not in ("random", None):
             raise PrivacyConfigError(

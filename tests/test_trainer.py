@@ -212,3 +212,20 @@ def test_empty_logical_batches_still_step_and_account(tmp_path):
     trainer.train()
     assert len(seen) == 8 and any(seen) and not all(seen)
     assert trainer.privacy_callback.steps == 8 and trainer.state.global_step == 8
+
+
+def test_checkpointing_and_custom_samplers_rejected(tmp_path):
+    with pytest.raises(PrivacyConfigError, match="checkpointing"):
+        DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path, activation_checkpointing=True),
+                  train_dataset=_data(), noise_multiplier=1.0)
+
+    class WeightedTrainer(DPTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.WeightedRandomSampler([1.0] * 32, 32)
+
+    with pytest.raises(PrivacyConfigError, match="sampler"):
+        WeightedTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path), train_dataset=_data(),
+                        noise_multiplier=1.0)
+    with pytest.raises(PrivacyConfigError, match="group_by_length"):
+        DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path, train_sampling_strategy="group_by_length"),
+                  train_dataset=_data(), noise_multiplier=1.0)
