@@ -89,7 +89,7 @@ def config_from_args(args: argparse.Namespace):
     from hf_ewtune.recipes import LoraSettings, PrivacySettings, TextClassificationConfig
 
     lr = args.learning_rate or (5e-5 if args.no_lora else 3e-3)
-    epochs = args.epochs or (2.0 if not args.smoke else 4.0)
+    epochs = args.epochs or 2.0
     batch, micro = args.batch_size, args.micro_batch_size
     if args.smoke and args.batch_size == 256:
         batch, micro = 32, 8

@@ -176,7 +176,7 @@ def run_text_classification(
     args = training_arguments(
         output_dir=config.output_dir, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
         epochs=config.epochs, learning_rate=config.learning_rate, seed=config.seed, max_steps=config.max_steps,
-        progress=config.progress,
+        progress=config.progress, logging_steps=0.5 if config.smoke else 0.1,
     )
     trainer = build_trainer(
         model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["test"], tokenizer=tokenizer,
