@@ -286,7 +286,7 @@ def steps_within_budget(
     Example:
         >>> steps_within_budget(noise_multiplier=1.0, sample_rate=0.01, target_epsilon=2.0, delta=1e-5,
         ...                     accountant="rdp")
-        862
+        881
     """
     sigma = check_noise_multiplier(noise_multiplier)
     q = check_sample_rate(sample_rate)

@@ -13,7 +13,7 @@ from hf_ewtune.errors import PrivacyConfigError
 from .base import Accountant
 from .certified import DEFAULT_VDI, pld_description, pld_epsilon, rdp_description, rdp_epsilon
 from .cumulants import step_cumulants
-from .edgeworth import EPS_GRID, SumCumulants, epsilon_estimate, log_exp_eps_survival, sum_cumulants, survival
+from .edgeworth import EPS_GRID, SumCumulants, epsilon_estimate, sum_cumulants, survival
 from .error_bound import uniform_error_bound
 
 BOUND_DESCRIPTION = (
