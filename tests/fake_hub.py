@@ -160,7 +160,8 @@ class FakeHub:
             for path in deleted:
                 repo.files = {p: c for p, c in repo.files.items() if p != path and not p.startswith(path.rstrip("/") + "/")}
             repo.files.update(added)
-            repo.commits.append({"oid": oid, "summary": header.get("summary"), "files": sorted(added), "deleted": deleted})
+            repo.commits.append({"oid": oid, "summary": header.get("summary"), "files": sorted(added), "deleted": deleted,
+                                 "contents": added})
         return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
 
     def _model_info(self, repo_id: str) -> tuple[int, dict[str, Any]]:

@@ -1,9 +1,10 @@
 """``push_to_hub`` end to end against a fake Hub at the HTTP boundary (``tests/fake_hub.py``).
 
 One subprocess (``HF_HUB_OFFLINE=0``, ``HF_ENDPOINT`` = the fake hub on 127.0.0.1, a fake token, every
-proxy pointed at a closed local port so that nothing can leave the machine) trains three tiny BERTs and
+proxy pointed at a closed local port so that nothing can leave the machine) trains four tiny BERTs and
 pushes them: a plain ``transformers.Trainer`` whose card gets :func:`add_privacy_to_model_card`, a
-``DPTrainer`` (full fine-tuning) and a LoRA ``DPTrainer``. Nothing inside hf_ewtune or huggingface_hub is
+``DPTrainer`` (full fine-tuning), a LoRA ``DPTrainer``, and a ``DPTrainer`` that also pushes at every
+checkpoint save during training. Nothing inside hf_ewtune or huggingface_hub is
 mocked. The README.md that reaches the server must carry the privacy metadata and section, and
 ``ModelCard.load(repo_id)`` / ``HfApi.model_info`` (served by the fake hub) must parse it back.
 """
@@ -37,9 +38,12 @@ SCRIPT = textwrap.dedent(
     results = {}
 
     def args_for(name):
+        # "dp-every-save" also pushes at every checkpoint save, during training (hub_strategy="every_save").
+        during = dict(push_to_hub=True, hub_strategy="every_save", save_strategy="steps", save_steps=1) \
+            if name == "dp-every-save" else dict(save_strategy="no")
         return TrainingArguments(output_dir=f"{out_root}/{name}", hub_model_id=name, max_steps=2,
                                  per_device_train_batch_size=8, use_cpu=True, report_to="none",
-                                 save_strategy="no", logging_steps=1, disable_tqdm=True)
+                                 logging_steps=1, disable_tqdm=True, **during)
 
     def lora(model):
         from peft import LoraConfig, get_peft_model
@@ -70,7 +74,7 @@ SCRIPT = textwrap.dedent(
         return DPTrainer(model=model, args=args_for(name), train_dataset=data, processing_class=tok,
                          noise_multiplier=1.0, max_grad_norm=1.0)
 
-    for name in ("plain-full", "dp-full", "dp-lora"):
+    for name in ("plain-full", "dp-full", "dp-lora", "dp-every-save"):
         try:
             trainer = make(name)
             trainer.train()
@@ -192,3 +196,24 @@ def test_only_expected_hub_traffic(pushed):
     paths = {p for _, p in hub.requests}
     assert "/api/repos/create" in paths
     assert any(p.endswith("/commit/main") for p in paths) and any("/preupload/" in p for p in paths)
+
+
+def test_pushes_during_training_carry_a_current_privacy_card(pushed):
+    """hub_strategy="every_save": every commit that uploads weights also uploads a card whose certified
+    statement covers exactly the steps taken so far (never a stale or missing privacy block)."""
+    hub, results, _ = pushed
+    _check_pushed_card(hub, results, "dp-every-save")
+    from huggingface_hub import ModelCard
+
+    commits = hub.repos[f"{FAKE_USER}/dp-every-save"].commits
+    assert len(commits) >= 3  # step 1, step 2, end of training
+    epsilons = []
+    for commit in commits:
+        contents = commit["contents"]
+        assert "model.safetensors" in contents and "README.md" in contents, commit["summary"]
+        meta = ModelCard(contents["README.md"].decode("utf-8")).data.to_dict()["privacy"]
+        state = json.loads(contents["privacy_state.json"])
+        assert meta["steps"] == state["steps"] >= 1
+        epsilons.append(meta["epsilon"])
+    assert [c["summary"] for c in commits][:2] == ["Training in progress, step 1", "Training in progress, step 2"]
+    assert epsilons[0] < epsilons[1] == epsilons[-1]
