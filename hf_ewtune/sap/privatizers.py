@@ -31,7 +31,20 @@ from hf_ewtune.errors import PrivacyConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DChiPrivatizer", "CTIAllocator", "DChiGuarantee", "eta_for_relative_noise", "sample_dchi_noise"]
+__all__ = ["DChiPrivatizer", "CTIAllocator", "DChiGuarantee", "eta_for_relative_noise", "sample_dchi_noise",
+           "dchi_log_density"]
+
+
+def dchi_log_density(z: torch.Tensor, *, eta: float) -> torch.Tensor:
+    """``log p(z)`` of the d_chi noise, ``p(z) = c exp(-eta ||z||)`` with ``c = eta^d Gamma(d/2) / (2 pi^(d/2) Gamma(d))``.
+
+    Example:
+        >>> float(dchi_log_density(torch.zeros(1, 2), eta=1.0))  # 2-d: c = 1 / (2 pi)
+        -1.8378770664093453
+    """
+    d = z.shape[-1]
+    log_c = d * math.log(eta) + math.lgamma(d / 2) - math.log(2) - (d / 2) * math.log(math.pi) - math.lgamma(d)
+    return log_c - eta * z.double().norm(dim=-1)
 
 
 def eta_for_relative_noise(*, alpha: float, mean_norm: float, d: int) -> float:

@@ -251,8 +251,13 @@ class SAPVendor:
                 "use_cpu": not torch.cuda.is_available()}
         args.update(self.training_args)
         cls = self.trainer_cls or Trainer
-        return cls(model=self.model, args=TrainingArguments(**args), train_dataset=_ListDataset(self.rows),
-                   data_collator=_PadCollator(self.padding_side), **self.trainer_kwargs)
+        trainer = cls(model=self.model, args=TrainingArguments(**args), train_dataset=_ListDataset(self.rows),
+                      data_collator=_PadCollator(self.padding_side), **self.trainer_kwargs)
+        if args.get("disable_tqdm"):
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # metrics are returned to the customer instead
+        return trainer
 
     def train(self, *, epochs: float = 1.0, learning_rate: float = 5e-4, batch_size: int = 32, seed: int = 0) -> dict:
         """Train the top on everything uploaded; returns ``{"losses": [...], "train_loss": float, "steps": int}``."""
