@@ -24,11 +24,13 @@ Example:
     >>> from hf_ewtune.testing import tiny_bert, tiny_classification_dataset, tiny_tokenizer
     >>> tok = tiny_tokenizer()
     >>> args = TrainingArguments(output_dir="/tmp/dp-doc", use_cpu=True, report_to="none", max_steps=2,
-    ...                          per_device_train_batch_size=8, save_strategy="no", logging_steps=1)
+    ...                          per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True,
+    ...                          logging_strategy="no")
     >>> trainer = DPTrainer(model=tiny_bert(vocab_size=len(tok)), args=args,
     ...                     train_dataset=tiny_classification_dataset(tok, n=32),
     ...                     noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=0)
-    >>> _ = trainer.train()
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {'train_runtime': ..., 'epsilon': ..., 'epsilon_edgeworth': ...}
     >>> trainer.get_privacy_spent().steps
     2
 """
