@@ -7,7 +7,8 @@ certified it; the Edgeworth estimate is shown beside it, labelled as an estimate
 
 The dataset size N is sensitive under add/remove-one adjacency, and the expected batch size gives it away
 (N = B / q), so neither is published unless ``include_dataset_size=True`` (or the privacy state carries
-``"publish_dataset_size": true``).
+``"publish_dataset_size": true``). For the same reason the sampling rate q is published rounded UP to 3
+significant digits (the Trainer's own card lists the batch size B).
 
 Example:
     >>> import tempfile
@@ -32,6 +33,7 @@ import json
 import logging
 import math
 import os
+from decimal import ROUND_CEILING, Decimal
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -49,6 +51,8 @@ MECHANISM = "DP-SGD (Poisson-subsampled Gaussian)"
 ADJACENCY = "add-or-remove-one example"
 NOT_POISSON = "shuffled fixed-size batches; accounting ASSUMES Poisson"
 EDGEWORTH_LABEL = "estimate (not a guarantee)"
+SAMPLING_RATE_NOTE = ("rounded up to 3 significant digits so that the exact dataset size is not revealed; epsilon "
+                      "was computed with the exact rate and is at most the value recomputed from the rounded one")
 # Keys that reveal the dataset size N (directly, or as N = expected_batch_size / sample_rate).
 _DATASET_SIZE_KEYS = frozenset(
     {"dataset_size", "num_examples", "num_train_examples", "train_size", "n", "expected_batch_size"}
@@ -228,7 +232,7 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
         "noise_multiplier": _finite_or_str(_as_float(state.get("noise_multiplier"))),
         "max_grad_norm": _as_float(state.get("max_grad_norm")),
         "clipping": state.get("clipping"),
-        "sampling_rate": _as_float(state.get("sample_rate")),
+        "sampling_rate": _public_rate(_as_float(state.get("sample_rate")), _publish_n(state, include_dataset_size)),
         "sampling": "Poisson" if poisson is True else NOT_POISSON,
         "steps": int(state["steps"]) if state.get("steps") is not None else int(getattr(report, "steps", 0)),
         "epochs": _as_float(state.get("epochs")),
@@ -246,6 +250,8 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
             if isinstance(v, (int, float, str, bool)) and str(k) not in _CALIBRATION_SKIP and (
                 _publish_n(state, include_dataset_size) or str(k).lower() not in _DATASET_SIZE_KEYS)
         }
+    if meta["sampling_rate"] is not None and meta["sampling_rate"] != _as_float(state.get("sample_rate")):
+        meta["sampling_rate_note"] = SAMPLING_RATE_NOTE
     if state.get("sensitivity") is not None and _as_float(state.get("sensitivity")) != meta.get("max_grad_norm"):
         meta["sensitivity"] = _as_float(state["sensitivity"])
     rng = state.get("noise_rng") or state.get("randomness")
@@ -258,18 +264,38 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
     return {k: v for k, v in meta.items() if v is not None}
 
 
+def _round_up(value: float, sig: int = 3) -> float:
+    """``value`` rounded UP to ``sig`` significant digits (as a clean float, never below ``value``)."""
+    if not math.isfinite(value) or value <= 0:
+        return value
+    return float(_ceil_decimal(value, sig))
+
+
+def _public_rate(rate: float | None, exact: bool) -> float | None:
+    """The sampling rate q as published. q = B / N and the Trainer's card lists the batch size B, so the exact
+    q gives the dataset size away; unless the user opts in, q is rounded UP to 3 significant digits (an
+    epsilon recomputed from the rounded q is then still an upper bound)."""
+    if rate is None or exact:
+        return rate
+    return _round_up(rate, 3)
+
+
 # ----------------------------------------------------------------------------------- readable section
+def _ceil_decimal(value: float, sig: int) -> Decimal:
+    """``value`` rounded UP (toward +inf) to ``sig`` significant digits, exactly (decimal arithmetic on the
+    shortest repr, so ``float(result) >= value`` always holds and no float noise adds a spurious digit)."""
+    d = Decimal(repr(float(value)))
+    exponent = d.adjusted() - sig + 1
+    return d.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_CEILING)
+
+
 def _ceil_sig(value: float, sig: int = 3) -> str:
     """Round UP to ``sig`` significant digits: a certified upper bound must never be rounded down."""
     if not math.isfinite(value):
         return "∞"
     if value <= 0:
         return "0"
-    exponent = math.floor(math.log10(value)) - sig + 1
-    scale = 10.0 ** exponent
-    rounded = math.ceil(value / scale - 1e-9) * scale
-    decimals = max(0, -exponent)
-    return f"{rounded:.{decimals}f}"
+    return f"{_ceil_decimal(value, sig):f}"
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -370,7 +396,7 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         "max_grad_norm": _num(meta.get("max_grad_norm")),
         "clipping": meta.get("clipping") or "flat",
         "sampling": "Poisson sampling" if poisson else f"{NOT_POISSON} sampling",
-        "sample_rate": _num(meta.get("sampling_rate")),
+        "sample_rate": _num(meta.get("sampling_rate")) + (" (rounded up)" if meta.get("sampling_rate_note") else ""),
         "steps": _num(meta.get("steps")),
         "epochs": _num(meta.get("epochs"), 3),
         "world_size": _num(meta.get("world_size")),

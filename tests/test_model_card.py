@@ -245,6 +245,7 @@ def test_edgeworth_bound_not_certifiable_is_labelled():
 
 def test_readable_epsilon_rounds_up():
     assert _ceil_sig(7.9312) == "7.94" and _ceil_sig(0.123401) == "0.124" and _ceil_sig(2.0) == "2.00"
+    assert _ceil_sig(2.9900000000001) == "3.00" and _ceil_sig(0.1) == "0.100"
     assert _ceil_sig(math.inf) == "∞"
     state = make_state()
     eps = build_privacy_metadata(state)["epsilon"]
@@ -269,3 +270,19 @@ def test_missing_card_and_missing_block(tmp_path):
         read_privacy_metadata(tmp_path / "README.md")
     with pytest.raises(PrivacyStateError, match="accountant"):
         build_privacy_metadata({"delta": 1e-5, "steps": 3})
+
+
+def test_sampling_rate_is_rounded_up_unless_opted_in():
+    """q = B / N and the Trainer's card lists B: the exact q would give N away."""
+    q = 256 / 11476
+    state = make_state(q=q, steps=10)
+    meta = build_privacy_metadata(state)
+    assert meta["sampling_rate"] == 0.0224 >= q and "rounded up" in meta["sampling_rate_note"]
+    assert "(rounded up)" in render_privacy_section(state, metadata=meta)
+    # An epsilon recomputed from the published (rounded) q is still an upper bound on the certified one.
+    acc = PLDAccountant()
+    acc.step(noise_multiplier=state["noise_multiplier"], sample_rate=meta["sampling_rate"], num_steps=10)
+    assert acc.get_epsilon(state["delta"]) >= meta["epsilon"]
+    exact = build_privacy_metadata(state, include_dataset_size=True)
+    assert exact["sampling_rate"] == q and "sampling_rate_note" not in exact
+    assert build_privacy_metadata(make_state(q=0.05))["sampling_rate"] == 0.05  # already short: unchanged
