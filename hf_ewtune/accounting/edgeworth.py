@@ -75,25 +75,27 @@ def survival(t: np.ndarray, k: Sequence[float], *, order: int = 1) -> np.ndarray
         0.5
     """
     t = np.asarray(t, dtype=float)
-    x = (t - k[0]) / math.sqrt(k[1])
-    return norm.sf(x) + norm.pdf(x) * _correction(x, k, order)
+    with np.errstate(all="ignore"):
+        x = (t - k[0]) / math.sqrt(k[1])
+        return norm.sf(x) + norm.pdf(x) * _correction(x, k, order)
 
 
 def log_exp_eps_survival(eps: np.ndarray, k: Sequence[float], *, order: int = 1) -> np.ndarray:
     """``log(e^eps * max(S(eps), 0))`` computed in log space (``-inf`` where the expansion is <= 0)."""
     eps = np.asarray(eps, dtype=float)
-    x = (eps - k[0]) / math.sqrt(k[1])
-    logsf = norm.logsf(x)
-    ratio = np.exp(norm.logpdf(x) - logsf) * _correction(x, k, order)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # under/overflow here is benign and handled below
+        x = (eps - k[0]) / math.sqrt(k[1])
+        logsf = norm.logsf(x)
+        ratio = np.exp(norm.logpdf(x) - logsf) * _correction(x, k, order)
         log_term = np.where(ratio > -1.0, np.log1p(np.maximum(ratio, -1.0 + 1e-300)), -np.inf)
-    return eps + logsf + log_term
+        return eps + logsf + log_term
 
 
 def delta_of_epsilon(eps: np.ndarray, sums: SumCumulants, *, order: int = 1) -> np.ndarray:
     """Edgeworth estimate of ``delta(eps) = S_Y(eps) - e^eps S_X(eps)`` (S_X clamped at 0)."""
     eps = np.asarray(eps, dtype=float)
-    return survival(eps, sums.y, order=order) - np.exp(log_exp_eps_survival(eps, sums.x, order=order))
+    with np.errstate(all="ignore"):
+        return survival(eps, sums.y, order=order) - np.exp(log_exp_eps_survival(eps, sums.x, order=order))
 
 
 def largest_root(func, grid: np.ndarray, values: np.ndarray) -> float:
@@ -124,6 +126,8 @@ def epsilon_estimate(delta: float, sums: SumCumulants, *, order: int = 1) -> flo
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if not (sums.x[1] > 0 and sums.y[1] > 0):  # degenerate: no privacy loss at all (or no steps)
+        return 0.0
 
     def f(e: float) -> float:
         return float(delta_of_epsilon(np.array([e]), sums, order=order)[0]) - delta

@@ -67,18 +67,20 @@ def edgeworth_interval(sums: SumCumulants, delta: float, delta_x: float, delta_y
             val = sy - np.exp(e + np.log(np.maximum(sx, 1e-300)))
         return val - delta
 
-    eps_upper = _smallest_eps_at_most(lambda e: float(upper(e)[0]), upper(EPS_GRID))
-    lv = lower(EPS_GRID)
+    with np.errstate(all="ignore"):
+        eps_upper = _smallest_eps_at_most(lambda e: float(upper(e)[0]), upper(EPS_GRID))
+        lv = lower(EPS_GRID)
     above = np.nonzero(lv > 0)[0]
     if above.size == 0:
         eps_lower = 0.0
     else:
         i = int(above[-1])
-        eps_lower = (
-            float(EPS_GRID[i])
-            if i + 1 >= len(EPS_GRID)
-            else float(brentq(lambda e: float(lower(e)[0]), float(EPS_GRID[i]), float(EPS_GRID[i + 1]), xtol=1e-12))
-        )
+        with np.errstate(all="ignore"):
+            eps_lower = (
+                float(EPS_GRID[i])
+                if i + 1 >= len(EPS_GRID)
+                else float(brentq(lambda e: float(lower(e)[0]), float(EPS_GRID[i]), float(EPS_GRID[i + 1]), xtol=1e-12))
+            )
     return eps_lower, eps_upper
 
 

@@ -123,8 +123,15 @@ def uniform_error_bound(law: LawMoments, n: int) -> float:
         >>> 0 < uniform_error_bound(step_cumulants(0.01, 1.0).x, 1000) < 1
         True
     """
+    if not law.kappa2 > 0 or n < 1:
+        return math.inf
     r = moment_ratios(law)
-    return min(
-        dgg_bound_iid(n=n, k4=r.k4, k3=r.k3, k3tilde=r.k3tilde, lambda3=r.lambda3, eps=float(e))
-        for e in EPS_PARAM_GRID
-    )
+    best = math.inf
+    for e in EPS_PARAM_GRID:
+        try:
+            value = dgg_bound_iid(n=n, k4=r.k4, k3=r.k3, k3tilde=r.k3tilde, lambda3=r.lambda3, eps=float(e))
+        except (OverflowError, ZeroDivisionError, ValueError):
+            continue  # this free parameter gives an infinite (vacuous) bound
+        if math.isfinite(value):
+            best = min(best, value)
+    return best
