@@ -187,6 +187,12 @@ class DPTrainer(Trainer):
                 "activation/gradient checkpointing is not supported with per-example clipping yet (the recomputed "
                 "forward re-fires the clipping hooks); turn it off or lower the batch size."
             )
+        if getattr(args, "auto_find_batch_size", False):
+            raise PrivacyConfigError(
+                "auto_find_batch_size=True is not supported: it changes the batch size, hence the sample rate q, "
+                "after the noise was calibrated. Set per_device_train_batch_size, and cap memory with "
+                "PrivacyArguments.max_physical_batch_size instead."
+            )
         strategy = getattr(args, "train_sampling_strategy", "random")
         if strategy not in ("random", None):
             raise PrivacyConfigError(

@@ -64,3 +64,16 @@ def test_fixed_noise_and_small_target_stop_early_over_epochs(tmp_path, caplog):
     assert any("Privacy budget reached" in r.getMessage() for r in caplog.records)
     assert trainer.privacy_state()["stopped_early"] is True
     assert trainer.state.log_history[-1]["epsilon"] == pytest.approx(report.epsilon)
+
+
+def test_epoch_based_run_takes_round_one_over_q_steps_per_epoch(tmp_path):
+    # 16 examples, expected batch 4 x GA 2 = 8: q = 0.5, 2 steps (of 2 micro-batches each) per epoch.
+    args = _args(tmp_path, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=4,
+                 gradient_accumulation_steps=2, logging_steps=100)
+    trainer = DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=args,
+                        train_dataset=tiny_classification_dataset(TOK, n=16), noise_multiplier=2.0, noise_seed=3)
+    assert trainer.steps_per_epoch == 2 and trainer.planned_steps == 4
+    assert len(trainer.get_train_dataloader()) == 4  # micro-batches per epoch = steps x GA
+    trainer.train()
+    assert trainer.state.global_step == 4 and trainer.state.epoch == pytest.approx(2.0)
+    assert trainer.get_privacy_spent().steps == 4
