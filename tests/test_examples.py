@@ -34,10 +34,10 @@ def _check_private_output(out: Path, *, target: float) -> dict:
 
 
 def test_train_command_smoke_end_to_end(tmp_path, capsys):
-    from hf_ewtune.commands.train import main
+    from hf_ewtune.cli import main
 
     out = tmp_path / "run"
-    assert main(["--smoke", "--output-dir", str(out), "--no-progress"]) == 0
+    assert main(["train", "--smoke", "--output-dir", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "accuracy:" in printed
     assert "certified ε =" in printed and "certified by" in printed

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 
 def accuracy_metrics(eval_pred: Any) -> dict[str, float]:
     """``compute_metrics`` for ``Trainer``: accuracy of the arg-max of the logits.
@@ -23,6 +21,8 @@ def accuracy_metrics(eval_pred: Any) -> dict[str, float]:
     Returns:
         ``{"accuracy": float}``.
     """
+    import numpy as np
+
     logits, labels = eval_pred[0], eval_pred[1]
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
