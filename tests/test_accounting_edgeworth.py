@@ -160,3 +160,34 @@ def test_error_bound_not_available_for_heterogeneous_steps():
     bound = edgeworth_error_bound(((1.0, 0.01, 10), (0.9, 0.01, 10)), 1e-5)
     assert bound["delta_x"] is None and bound["certified"] is False
     assert "not available" in bound["reason"]
+
+
+def test_full_batch_is_the_exact_gaussian_mechanism():
+    # q = 1: m steps of N(0, sigma^2) noise compose to a Gaussian mechanism with mu = sqrt(m) / sigma,
+    # whose curve delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) is exact.
+    from scipy.optimize import brentq
+
+    m, sigma = 10, 1.0
+    mu = math.sqrt(m) / sigma
+
+    def delta(eps):
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+
+    exact = brentq(lambda e: delta(e) - 1e-5, 0.0, 100.0, xtol=1e-12)
+    sums = sum_cumulants([(sigma, 1.0, m)])
+    assert epsilon_estimate(1e-5, sums, order=1) == pytest.approx(exact, rel=1e-6)
+    assert epsilon_estimate(1e-5, sums, order=2) == pytest.approx(exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("sigma,q,m", [(50.0, 1e-6, 10), (0.1, 0.5, 10), (1000.0, 1e-6, 5), (5.0, 0.001, 1)])
+def test_extreme_settings_are_quiet_and_sane(sigma, q, m):
+    import warnings
+
+    from hf_ewtune.accounting.edgeworth_accountant import edgeworth_summary
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = edgeworth_summary(((sigma, q, m),), 1e-5)
+    for key in ("order1", "order2"):
+        assert summary[key] >= 0 and not math.isnan(summary[key])
+    assert summary["bound"]["certified"] is False
