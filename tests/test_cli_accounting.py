@@ -87,12 +87,20 @@ def test_compare_json(capsys):
     assert all(row["seconds"] >= 0 for row in data["rows"])
 
 
-def test_compare_table_text(capsys):
-    argv = ["compare", "--noise-multiplier", "1.0", "--sample-rate", "0.01", "--steps", "100"]
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
+def test_compare_table_text():
+    from hf_ewtune.accounting.compare import ComparisonRow, format_comparison
+
+    rows = [
+        ComparisonRow("Edgeworth order 1 (EW-Tune)", "estimate", 7.9929, 0.01, "estimate, not a guarantee"),
+        ComparisonRow("Edgeworth order 1 error bound", "bound", float("inf"), 0.01, "not certifiable (Delta_Y >= delta)"),
+        ComparisonRow("PLD (default)", "certified", 8.2891, 0.6, "dp-accounting PLD"),
+        ComparisonRow("RDP", "certified", 9.285, 0.04, "dp-accounting RDP"),
+    ]
+    out = format_comparison(rows, setting=dict(noise_multiplier=0.7865, sample_rate=0.029696, steps=660, delta=1e-5))
     assert "| accountant | kind | epsilon | eps / PLD | time (s) | note |" in out
-    assert "Published (certified) epsilon" in out and "not certifiable" in out
+    assert "| Edgeworth order 1 (EW-Tune) | estimate | 7.9929 | 0.964 |" in out
+    assert "| inf |" in out
+    assert out.rstrip().endswith("Published (certified) epsilon: 8.2891 (PLD (default)); the Edgeworth numbers are estimates.")
 
 
 def test_plot_writes_png(tmp_path, capsys):
