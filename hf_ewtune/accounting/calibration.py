@@ -135,6 +135,13 @@ def _validate(target_epsilon, delta, sample_rate, steps) -> tuple[float, float, 
     )
 
 
+def _fresh(accountant: str | Accountant) -> Accountant:
+    """A new accountant without history: by name, or with the class and options of ``accountant``."""
+    if isinstance(accountant, Accountant):
+        return make_accountant(accountant.name, **accountant.options())
+    return make_accountant(accountant)
+
+
 def _uses_pld(acc: Accountant) -> bool:
     return acc.name == "pld" or (acc.name == "edgeworth" and getattr(acc, "certifier", "pld") == "pld")
 
@@ -167,10 +174,8 @@ def calibrate(
     """
     start = time.perf_counter()
     target, delta, q, steps = _validate(target_epsilon, delta, sample_rate, steps)
-    acc = make_accountant(accountant) if not isinstance(accountant, Accountant) else accountant
-    template = acc.copy()
-    template._history = []  # noqa: SLF001 - a fresh accountant with the same options
-    template._cache = {}  # noqa: SLF001
+    acc = _fresh(accountant)
+    template = acc
 
     def certified_eps(sigma: float) -> float:
         a = template.copy()
@@ -276,7 +281,8 @@ def steps_within_budget(
     Args:
         noise_multiplier, sample_rate: parameters of the further steps.
         target_epsilon, delta: the budget.
-        accountant: accountant name (ignored when ``already`` is given: its class and options are used).
+        accountant: accountant name, or an accountant whose class and options (not its history) are used;
+            ignored when ``already`` is given (then ``already``'s class, options and history are used).
         already: accountant holding the steps already taken (not modified).
         max_steps: cap on the answer (None: no cap).
 
@@ -293,7 +299,7 @@ def steps_within_budget(
     target = check_target_epsilon(target_epsilon)
     delta = check_delta(delta)
     cap = None if max_steps is None else check_steps(max_steps, name="max_steps")
-    base = already.copy() if already is not None else make_accountant(accountant)
+    base = already.copy() if already is not None else _fresh(accountant)
     spent = base.get_epsilon(delta)
     if spent > target:
         raise BudgetExhaustedError(
