@@ -250,3 +250,14 @@ def test_step_is_keyword_only_and_other_errors():
         EdgeworthAccountant(certifier="prv")
     assert isinstance(make_accountant("EW"), EdgeworthAccountant)
     assert isinstance(make_accountant("pld"), Accountant)
+
+
+@pytest.mark.parametrize("delta", [1e-3, 1e-5, 1e-7])
+@pytest.mark.parametrize("sigma,q,m", [(0.6, 0.001, 100), (0.8, 0.01, 1000), (1.5, 0.05, 3000)])
+def test_certified_epsilon_equals_dp_accounting_pld_on_a_grid(sigma, q, m, delta):
+    # value discretization 1e-3 keeps this grid fast; the adapter must return dp-accounting's number exactly
+    acc = EdgeworthAccountant(value_discretization_interval=1e-3)
+    acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=m)
+    direct = _direct(DpPLD(value_discretization_interval=1e-3), [_event(sigma, q, m)], delta)
+    assert acc.get_epsilon(delta) == direct
+    assert acc.estimate_epsilon(delta) > 0  # the estimate is reported beside it, never instead of it
