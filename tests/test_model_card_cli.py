@@ -79,3 +79,21 @@ def test_console_script_report(saved_run):
     assert "Certified guarantee" in ok.stdout
     bad = subprocess.run([*cmd, "report", str(saved_run / "nope")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "privacy_state.json" in bad.stderr
+
+
+def test_card_command_on_committed_example(tmp_path):
+    """model_cards/example holds the card and privacy_state.json of a real LoRA DPTrainer run (see
+    model_cards/make_example.py): it parses, and re-rendering it keeps one section and the same epsilon."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "model_cards" / "example"
+    committed = read_privacy_metadata(example)
+    assert committed["sampling"] == "Poisson" and committed["target_epsilon"] == 3.0
+    assert committed["epsilon"] <= 3.0 and "expected_batch_size" not in committed
+    work = tmp_path / "example"
+    shutil.copytree(example, work)
+    assert main(["card", str(work)]) == 0
+    fresh = read_privacy_metadata(work)
+    assert fresh["epsilon"] == pytest.approx(committed["epsilon"], rel=1e-6)
+    text = (work / "README.md").read_text(encoding="utf-8")
+    assert text.count(BEGIN_MARKER) == 1 and "library_name: peft" in text
