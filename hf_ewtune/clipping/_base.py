@@ -70,6 +70,12 @@ class Rule:
         pe = self.cached_per_example(rec, role)
         return torch.tensordot(c.to(pe.dtype), pe, dims=1)
 
+    def factors(self, rec: Record, role: str) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """Optional low-rank form ``g_i = sum_t outer(L_it, R_it)`` (in the parameter's 2-D layout), used for the
+        cross terms of tied / reused parameters without instantiation: ``("dense", L[B,T,m], R[B,T,n])`` or
+        ``("ids", ids[B,T], R[B,T,n])`` when ``L`` is one-hot. ``None``: instantiate instead."""
+        return None
+
     def mask_examples(self, rec: Record, keep: torch.Tensor) -> None:
         """Zero everything stored for the examples where ``keep`` is False (non-finite gradients)."""
         rec.grads = [None if g is None else _zero_rows(g, keep) for g in rec.grads]
@@ -99,3 +105,22 @@ def tensor_arg(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
 def storage_key(t: torch.Tensor) -> tuple:
     """Identifies a tensor's data (storage, offset, shape, strides, version) while a reference keeps it alive."""
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version, t.dtype)
+
+
+def _left_gram(u: tuple, v: tuple) -> torch.Tensor:
+    """``[B, Tu, Tv]`` inner products of the left factors of two uses."""
+    (ku, lu, _), (kv, lv, _) = u, v
+    if ku == "dense" and kv == "dense":
+        return torch.bmm(lu, lv.transpose(1, 2))
+    if ku == "ids" and kv == "ids":
+        return (lu.unsqueeze(2) == lv.unsqueeze(1)).to(u[2].dtype)
+    if ku == "ids":  # one-hot(x_s) . Lv[t] = Lv[t, x_s]
+        b, tu = lu.shape
+        return lv.gather(2, lu.unsqueeze(1).expand(b, lv.shape[1], tu)).transpose(1, 2)
+    b, tv = lv.shape
+    return lu.gather(2, lv.unsqueeze(1).expand(b, lu.shape[1], tv))
+
+
+def factor_inner(u: tuple, v: tuple) -> torch.Tensor:
+    """Per-example ``<g_u, g_v>`` from two factor forms (ghost identity, no instantiation): ``Tensor[B]``."""
+    return (_left_gram(u, v) * torch.bmm(u[2], v[2].transpose(1, 2))).sum((1, 2))

@@ -42,6 +42,10 @@ class EmbeddingRule(Rule):
             g = g * valid.unsqueeze(-1).to(g.dtype)
         return ids, g, valid
 
+    def factors(self, rec: Record, role: str):
+        ids, g, _ = self._ids_g(rec)
+        return ("ids", ids, g)
+
     def norm_sq(self, rec: Record, role: str) -> torch.Tensor:
         ids, g, _ = self._ids_g(rec)
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import PrivacyConfigError, UnsupportedModuleError
-from ._base import Record, Rule
+from ._base import Record, Rule, factor_inner
 from .functorch_fallback import direct_trainable
 from .validation import check_model, choose_rule, is_checkpointing
 
@@ -138,10 +138,19 @@ class ClippingEngine:
                 if len(plist) == 1:
                     rec, role = plist[0]
                     norm_sq[pid] = rec.rule.norm_sq(rec, role).to(dtype)
-                else:  # tied / reused: instantiate the sum over uses (cross terms)
-                    pe = sum(rec.rule.cached_per_example(rec, role).to(dtype) for rec, role in plist)
-                    pe_sum[pid] = pe
-                    norm_sq[pid] = pe.reshape(b, -1).pow(2).sum(1)
+                else:  # tied / reused: the norm of the SUM over uses, cross terms included
+                    facs = [rec.rule.factors(rec, role) for rec, role in plist]
+                    if all(f is not None for f in facs):
+                        n2 = 0
+                        for u in range(len(facs)):
+                            n2 = n2 + factor_inner(facs[u], facs[u])
+                            for v in range(u + 1, len(facs)):
+                                n2 = n2 + 2 * factor_inner(facs[u], facs[v])
+                        norm_sq[pid] = n2.to(dtype)
+                    else:  # instantiate the per-example gradient summed over uses
+                        pe = sum(rec.rule.cached_per_example(rec, role).to(dtype) for rec, role in plist)
+                        pe_sum[pid] = pe
+                        norm_sq[pid] = pe.reshape(b, -1).pow(2).sum(1)
             group_sq = torch.zeros(self.num_groups, b, dtype=dtype, device=device)
             for pid, n2 in norm_sq.items():
                 group_sq[self._group_of[pid]] += n2

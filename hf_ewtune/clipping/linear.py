@@ -46,6 +46,12 @@ class LinearRule(Rule):
             return torch.bmm(a.transpose(1, 2), g)  # [B, in, out]
         return torch.bmm(g.transpose(1, 2), a)  # [B, out, in]
 
+    def factors(self, rec: Record, role: str):
+        a, g = self._ag(rec)
+        if role == "bias":
+            return ("dense", g, torch.ones(*g.shape[:2], 1, dtype=g.dtype, device=g.device))
+        return ("dense", a, g) if self.transposed else ("dense", g, a)
+
     def norm_sq(self, rec: Record, role: str) -> torch.Tensor:
         a, g = self._ag(rec)
         if role == "bias":
