@@ -171,3 +171,20 @@ def test_bf16_autocast_close_to_float32():
     num = sum((p.grad - ref[n]).pow(2).sum() for n, p in model.named_parameters()).sqrt()
     den = sum(v.pow(2).sum() for v in ref.values()).sqrt()
     assert float(num / den) < 0.1
+
+
+def test_parameter_used_outside_its_module_is_detected():
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x)) + (x @ self.a.weight).sum(1, keepdim=True)  # a.weight used directly
+
+    model = Sneaky()
+    engine = ClippingEngine(model, max_grad_norm=1.0)
+    with pytest.raises(UnsupportedModuleError, match="a.weight"):
+        engine.backward(model(torch.randn(4, 3)).squeeze(1))
+    assert all(p.grad is None for p in model.parameters())

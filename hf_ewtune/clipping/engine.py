@@ -251,8 +251,10 @@ class ClippingEngine:
                 owners.append((ri, k))
             rec.grads = [None] * len(rec.outputs)
             rec.batch_size = b
+        total_loss = per_example_loss.sum()
+        self._check_coverage(total_loss, targets)
         if targets:
-            grads = torch.autograd.grad(per_example_loss.sum(), targets, allow_unused=True)
+            grads = torch.autograd.grad(total_loss, targets, allow_unused=True)
             for (ri, k), g in zip(owners, grads):
                 records[ri].grads[k] = g
         uses: dict[int, list[tuple[Record, str]]] = {}
@@ -270,6 +272,27 @@ class ClippingEngine:
                 if id(p) in self._param_name:
                     uses.setdefault(id(p), []).append((rec, role))
         return records, uses, b
+
+    def _check_coverage(self, loss: torch.Tensor, targets: list[torch.Tensor]) -> None:
+        """Walk the autograd graph from the loss, stopping at recorded module outputs: reaching a trainable
+        parameter means it was used outside its module's forward (e.g. ``F.linear(x, other.weight)`` in a parent),
+        where no hook sees it and its gradient would be silently dropped."""
+        stop = {t.grad_fn for t in targets if t.grad_fn is not None}
+        seen: set = set()
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node in stop:
+                continue
+            seen.add(node)
+            var = getattr(node, "variable", None)
+            if var is not None and id(var) in self._param_name:
+                name = self._param_name[id(var)]
+                raise UnsupportedModuleError(
+                    f"Trainable parameter {name!r} is used outside the forward of the module that owns it (or by a "
+                    "module call the engine did not record), so its per-example gradient cannot be captured. "
+                    "Freeze it, or make the code call its module instead of using the tensor directly.")
+            stack.extend(nxt for nxt, _ in node.next_functions)
 
     def _factors(self, group_sq: torch.Tensor, total: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         c_norm = self.max_grad_norm
