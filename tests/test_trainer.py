@@ -1,4 +1,4 @@
-"""DPTrainer end to end on tiny models: exact clipped update, validation errors, LoRA, bf16, causal LM."""
+"""DPTrainer: exact clipped update against a per-example oracle, PrivacyArguments parsing, validation errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_ewtune import DPTrainer, PrivacyArguments
 from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, UnsupportedModuleError
-from hf_ewtune.testing import tiny_bert, tiny_classification_dataset, tiny_gpt2, tiny_tokenizer
+from hf_ewtune.testing import tiny_bert, tiny_classification_dataset, tiny_tokenizer
 
 TOK = tiny_tokenizer()
 
@@ -143,75 +143,6 @@ class _BNModel(torch.nn.Module):
 def test_batchnorm_model_rejected_before_training(tmp_path):
     with pytest.raises(UnsupportedModuleError):
         DPTrainer(model=_BNModel(), args=_args(tmp_path), train_dataset=_data(), noise_multiplier=1.0)
-
-
-def test_lora_run_trains_and_lora_weights_change(tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(
-        tiny_bert(vocab_size=len(TOK)),
-        LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0),
-    )
-    before = _trainable(model)
-    assert any("lora_B" in n for n in before)
-    trainer = DPTrainer(model=model, args=_args(tmp_path, learning_rate=1e-2), train_dataset=_data(),
-                        noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=1)
-    trainer.train()
-    after = _trainable(model)
-    changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert any("lora_B" in n for n in changed) and any("lora_A" in n for n in changed)
-    assert len(changed) == len(before)  # noise reaches every trainable tensor
-    assert trainer.get_privacy_spent().steps == 2
-
-
-def test_bf16_autocast_run(tmp_path):
-    model = tiny_bert(vocab_size=len(TOK))
-    before = _trainable(model)
-    trainer = DPTrainer(model=model, args=_args(tmp_path, bf16=True), train_dataset=_data(),
-                        noise_multiplier=1.0, noise_seed=2)
-    out = trainer.train()
-    assert math.isfinite(out.training_loss)
-    after = _trainable(model)
-    assert all(torch.isfinite(p).all() for p in after.values())
-    assert any(not torch.equal(before[n], after[n]) for n in before)
-
-
-def test_causal_lm_run_with_tied_embeddings(tmp_path):
-    from datasets import Dataset
-
-    tok = tiny_tokenizer(kind="bpe")
-    texts = ["a gripping film", "the plot is thin", "warm, funny and wise", "a tedious mess"] * 4
-    enc = tok(texts, padding="max_length", truncation=True, max_length=24)
-    labels = [[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-    ds = Dataset.from_dict({**enc, "labels": labels})
-    model = tiny_gpt2(vocab_size=len(tok))
-    before = _trainable(model)
-    trainer = DPTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=4), train_dataset=ds,
-                        noise_multiplier=1.0, noise_seed=3)
-    trainer.train()
-    after = _trainable(model)
-    assert not torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
-    assert trainer.get_privacy_spent().steps == 2
-
-
-def test_empty_logical_batches_still_step_and_account(tmp_path):
-    """q = 1/32: many logical batches are empty; each still gives a (noise-only) step and an accountant step."""
-    model = tiny_bert(vocab_size=len(TOK))
-    trainer = DPTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=1, max_steps=8),
-                        train_dataset=_data(n=32), noise_multiplier=1.0, noise_seed=4)
-    seen = []
-    original = trainer.training_step
-
-    def spy(model, inputs, num_items_in_batch=None):
-        from hf_ewtune.sampling import is_empty_batch
-
-        seen.append(is_empty_batch(inputs))
-        return original(model, inputs, num_items_in_batch)
-
-    trainer.training_step = spy
-    trainer.train()
-    assert len(seen) == 8 and any(seen) and not all(seen)
-    assert trainer.privacy_callback.steps == 8 and trainer.state.global_step == 8
 
 
 def test_checkpointing_and_custom_samplers_rejected(tmp_path):
