@@ -71,10 +71,27 @@ def test_upload_is_privatized_once_and_padding_zeroed():
     vendor.handle(Message(kind="reset"))
     customer.upload(data, batch_size=32)  # same examples, other batching: identical privatized copies
     assert all(torch.equal(a, r["inputs_embeds"]) for a, r in zip(first, vendor.rows))
-    pad = torch.tensor(data["attention_mask"]) == 0
-    assert bool(pad.any())
-    assert all(bool((r["inputs_embeds"][pad[i]] == 0).all()) for i, r in enumerate(vendor.rows))
+    mask = torch.tensor(data["attention_mask"])
+    assert bool((mask == 0).any())
+    # the vendor stores each example trimmed to its real length (right padding)
+    assert [r["inputs_embeds"].shape[0] for r in vendor.rows] == mask.sum(1).tolist()
     assert priv.guarantee().draws_per_example == 1
+    # the customer zeroes padding positions before they leave (at k >= 1 they mix in real tokens)
+    batch = {"input_ids": torch.tensor(data["input_ids"][:8]), "attention_mask": mask[:8]}
+    sent = customer.privatize_batch(batch, example_ids=[f"train:{i}" for i in range(8)])
+    assert bool((sent["hidden"][mask[:8] == 0] == 0).all())
+    torch.testing.assert_close(sent["hidden"][0, : int(mask[0].sum())], vendor.rows[0]["inputs_embeds"])
+
+
+def test_ragged_token_lists_are_padded_per_batch():
+    _, bottom, top, _ = _parties(k=1)
+    vendor = SAPVendor(top=top)
+    customer = SAPCustomer(bottom=bottom, privatizer=DChiPrivatizer(eta=100.0, seed=0),
+                           transport=LocalTransport(vendor.handle))
+    data = {"input_ids": [[2, 7, 8, 3], [2, 9, 3], [2, 3]], "labels": [0, 1, 0]}
+    assert customer.upload(data, batch_size=3) == 3
+    assert [r["attention_mask"].tolist() for r in vendor.rows] == [[1, 1, 1, 1], [1, 1, 1], [1, 1]]
+    assert customer.predict(data).shape == (3, 2)
 
 
 def test_cti_is_label_conditioned_in_training_and_max_at_inference():

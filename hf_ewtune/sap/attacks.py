@@ -95,8 +95,10 @@ class LearnedInversion(nn.Module):
 
     Args:
         hidden_size: Dimension ``d`` of the privatized representation.
-        vocab_size: Output vocabulary size.
+        vocab_size: Vocabulary size.
         width: MLP width.
+        candidate_ids: Optional token ids the attacker predicts among (e.g. those seen in its public data,
+            which keeps the output layer small); other tokens count as not recovered.
 
     Example:
         >>> import torch
@@ -107,13 +109,24 @@ class LearnedInversion(nn.Module):
         True
     """
 
-    def __init__(self, *, hidden_size: int, vocab_size: int, width: int = 512):
+    def __init__(self, *, hidden_size: int, vocab_size: int, width: int = 512,
+                 candidate_ids: torch.Tensor | None = None):
         super().__init__()
+        if candidate_ids is not None:
+            candidate_ids = torch.as_tensor(candidate_ids, dtype=torch.long).unique()
+            lookup = torch.full((vocab_size,), -1, dtype=torch.long)
+            lookup[candidate_ids] = torch.arange(len(candidate_ids))
+        else:
+            candidate_ids = torch.arange(vocab_size)
+            lookup = torch.arange(vocab_size)
+        self.register_buffer("candidate_ids", candidate_ids, persistent=False)
+        self.register_buffer("_lookup", lookup, persistent=False)
         self.net = nn.Sequential(
-            nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, vocab_size)
+            nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, len(candidate_ids))
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over ``candidate_ids`` (the whole vocabulary by default)."""
         return self.net(hidden)
 
     def fit(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, epochs: int = 5,
@@ -132,10 +145,12 @@ class LearnedInversion(nn.Module):
             tot, cnt = 0.0, 0
             for h, ids, mask in batches:
                 keep = eval_positions(ids, mask, exclude)
+                target = self._lookup[ids]
+                keep &= target >= 0
                 if not bool(keep.any()):
                     continue
                 logits = self(h.detach().float()[keep])
-                loss = nn.functional.cross_entropy(logits, ids[keep])
+                loss = nn.functional.cross_entropy(logits, target[keep])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -153,7 +168,7 @@ class LearnedInversion(nn.Module):
         x, y = hidden.detach().float()[keep], token_ids[keep]
         hit1 = hitk = 0
         for xs, ys in zip(x.split(4096), y.split(4096)):
-            pred = self(xs).topk(topk, dim=-1).indices
+            pred = self.candidate_ids[self(xs).topk(min(topk, len(self.candidate_ids)), dim=-1).indices]
             hit1 += int((pred[:, 0] == ys).sum())
             hitk += int((pred == ys.unsqueeze(1)).any(-1).sum())
         n = int(y.numel())

@@ -54,10 +54,20 @@ __all__ = ["SAPCustomer", "SAPVendor", "iter_batches"]
 _FIELDS = ("input_ids", "attention_mask", "labels", "token_type_ids", "position_ids")
 
 
-def iter_batches(data: Any, *, batch_size: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+def _as_padded_tensor(value: Any, pad: int) -> torch.Tensor:
+    if torch.is_tensor(value):
+        return value
+    if len(value) and isinstance(value[0], (list, tuple)):
+        t = max(len(r) for r in value)
+        value = [list(r) + [pad] * (t - len(r)) for r in value]
+    return torch.as_tensor(value)
+
+
+def iter_batches(data: Any, *, batch_size: int, pad_token_id: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Yield ``(start_index, batch)`` from a dict of tensors/lists or a ``datasets.Dataset``.
 
-    ``label`` is accepted as an alias of ``labels``.
+    ``label`` is accepted as an alias of ``labels``. Ragged (unpadded) token lists are right-padded per batch
+    (``input_ids`` with ``pad_token_id``, the other fields with 0).
     """
     if isinstance(data, Mapping):
         cols = dict(data)
@@ -67,10 +77,13 @@ def iter_batches(data: Any, *, batch_size: int) -> Iterator[tuple[int, dict[str,
         n = len(data)
         get = lambda s, e: data[s:e]  # noqa: E731
     for start in range(0, n, batch_size):
-        raw = get(start, min(start + batch_size, n))
+        raw = dict(get(start, min(start + batch_size, n)))
         if "label" in raw and "labels" not in raw:
             raw["labels"] = raw["label"]
-        batch = {k: torch.as_tensor(raw[k]) for k in _FIELDS if k in raw and raw[k] is not None}
+        if "input_ids" in raw and "attention_mask" not in raw and not torch.is_tensor(raw["input_ids"]):
+            raw["attention_mask"] = [[1] * len(r) for r in raw["input_ids"]]
+        batch = {k: _as_padded_tensor(raw[k], pad_token_id if k == "input_ids" else 0)
+                 for k in _FIELDS if k in raw and raw[k] is not None}
         if "attention_mask" not in batch:
             batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         yield start, batch
@@ -87,11 +100,13 @@ class SAPCustomer:
             training, max over classes at inference).
         zero_padding: Zero the bottom output at padding positions before sending (at ``split_layer >= 1`` those
             positions mix in real tokens through attention; the top never reads them).
+        pad_token_id: Used to right-pad ragged (unpadded) ``input_ids`` per batch.
     """
 
     def __init__(self, *, bottom: SAPBottom, privatizer: DChiPrivatizer, transport: Any,
-                 cti: CTIAllocator | None = None, zero_padding: bool = True):
+                 cti: CTIAllocator | None = None, zero_padding: bool = True, pad_token_id: int = 0):
         self.bottom = bottom.eval()
+        self.pad_token_id = pad_token_id
         self.privatizer = privatizer
         self.transport = transport
         self.cti = cti
@@ -118,7 +133,7 @@ class SAPCustomer:
     def upload(self, data: Any, *, batch_size: int = 32, id_prefix: str = "train") -> int:
         """Privatize and upload a labelled dataset; returns the number of examples the vendor now holds."""
         n_held = 0
-        for start, batch in iter_batches(data, batch_size=batch_size):
+        for start, batch in iter_batches(data, batch_size=batch_size, pad_token_id=self.pad_token_id):
             if "labels" not in batch:
                 raise ValueError("upload() needs labels (a 'labels' or 'label' column).")
             b = batch["input_ids"].shape[0]
@@ -140,7 +155,7 @@ class SAPCustomer:
     def predict(self, data: Any, *, batch_size: int = 64, id_prefix: str = "predict") -> torch.Tensor:
         """Privatized inference through the vendor's tuned top; returns logits ``[N, C]``."""
         outs = []
-        for start, batch in iter_batches(data, batch_size=batch_size):
+        for start, batch in iter_batches(data, batch_size=batch_size, pad_token_id=self.pad_token_id):
             b = batch["input_ids"].shape[0]
             tensors = self.privatize_batch(batch, example_ids=[f"{id_prefix}:{start + i}" for i in range(b)],
                                            training=False)
@@ -234,9 +249,13 @@ class SAPVendor:
             raise SAPProtocolError(f"inconsistent upload shapes: hidden {tuple(hidden.shape)}, "
                                    f"attention_mask {tuple(mask.shape)}, labels {tuple(t['labels'].shape)}.")
         for i in range(hidden.shape[0]):
-            row = {"inputs_embeds": hidden[i].float(), "attention_mask": mask[i].long(), "labels": t["labels"][i].long()}
+            end = hidden.shape[1]
+            if self.padding_side == "right" and bool(mask[i].any()):
+                end = int(mask[i].nonzero().max()) + 1  # drop trailing padding; batches are re-padded later
+            row = {"inputs_embeds": hidden[i, :end].float(), "attention_mask": mask[i, :end].long(),
+                   "labels": t["labels"][i].long()}
             if "position_ids" in t:
-                row["position_ids"] = t["position_ids"][i].long()
+                row["position_ids"] = t["position_ids"][i, :end].long()
             self.rows.append(row)
 
     # ------------------------------------------------------------------ training / inference
