@@ -96,6 +96,8 @@ def _assert_contract(r: dict) -> None:
     steps_both_busy = [i for i in range(len(r["grads_differ"]))
                        if all(rank["local_examples"][i] > 0 for rank in r["per_rank"])]
     assert steps_both_busy and all(r["grads_differ"][i] for i in steps_both_busy)
+    # One global Poisson draw: every rank uses the same sampling seed (rank 0's, broadcast, unless fixed).
+    assert len({rank["sampler_seed"] for rank in r["per_rank"]}) == 1
     # Same number of micro-batches on every rank (GA per step).
     assert len({rank["micro_batches"] for rank in r["per_rank"]}) == 1
 
@@ -148,6 +150,8 @@ def test_resumed_two_process_run_keeps_its_spent_budget(ddp):
     assert r["resumed"] == r["uninterrupted"]  # the (q, sigma, steps) history, all runs composed
     assert r["resumed_epsilon"] == pytest.approx(r["uninterrupted_epsilon"], rel=1e-9)
     assert r["resumed_param_diff"] and all(d == 0.0 for d in r["resumed_param_diff"])
+    # the checkpoint holds neither the noise seed nor the sampling seed (checkpoints get published)
+    assert r["secret_seeds_in_checkpoint"] == []
 
 
 @pytest.mark.slow
@@ -162,3 +166,23 @@ def test_empty_slices_do_not_hang_and_epochs_redraw(ddp):
     assert any(min(a, b) == 0 < max(a, b) for a, b in zip(ranks[0]["local_examples"], ranks[1]["local_examples"]))
     # epoch 2 is a fresh Poisson draw, not a replay of epoch 1
     assert ranks[0]["local_examples"][:40] != ranks[0]["local_examples"][40:]
+
+
+@pytest.mark.slow
+def test_copyable_example_runs_on_two_cpu_processes_from_the_config_file(tmp_path):
+    """The command shown in docs/distributed.md, with the CPU config file: 2 processes, a DP run, a certified epsilon."""
+    root = os.path.dirname(HERE)
+    out = tmp_path / "dp-ddp"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", os.path.join(root, "examples", "accelerate", "cpu_2proc.yaml"), "--main_process_port", "0",
+        os.path.join(root, "examples", "accelerate", "dp_finetune.py"), "--smoke", "--output-dir", str(out),
+        "--batch-size", "32", "--micro-batch-size", "8", "--max-steps", "3", "--noise-multiplier", "1.0",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT_S)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    assert "processes: 2;" in res.stdout
+    assert "steps: 3; certified epsilon" in res.stdout
+    assert (out / "privacy_state.json").is_file()

@@ -196,6 +196,7 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             resumed = build_trainer(name, world, os.path.join(workdir, f"{name}-w{world}-resumed"))
         resumed.train(resume_from_checkpoint=ckpt)
+        result["secret_seeds_in_checkpoint"] = _secret_seeds_in(os.path.join(out_dir, "checkpoint-2"), trainer)
         result["resumed"] = resumed.privacy_callback.accountant.state_dict()
         result["resumed_steps"] = resumed.privacy_callback.steps
         result["resumed_global_step"] = resumed.state.global_step
@@ -223,7 +224,9 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         params={k: v for k, v in after.items()},
         delta={k: after[k] - before[k] for k in after},
     )
-    mine = {k: result[k] for k in ("local_examples", "empty_micro_batches", "micro_batches", "grad_norm_ok")}
+    result["sampler_seed"] = trainer.callback_handler.train_dataloader.batch_sampler.seed
+    mine = {k: result[k] for k in ("local_examples", "empty_micro_batches", "micro_batches", "grad_norm_ok",
+                                   "sampler_seed")}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, mine)
@@ -231,6 +234,29 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
     else:
         result["per_rank"] = [mine]
     return result
+
+
+def _dp_optimizer(trainer: DPTrainer) -> Any:
+    from hf_ewtune.noise import DPOptimizer
+
+    opt = trainer.optimizer
+    while not isinstance(opt, DPOptimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def _secret_seeds_in(folder: str, trainer: DPTrainer) -> list[str]:
+    """Files of ``folder`` holding the noise base seed or the sampling seed (decimal text or int64 bytes)."""
+    seeds = [_dp_optimizer(trainer)._base_seed, trainer.callback_handler.train_dataloader.batch_sampler.seed]
+    needles = [str(x).encode() for x in seeds] + [int(x).to_bytes(8, "little") for x in seeds]
+    hits = []
+    for root, _, files in os.walk(folder):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                blob = fh.read()
+            if any(n in blob for n in needles):
+                hits.append(f)
+    return hits
 
 
 def _rank() -> int:
