@@ -130,7 +130,8 @@ class PrivacyCallback(TrainerCallback):
             "sample_rate": self.sample_rate,
             "budget_steps": self.budget_steps,
             "epsilon": epsilon,
-            "epsilon_certified_by": "rdp" if self.accountant_name == "rdp" else "pld",
+            "epsilon_certified_by": getattr(report, "certified_by", None)
+            or getattr(self.accountant, "certified_by", None),
             "epsilon_edgeworth": None if edgeworth is None else float(edgeworth),
             "stopped_early": self.stopped_early,
             "global_step": None if trainer_state is None else trainer_state.global_step,

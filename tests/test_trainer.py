@@ -77,6 +77,8 @@ def test_one_step_update_equals_mean_of_clipped_per_example_gradients(tmp_path):
         expected = -total[nm] / n
         assert torch.allclose(after[nm] - before[nm], expected, atol=1e-6, rtol=1e-4), nm
     assert trainer.get_privacy_spent().steps == 1
+    state = trainer.privacy_state()
+    assert state["poisson_sampling"] is False and "ASSUMES Poisson" in state["sampling_note"]
     assert math.isinf(trainer.get_privacy_spent().epsilon)
 
 
