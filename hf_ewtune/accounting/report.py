@@ -103,7 +103,7 @@ class PrivacyReport:
         ]
         if bound:
             if bound.get("delta_x") is None:
-                lines.append(f"Edgeworth error bound: not available ({bound.get('reason', '')})")
+                lines.append(f"Edgeworth error bound: {bound.get('reason') or 'not available'}")
             else:
                 lines.append(
                     f"Edgeworth error bound (order 1): Delta_X = {bound['delta_x']:.4g}, "
