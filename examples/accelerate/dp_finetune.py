@@ -33,8 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-epsilon", type=float, default=3.0, help="certified epsilon budget")
     p.add_argument("--noise-multiplier", type=float, default=None, help="fixed sigma instead of calibrating")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping norm C")
-    p.add_argument("--batch-size", type=int, default=256, help="GLOBAL expected logical batch (q = B / N)")
-    p.add_argument("--micro-batch-size", type=int, default=32, help="per-process physical batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="GLOBAL expected logical batch, q = B / N (default 256; 32 with --smoke)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="per-process physical batch (default 32; 8 with --smoke)")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--learning-rate", type=float, default=3e-3)
@@ -44,7 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fixed seed for noise and sampling: reproducible, NOT private (tests only)")
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: no checkpoints)")
     p.add_argument("--resume", default=None, help="checkpoint folder to resume from (keeps the spent budget)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 32 if args.smoke else 256
+    if args.micro_batch_size is None:
+        args.micro_batch_size = 8 if args.smoke else 32
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
