@@ -149,3 +149,53 @@ class PrivacyArguments:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# ---- command line: PrivacyArguments beside TrainingArguments ------------------------------------------
+#: On the command line the per-example clipping norm is ``--per_example_max_grad_norm``, because
+#: ``TrainingArguments`` already owns ``--max_grad_norm`` (which DPTrainer sets to 0).
+CLI_RENAMES = {"max_grad_norm": "per_example_max_grad_norm"}
+
+
+def privacy_cli_dataclass() -> type:
+    """A dataclass with :class:`PrivacyArguments`' fields, renamed per :data:`CLI_RENAMES` so that it can share
+    one ``HfArgumentParser`` with ``TrainingArguments`` (whose ``--max_grad_norm`` would otherwise clash)."""
+    import typing
+
+    hints = typing.get_type_hints(PrivacyArguments)
+    specs = []
+    for f in dataclasses.fields(PrivacyArguments):
+        specs.append((CLI_RENAMES.get(f.name, f.name), hints[f.name], field(default=f.default, metadata=dict(f.metadata))))
+    return dataclasses.make_dataclass("PrivacyCLIArguments", specs, kw_only=True)
+
+
+def parse_args_with_privacy(*dataclass_types: type, args: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse the command line into ``dataclass_types`` (e.g. ``TrainingArguments``) plus a ``PrivacyArguments``.
+
+    The clipping norm is given as ``--per_example_max_grad_norm`` (``--max_grad_norm`` belongs to
+    ``TrainingArguments``). ``PrivacyArguments`` alone can also be parsed with a plain
+    ``HfArgumentParser(PrivacyArguments)``, where the flag is ``--max_grad_norm``.
+
+    Args:
+        *dataclass_types: Other dataclasses to fill (default: ``TrainingArguments``).
+        args: Argument list (default: ``sys.argv[1:]``).
+
+    Returns:
+        The parsed instances, in order, followed by the :class:`PrivacyArguments`.
+
+    Example:
+        >>> from transformers import TrainingArguments
+        >>> targs, pargs = parse_args_with_privacy(
+        ...     TrainingArguments, args=["--output_dir", "/tmp/o", "--target_epsilon", "3",
+        ...                              "--per_example_max_grad_norm", "0.5"])
+        >>> pargs.max_grad_norm, pargs.target_epsilon
+        (0.5, 3.0)
+    """
+    from transformers import HfArgumentParser, TrainingArguments
+
+    types = tuple(dataclass_types) or (TrainingArguments,)
+    parsed = HfArgumentParser((*types, privacy_cli_dataclass())).parse_args_into_dataclasses(args=args)
+    cli = parsed[-1]
+    inverse = {v: k for k, v in CLI_RENAMES.items()}
+    privacy = PrivacyArguments(**{inverse.get(k, k): v for k, v in dataclasses.asdict(cli).items()})
+    return (*parsed[:-1], privacy)

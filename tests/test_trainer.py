@@ -97,6 +97,19 @@ def test_privacy_arguments_from_hf_argument_parser():
         PrivacyArguments(max_grad_norm=0)
 
 
+def test_privacy_and_training_arguments_parse_together(tmp_path):
+    from hf_ewtune.arguments import parse_args_with_privacy
+
+    with pytest.raises(Exception):  # both own --max_grad_norm: a plain joint parser cannot be built
+        HfArgumentParser((TrainingArguments, PrivacyArguments))
+    targs, pa = parse_args_with_privacy(TrainingArguments, args=[
+        "--output_dir", str(tmp_path), "--max_grad_norm", "2.0", "--per_example_max_grad_norm", "0.25",
+        "--noise_multiplier", "1.5", "--clipping", "per_layer",
+    ])
+    assert targs.max_grad_norm == 2.0 and isinstance(pa, PrivacyArguments)
+    assert pa.max_grad_norm == 0.25 and pa.noise_multiplier == 1.5 and pa.clipping == "per_layer"
+
+
 def test_neither_target_nor_noise_raises(tmp_path):
     with pytest.raises(PrivacyConfigError, match="target_epsilon"):
         DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path), train_dataset=_data())
