@@ -27,8 +27,9 @@ class Record:
     module: nn.Module
     rule: "Rule"
     data: Any
-    outputs: list[torch.Tensor]
-    versions: list[int]
+    outputs: list[torch.Tensor] | None  # the call's differentiable outputs; replaced by ``edges`` once recorded
+    edges: list | None = None  # autograd GradientEdges of the outputs (the outputs themselves are not kept alive)
+    out_meta: list[tuple] | None = None  # (shape, dtype, device) of each output
     grads: list[torch.Tensor | None] | None = None
     batch_size: int = 0
     cache: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -28,7 +28,7 @@ class EmbeddingRule(Rule):
         if ids.dim() >= 1 and ids.shape[0] == 1 and b is not None and b > 1:
             ids = ids.expand(b, *ids.shape[1:])
             output = new_out = output.expand(b, *output.shape[1:])
-        return Record(module, self, ids.detach(), [output], [output._version]), new_out
+        return Record(module, self, ids.detach(), [output]), new_out
 
     def _ids_g(self, rec: Record) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         module = rec.module

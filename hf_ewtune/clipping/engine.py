@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from ..errors import PrivacyConfigError, UnsupportedModuleError
 from ._base import Record, Rule, factor_inner
@@ -226,6 +227,11 @@ class ClippingEngine:
         rule = self._rules[module]
         rec, new_out = rule.capture(self, module, args, kwargs, output)
         if rec is not None:
+            # Keep only the autograd edges: holding the output tensors would keep every layer's output alive
+            # (memory), and an edge also gives the gradient of the *original* value if it is later modified in place.
+            rec.edges = [get_gradient_edge(t) for t in rec.outputs]
+            rec.out_meta = [(t.shape, t.dtype, t.device) for t in rec.outputs]
+            rec.outputs = None
             self._records.append(rec)
         return new_out
 
@@ -242,14 +248,10 @@ class ClippingEngine:
         shared: dict = {}
         for ri, rec in enumerate(records):
             rec.shared = shared
-            for k, (t, v) in enumerate(zip(rec.outputs, rec.versions)):
-                if t._version != v:
-                    raise RuntimeError(
-                        f"The output of {type(rec.module).__name__} was modified in place after the forward hook "
-                        "recorded it; per-example gradients would be wrong. Avoid in-place ops on its output.")
-                targets.append(t)
+            for k, edge in enumerate(rec.edges):
+                targets.append(edge)
                 owners.append((ri, k))
-            rec.grads = [None] * len(rec.outputs)
+            rec.grads = [None] * len(rec.edges)
             rec.batch_size = b
         total_loss = per_example_loss.sum()
         self._check_coverage(total_loss, targets)
@@ -261,11 +263,11 @@ class ClippingEngine:
         for rec in records:
             if not rec.active:
                 continue
-            for g, t in zip(rec.grads, rec.outputs):
+            for g, (shape, _, _) in zip(rec.grads, rec.out_meta):
                 if g is not None and (g.dim() == 0 or g.shape[0] != b):
                     raise UnsupportedModuleError(
                         f"The output of {type(rec.module).__name__} has leading dimension "
-                        f"{tuple(t.shape[:1])} instead of the batch size {b} (broadcast over the batch?); its "
+                        f"{tuple(shape[:1])} instead of the batch size {b} (broadcast over the batch?); its "
                         "per-example gradients cannot be separated. Freeze it, or pass batch-sized inputs.")
             for role in direct_trainable(rec.module):
                 p = getattr(rec.module, role)
@@ -273,11 +275,11 @@ class ClippingEngine:
                     uses.setdefault(id(p), []).append((rec, role))
         return records, uses, b
 
-    def _check_coverage(self, loss: torch.Tensor, targets: list[torch.Tensor]) -> None:
+    def _check_coverage(self, loss: torch.Tensor, targets: list) -> None:
         """Walk the autograd graph from the loss, stopping at recorded module outputs: reaching a trainable
         parameter means it was used outside its module's forward (e.g. ``F.linear(x, other.weight)`` in a parent),
         where no hook sees it and its gradient would be silently dropped."""
-        stop = {t.grad_fn for t in targets if t.grad_fn is not None}
+        stop = {edge.node for edge in targets}
         seen: set = set()
         stack = [loss.grad_fn]
         while stack:

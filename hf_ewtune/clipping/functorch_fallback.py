@@ -48,7 +48,7 @@ class FunctorchRule(Rule):
                 pass
         data = {"in_leaves": in_leaves, "in_spec": in_spec, "out_idx": idx, "autocast": autocast, "engine": engine}
         outs = [leaves[i] for i in idx]
-        return Record(module, self, data, outs, [t._version for t in outs]), None
+        return Record(module, self, data, outs), None
 
     def mask_examples(self, rec: Record, keep: torch.Tensor) -> None:
         rec.grads = [None if g is None else torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, 0) for g in rec.grads]
@@ -63,7 +63,7 @@ class FunctorchRule(Rule):
         in_leaves, in_spec, out_idx = data["in_leaves"], data["in_spec"], data["out_idx"]
         batched_pos = [i for i, t in enumerate(in_leaves)
                        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b]
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(rec.outputs, rec.grads)]
+        grads = [torch.zeros(sh, dtype=dt, device=dev) if g is None else g for (sh, dt, dev), g in zip(rec.out_meta, rec.grads)]
         params = {r: getattr(module, r).detach() for r in self.roles}
 
         def loss_fn(p: dict, batched: list, gs: list) -> torch.Tensor:

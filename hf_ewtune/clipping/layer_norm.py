@@ -16,7 +16,7 @@ class LayerNormRule(Rule):
         x = tensor_arg(args, kwargs, "input")
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None, None
-        return Record(module, self, x.detach(), [output], [output._version]), None
+        return Record(module, self, x.detach(), [output]), None
 
     def per_example(self, rec: Record, role: str) -> torch.Tensor:
         module = rec.module

@@ -28,7 +28,7 @@ class LinearRule(Rule):
         x = tensor_arg(args, kwargs, "x" if self.transposed else "input")
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None, None
-        return Record(module, self, x.detach(), [output], [output._version], key=storage_key(x)), None
+        return Record(module, self, x.detach(), [output], key=storage_key(x)), None
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _ag(self, rec: Record) -> tuple[torch.Tensor, torch.Tensor]:
