@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,6 +69,8 @@ from hf_ewtune.sampling import (
 logger = logging.getLogger(__name__)
 
 _NOISE_STREAM = 0
+# One clipping engine (set of hooks) per model: a new DPTrainer on the same model replaces the old hooks.
+_ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 _SAMPLING_STREAM = 1
 
 
@@ -314,7 +317,11 @@ class DPTrainer(Trainer):
 
         from hf_ewtune.clipping import ClippingEngine
 
+        previous = _ENGINES.pop(self.model, None)
+        if previous is not None:  # a DPTrainer built earlier on the same model: drop its hooks
+            previous.remove()
         self._engine = ClippingEngine(self.model, max_grad_norm=pa.max_grad_norm, clipping=pa.clipping)
+        _ENGINES[self.model] = self._engine
 
         self.num_train_examples = n
         self.sample_rate = q

@@ -175,3 +175,13 @@ def test_checkpointing_and_custom_samplers_rejected(tmp_path):
     with pytest.raises(PrivacyConfigError, match="group_by_length"):
         DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path, train_sampling_strategy="group_by_length"),
                   train_dataset=_data(), noise_multiplier=1.0)
+
+
+def test_second_trainer_on_the_same_model_replaces_the_hooks(tmp_path):
+    model = tiny_bert(vocab_size=len(TOK))
+    n_hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    first = DPTrainer(model=model, args=_args(tmp_path), train_dataset=_data(), noise_multiplier=1.0)
+    hooks_one = n_hooks()
+    assert hooks_one > 0
+    second = DPTrainer(model=model, args=_args(tmp_path), train_dataset=_data(), noise_multiplier=1.0)
+    assert n_hooks() == hooks_one and second._engine is not first._engine
