@@ -191,9 +191,6 @@ class TrainerRunner(Runner):
         self._closing = False
         self._finished = False
         self.error: BaseException | None = None
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # no metrics dicts on stdout
         trainer.add_callback(_Gate())  # appended last: the library's own callbacks run inside the timed interval
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -242,23 +239,24 @@ def _training_args(setup: Setup, max_steps: int, out_dir: str):
     )
 
 
-def make_plain(setup: Setup, max_steps: int, out_dir: str) -> Runner:
-    from transformers import Trainer
-
+def build_trainer(method: str, setup: Setup, max_steps: int, out_dir: str):
+    """(a) the plain ``transformers.Trainer`` or (b) ``DPTrainer`` (fixed batches of exactly ``setup.batch``)."""
     model = build_model(setup)
     data = build_dataset(setup, _vocab_size(model))
-    trainer = Trainer(model=model, args=_training_args(setup, max_steps, out_dir), train_dataset=data)
-    return TrainerRunner(trainer)
+    targs = _training_args(setup, max_steps, out_dir)
+    if method == "plain":
+        from transformers import Trainer
 
+        trainer = Trainer(model=model, args=targs, train_dataset=data)
+    else:
+        from hf_ewtune import DPTrainer
 
-def make_dptrainer(setup: Setup, max_steps: int, out_dir: str) -> Runner:
-    from hf_ewtune import DPTrainer
+        trainer = DPTrainer(model=model, args=targs, train_dataset=data, noise_multiplier=NOISE, max_grad_norm=CLIP,
+                            poisson_sampling=False)
+    from transformers.trainer_callback import PrinterCallback
 
-    model = build_model(setup)
-    data = build_dataset(setup, _vocab_size(model))
-    trainer = DPTrainer(model=model, args=_training_args(setup, max_steps, out_dir), train_dataset=data,
-                        noise_multiplier=NOISE, max_grad_norm=CLIP, poisson_sampling=False)
-    return TrainerRunner(trainer)
+    trainer.remove_callback(PrinterCallback)  # no metrics dicts on stdout
+    return trainer
 
 
 def _per_example_loss(setup: Setup, logits, labels):
@@ -326,10 +324,8 @@ def make_opacus(setup: Setup, max_steps: int, out_dir: str, *, mode: str) -> Run
 
 
 def make_runner(method: str, setup: Setup, max_steps: int, out_dir: str) -> Runner:
-    if method == "plain":
-        return make_plain(setup, max_steps, out_dir)
-    if method == "dptrainer":
-        return make_dptrainer(setup, max_steps, out_dir)
+    if method in ("plain", "dptrainer"):
+        return TrainerRunner(build_trainer(method, setup, max_steps, out_dir))
     if method == "opacus_hooks":
         return make_opacus(setup, max_steps, out_dir, mode="hooks")
     if method == "opacus_ghost":
@@ -436,6 +432,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128, help="sequence length for MiniLM (tiny GPT-2 uses min(seq, 64))")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
+    p.add_argument("--profile", choices=METHODS, default=None,
+                   help="instead of the benchmark: torch.profiler table of this method's steps (first --only config)")
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args(argv)
     args.reps = args.reps if args.reps is not None else (3 if args.quick else 10)
@@ -448,9 +446,53 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
+def profile(method: str, config: str, args) -> None:
+    """Print torch.profiler's operator table (self CPU time) over ``args.reps`` steps of one method.
+
+    Runs in the main thread (the profiler does not follow the timing harness's worker threads): a Trainer
+    runs ``train()`` with a callback that advances the profiler schedule at every ``on_step_end``.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile, schedule
+    from transformers import TrainerCallback
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.warmup + args.reps
+    setup = _make_setup(config, args, steps)
+    sched = schedule(wait=0, warmup=args.warmup, active=args.reps, repeat=1)
+    with tempfile.TemporaryDirectory() as out_dir:
+        with tprofile(activities=[ProfilerActivity.CPU], schedule=sched) as prof:
+            if method in ("plain", "dptrainer"):
+                trainer = build_trainer(method, setup, steps, out_dir)
+
+                class _Advance(TrainerCallback):
+                    def on_step_end(self, *a, **kw):
+                        prof.step()
+
+                trainer.add_callback(_Advance())
+                t0 = time.perf_counter()
+                trainer.train()
+                per_step = (time.perf_counter() - t0) / steps
+            else:
+                runner = make_runner(method, setup, steps, out_dir)
+                ts = []
+                for _ in range(steps):
+                    ts.append(runner.step())
+                    prof.step()
+                per_step = median(ts[args.warmup:])
+    print(f"# profile {config}/{method}: {args.reps} profiled steps after {args.warmup} warm-up, "
+          f"about {per_step:.3f} s/step (profiler overhead included)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def main(argv=None) -> dict | None:
     args = parse_args(argv)
     configs = [c for c in CONFIGS if not args.only or c in args.only]
+    if args.profile:
+        warnings.filterwarnings("ignore")
+        profile(args.profile, configs[0], args)
+        return None
     # Import everything heavy before forking the memory probes (children then skip the import cost).
     import datasets  # noqa: F401
     import opacus  # noqa: F401
