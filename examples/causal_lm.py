@@ -34,8 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--max-train-samples", type=int, default=1024, help="0 = all records")
+    p.add_argument("--max-eval-samples", type=int, default=256, help="held-out records for perplexity")
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--prompt", default="This movie is")
+    p.add_argument("--prompt", default="This movie is", help="greedy completion printed before/after ('' to skip)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--no-lora", action="store_true")
     p.add_argument("--non-private", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny offline GPT-2 on built-in sentences, seconds")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         privacy=PrivacySettings(target_epsilon=a.target_epsilon, target_delta=a.target_delta,
                                 noise_multiplier=a.noise_multiplier, max_grad_norm=a.max_grad_norm,
                                 accountant=a.accountant, private=not a.non_private),
-        max_train_samples=a.max_train_samples or None, max_steps=a.max_steps, prompt=a.prompt,
+        max_train_samples=a.max_train_samples or None, max_eval_samples=a.max_eval_samples, max_steps=a.max_steps, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
         smoke=a.smoke, seed=a.seed, progress=not a.no_progress,
     )
     result = run_causal_lm(config=config)

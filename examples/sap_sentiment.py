@@ -70,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="outputs/sap_sentiment")
+    p.add_argument("--skip-baseline", action="store_true",
+                   help="run only the noisy grid (e.g. one process per split layer; combine with --merge)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="only merge results.json files of earlier runs into one table and plot in --out-dir")
     args = p.parse_args(argv)
     if args.smoke:
         args.n_train, args.n_test, args.n_public, args.n_attack = 200, 100, 200, 100
@@ -231,9 +235,22 @@ def write_outputs(results, baseline, args, out: Path, total_s: float):
     plt.close(fig)
 
 
+def merge(args) -> dict:
+    """Combine ``results.json`` files (one of them with the baseline) into one table and plot."""
+    runs = [json.loads(Path(f).read_text()) for f in args.merge]
+    baseline = next(r["baseline"] for r in runs if r.get("baseline"))
+    results = sorted((x for r in runs for x in r["results"]), key=lambda x: (x["k"], x["alpha"]))
+    total = sum(r.get("total_seconds", 0.0) for r in runs)
+    run_args = argparse.Namespace(**{**runs[0]["args"], "merged_from": args.merge})
+    write_outputs(results, baseline, run_args, Path(args.out_dir), total)
+    return {"baseline": baseline, "results": results, "total_seconds": total}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.merge:
+        return merge(args)
     for name in ("transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
@@ -241,9 +258,12 @@ def main(argv=None) -> dict:
     tok, model, train, test, public = load_everything(args)
     logger.info("train %d, test %d, public %d examples", len(train["labels"]), len(test["labels"]),
                 len(public["labels"]))
-    baseline = run_setting(model, tok, 0, 0, 1.0, train, test, public, args)  # k=0, no noise == full model
     bottom0, _ = split_model(model, split_layer=0)
-    baseline["median_nn_distance"] = median_nn_distance(bottom0.embedding_matrix)
+    nnd = median_nn_distance(bottom0.embedding_matrix)
+    baseline = None
+    if not args.skip_baseline:
+        baseline = run_setting(model, tok, 0, 0, 1.0, train, test, public, args)  # k=0, no noise == full model
+        baseline["median_nn_distance"] = nnd
     results = []
     for k in args.splits:
         bottom, _ = split_model(model, split_layer=k)
@@ -254,10 +274,16 @@ def main(argv=None) -> dict:
             r = run_setting(model, tok, k, alpha, mean_norm, train, test, public, args)
             r["mean_norm"] = mean_norm
             if k == 0:
-                r["rho"] = r["expected_noise_norm"] / baseline["median_nn_distance"]
+                r["rho"] = r["expected_noise_norm"] / nnd
             results.append(r)
     total = time.time() - t_start
-    write_outputs(results, baseline, args, Path(args.out_dir), total)
+    if baseline is None:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"args": vars(args), "baseline": None, "results": results,
+                                                      "total_seconds": round(total, 1)}, indent=2, default=str))
+    else:
+        write_outputs(results, baseline, args, Path(args.out_dir), total)
     logger.info("total wall time %.0fs on %d threads", total, args.threads)
     return {"baseline": baseline, "results": results, "total_seconds": total}
 

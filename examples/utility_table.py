@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the non-private row")
     p.add_argument("--output-dir", default="runs/utility")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--parallel", action="store_true",
+                   help="start every row at once (faster on a shared machine, but each row's wall time grows)")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="extra options passed to every `hf-ewtune train` run (after --)")
     return p.parse_args(argv)
@@ -70,18 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     results = []
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    for label, opts in rows_to_run(a):
+    rows = rows_to_run(a)
+    running = []
+    for label, opts in rows:
         command = "hf-ewtune train " + " ".join(shlex.quote(o) for o in opts)
         print(f"\n=== {label}: {command}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "hf_ewtune.cli", "train", *opts], env=env)
-        seconds = time.perf_counter() - t0
+        proc = subprocess.Popen([sys.executable, "-m", "hf_ewtune.cli", "train", *opts], env=env)
+        running.append((label, opts, command, proc, t0))
+        if not a.parallel:
+            proc.wait()
+            running[-1] = (label, opts, command, proc, t0, time.perf_counter() - t0)
+    finished: dict[int, float] = {i: item[5] for i, item in enumerate(running) if len(item) > 5}
+    while len(finished) < len(running):
+        for i, item in enumerate(running):
+            if i not in finished and item[3].poll() is not None:
+                finished[i] = time.perf_counter() - item[4]
+        time.sleep(0.5)
+    for i, item in enumerate(running):
+        label, opts, command, proc = item[:4]
         if proc.returncode != 0:
             print(f"utility_table.py: `{command}` failed with status {proc.returncode}", file=sys.stderr)
             return proc.returncode
         out = Path(opts[opts.index("--output-dir") + 1])
         r = json.loads((out / "results.json").read_text())
-        r.update(label=label, command=command, process_seconds=seconds)
+        r.update(label=label, command=command, process_seconds=finished[i])
         results.append(r)
     table = format_table(results)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None

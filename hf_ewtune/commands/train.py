@@ -54,11 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="per-example clipping norm C")
     parser.add_argument("--accountant", default="edgeworth", choices=("edgeworth", "pld", "rdp"),
                         help="edgeworth: EW-Tune estimate shown, certified PLD bound enforced (default)")
-    parser.add_argument("--epochs", type=_positive_float, default=None, help="training epochs (default: 2)")
+    parser.add_argument("--epochs", type=_positive_float, default=None, help="training epochs (default: 1)")
     parser.add_argument("--batch-size", type=_positive_int, default=256, help="expected logical batch size")
     parser.add_argument("--micro-batch-size", type=_positive_int, default=32,
                         help="physical batch size; gradient accumulation = batch-size / micro-batch-size")
-    parser.add_argument("--learning-rate", type=_positive_float, default=None, help="AdamW learning rate (default: 3e-3 LoRA, 5e-5 full)")
+    parser.add_argument("--learning-rate", type=_positive_float, default=None, help="AdamW learning rate (default: 5e-3 LoRA, 5e-5 full)")
     parser.add_argument("--max-length", type=_positive_int, default=64, help="truncation length in tokens")
     parser.add_argument("--max-train-samples", type=_positive_int, default=None, help="subsample the training set")
     parser.add_argument("--max-eval-samples", type=_positive_int, default=None, help="subsample the test set")
@@ -88,8 +88,8 @@ def config_from_args(args: argparse.Namespace):
     """Build a :class:`~hf_ewtune.recipes.TextClassificationConfig` from parsed ``train`` options."""
     from hf_ewtune.recipes import LoraSettings, PrivacySettings, TextClassificationConfig
 
-    lr = args.learning_rate or (5e-5 if args.no_lora else 3e-3)
-    epochs = args.epochs or 2.0
+    lr = args.learning_rate or (5e-5 if args.no_lora else 5e-3)
+    epochs = args.epochs or 1.0
     batch, micro = args.batch_size, args.micro_batch_size
     if args.smoke and args.batch_size == 256:
         batch, micro = 32, 8

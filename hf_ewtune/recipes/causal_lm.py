@@ -55,6 +55,7 @@ class CausalLMConfig:
     privacy: PrivacySettings = field(default_factory=lambda: PrivacySettings(target_epsilon=8.0))
     max_train_samples: int | None = 1024
     eval_fraction: float = 0.1
+    max_eval_samples: int = 256
     max_steps: int | None = None
     prompt: str = "This movie is"
     max_new_tokens: int = 20
@@ -99,7 +100,7 @@ def _datasets(records: Sequence[str], *, tokenizer: Any, config: CausalLMConfig)
     eval_recs, train_recs = records[:n_eval], records[n_eval:]
     if config.max_train_samples:
         train_recs = train_recs[: config.max_train_samples]
-    eval_recs = eval_recs[:256]
+    eval_recs = eval_recs[: config.max_eval_samples]
     eos = tokenizer.eos_token or ""
 
     def encode(texts: list[str]) -> Any:

@@ -56,10 +56,10 @@ class TextClassificationConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     max_length: int = 64
-    epochs: float = 2.0
+    epochs: float = 1.0
     batch_size: int = 256
     micro_batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 5e-3
     use_lora: bool = True
     lora: LoraSettings = field(default_factory=LoraSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
