@@ -88,6 +88,9 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def _assert_contract(r: dict) -> None:
     """Facts every 2-process step must satisfy."""
     assert r["world"] == 2
+    s = ddp_cases.case_settings(r["name"])
+    # the accountant's q is the GLOBAL rate: per-device batch x GA x 2 processes / N
+    assert r["sample_rate"] == pytest.approx(s["per_device"] * s["ga"] * 2 / s["n"])
     assert r["wrapped"] == "DistributedDataParallel"  # accelerate did wrap the model in DDP
     assert r["max_param_diff"] and all(d == 0.0 for d in r["max_param_diff"]), r["max_param_diff"]
     for rank in r["per_rank"]:
