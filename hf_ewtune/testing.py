@@ -29,26 +29,41 @@ SAMPLE_LABELS: tuple[int, ...] = (1, 0, 1, 0, 1, 0, 1, 0)
 
 
 def tiny_tokenizer(texts: Iterable[str] = SAMPLE_TEXTS, *, vocab_size: int = 200, kind: str = "wordpiece"):
-    """Train a small tokenizer in code and wrap it as a ``PreTrainedTokenizerFast``.
+    """Build a small tokenizer in code, deterministically, and wrap it as a ``PreTrainedTokenizerFast``.
+
+    The vocabulary is computed here (not by a ``tokenizers`` trainer, whose tie-breaking is not
+    reproducible), so every call and every process gets identical ids.
 
     Args:
-        texts: Training corpus.
-        vocab_size: Target vocabulary size.
-        kind: ``"wordpiece"`` (BERT-like, with [CLS]/[SEP]/[PAD]) or ``"bpe"`` (GPT-2-like byte-level BPE).
+        texts: Corpus the vocabulary is built from.
+        vocab_size: Upper bound on the WordPiece vocabulary: special tokens, every character (also as a
+            ``##`` continuation), then the most frequent words (ties broken alphabetically).
+        kind: ``"wordpiece"`` (BERT-like, with [CLS]/[SEP]/[PAD]) or ``"bpe"`` (GPT-2-like byte-level BPE
+            over the 256-byte alphabet, no merges, plus ``<|endoftext|>``).
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     texts = list(texts)
     if kind == "wordpiece":
         special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
-        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        normalizer = normalizers.BertNormalizer(lowercase=True)
+        pre = pre_tokenizers.BertPreTokenizer()
+        words: Counter[str] = Counter()
+        for text in texts:
+            words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+        chars = sorted({c for w in words for c in w})
+        vocab = special + chars + ["##" + c for c in chars]
+        room = max(vocab_size - len(vocab), 0)
+        ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+        vocab += ranked[:room]
+        tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
         )
         tok.decoder = decoders.WordPiece()
         return PreTrainedTokenizerFast(
@@ -56,16 +71,11 @@ def tiny_tokenizer(texts: Iterable[str] = SAMPLE_TEXTS, *, vocab_size: int = 200
             sep_token="[SEP]", mask_token="[MASK]",
         )
     if kind == "bpe":
-        tok = Tokenizer(models.BPE())
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(
-            texts,
-            trainers.BpeTrainer(
-                vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            ),
-        )
         return PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
             unk_token="<|endoftext|>", pad_token="<|endoftext|>",

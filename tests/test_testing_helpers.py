@@ -9,3 +9,14 @@ def test_tiny_models_build_offline():
     assert model.config.num_labels == 2
     gpt = tiny_gpt2(vocab_size=len(tiny_tokenizer(kind="bpe")))
     assert gpt.lm_head.weight is gpt.transformer.wte.weight
+
+
+def test_tiny_tokenizer_is_deterministic():
+    a, b = tiny_tokenizer(), tiny_tokenizer()
+    assert a.get_vocab() == b.get_vocab()
+    text = "a gripping film with unseenword"
+    assert a(text)["input_ids"] == b(text)["input_ids"]
+    assert a.decode(a(text)["input_ids"], skip_special_tokens=True).replace(" ", "") == text.replace(" ", "")
+    bpe = tiny_tokenizer(kind="bpe")
+    assert bpe.decode(bpe("héllo world")["input_ids"]) == "héllo world"
+    assert len(tiny_tokenizer(vocab_size=10_000)) > len(tiny_tokenizer(vocab_size=60))
