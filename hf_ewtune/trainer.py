@@ -180,11 +180,6 @@ class DPTrainer(Trainer):
                 f"DPTrainer does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process); launch one "
                 "process per GPU with torchrun or accelerate launch instead."
             )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise PrivacyConfigError(
-                "DeepSpeed and FSDP are not supported by DPTrainer (v1): use single-process or DDP training "
-                "(torchrun / accelerate launch --multi_gpu)."
-            )
         if args.fp16:
             raise PrivacyConfigError(
                 "fp16=True is not supported: the GradScaler would rescale the clipped, noised gradient and change "
