@@ -1,5 +1,6 @@
 """The two roles: data owner uploads privatized representations, model owner trains the LoRA top with Trainer."""
 
+import math
 import multiprocessing as mp
 
 import pytest
@@ -162,3 +163,17 @@ def test_two_processes_over_loopback_loss_falls():
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8
     assert float((logits.argmax(-1) == torch.tensor(data["labels"])).float().mean()) > 0.9
     assert proc.exitcode == 0
+
+
+@pytest.mark.slow
+def test_vendor_can_train_with_dptrainer():
+    trainer_mod = pytest.importorskip("hf_ewtune.trainer")
+    _, bottom, top, data = _parties()
+    vendor = SAPVendor(top=top, peft_config=_lora(), trainer_cls=trainer_mod.DPTrainer,
+                       trainer_kwargs={"target_epsilon": 8.0, "target_delta": 1e-3, "max_grad_norm": 1.0})
+    customer = SAPCustomer(bottom=bottom, privatizer=DChiPrivatizer(eta=2000.0, seed=0),
+                           transport=LocalTransport(vendor.handle))
+    metrics = customer.fit(data, batch_size=16, epochs=3, learning_rate=2e-2)
+    assert metrics["steps"] > 0 and all(math.isfinite(x) for x in metrics["losses"])
+    dp = metrics["dp_sgd"]
+    assert 0 < dp["epsilon"] <= 8.0 + 1e-6  # the certified epsilon is reported beside (not merged with) d_chi

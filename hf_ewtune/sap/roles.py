@@ -202,7 +202,8 @@ class SAPVendor:
         top: The top model from :func:`~hf_ewtune.sap.split.split_model`.
         peft_config: A ``peft`` config (e.g. ``LoraConfig(r=8, target_modules=["query", "value"],
             task_type="SEQ_CLS", modules_to_save=["classifier"])``); ``None`` trains ``top`` as given.
-        trainer_cls: ``transformers.Trainer`` (default) or a subclass such as ``hf_ewtune.DPTrainer``.
+        trainer_cls: ``transformers.Trainer`` (default) or a subclass such as ``hf_ewtune.DPTrainer`` (its
+            ``get_privacy_spent()`` is returned under ``dp_sgd``, separate from the d_chi guarantee).
         training_args: Extra ``TrainingArguments`` keywords (``output_dir`` defaults to a temporary folder).
         trainer_kwargs: Extra keywords for ``trainer_cls`` (e.g. privacy arguments of a DP trainer).
         padding_side: How uploaded examples of different lengths are padded in a batch.
@@ -287,7 +288,12 @@ class SAPVendor:
         self.last_trainer = trainer
         losses = [float(r["loss"]) for r in trainer.state.log_history if "loss" in r]
         self.model.eval()
-        return {"losses": losses, "train_loss": float(result.training_loss), "steps": int(trainer.state.global_step)}
+        out = {"losses": losses, "train_loss": float(result.training_loss), "steps": int(trainer.state.global_step)}
+        if hasattr(trainer, "get_privacy_spent"):  # e.g. hf_ewtune.DPTrainer: report its (epsilon, delta) separately
+            report = trainer.get_privacy_spent()
+            out["dp_sgd"] = {k: v for k, v in getattr(report, "__dict__", {}).items()
+                             if isinstance(v, (int, float, str, bool)) or v is None}
+        return out
 
     @torch.no_grad()
     def predict(self, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
