@@ -154,7 +154,8 @@ class ClippingEngine:
                         norm_sq[pid] = pe.reshape(b, -1).pow(2).sum(1)
             group_sq = torch.zeros(self.num_groups, b, dtype=dtype, device=device)
             for pid, n2 in norm_sq.items():
-                group_sq[self._group_of[pid]] += n2
+                # Ghost identities are exact inner products of PSD matrices; clamp rounding below zero (NaN stays NaN).
+                group_sq[self._group_of[pid]] += n2.clamp(min=0)
             total = group_sq.sum(0).sqrt()
             keep = torch.isfinite(total)
             factors = self._factors(group_sq, total, keep)  # [groups, B] or [1, B]

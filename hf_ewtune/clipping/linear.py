@@ -66,7 +66,12 @@ class LinearRule(Rule):
             if aa is None:
                 aa = shared[gram_key] = torch.bmm(a, a.transpose(1, 2))
             return (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-        return super().norm_sq(rec, role)
+        pe = self.per_example(rec, role)
+        # Keep it for the clipped sum only while it is small next to the stored activations (LoRA factors);
+        # otherwise the clipped sum is one GEMM over A and G again.
+        if 4 * a.shape[2] * g.shape[2] <= t * (a.shape[2] + g.shape[2]):
+            rec.cache[role] = pe
+        return pe.reshape(pe.shape[0], -1).pow(2).sum(1)
 
     def clipped_sum(self, rec: Record, role: str, c: torch.Tensor) -> torch.Tensor:
         if role in rec.cache:
