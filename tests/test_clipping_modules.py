@@ -188,3 +188,17 @@ def test_parameter_used_outside_its_module_is_detected():
     with pytest.raises(UnsupportedModuleError, match="a.weight"):
         engine.backward(model(torch.randn(4, 3)).squeeze(1))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("style", ["flat", "per_layer"])
+def test_long_sequence_narrow_linear_instantiated_and_cached(style):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()  # 2 T^2 > d_in d_out
+    batch = {"x": torch.randn(5, 20, 2, dtype=torch.float64), "y": torch.randn(5, dtype=torch.float64)}
+    loss_fn = lambda m, b: (m(b["x"]).mean((1, 2)) - b["y"]) ** 2  # noqa: E731
+    truth = loop_grads(model, batch, loss_fn)
+    engine = ClippingEngine(model, max_grad_norm=0.01, clipping=style)
+    engine.backward(loss_fn(model, batch))
+    expected = expected_clipped_sum(truth, c=0.01, style=style)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], msg=n)
