@@ -80,9 +80,10 @@ def test_causal_lm_run_with_tied_embeddings(tmp_path):
 
 
 def test_empty_logical_batches_still_step_and_account(tmp_path):
-    """q = 1/32: many logical batches are empty; each still gives a (noise-only) step and an accountant step."""
+    """q = 2/32 split into GA=2 micro-batches: many micro-batches (and some logical batches) are empty; every
+    step still gives a (noise-only) update and an accountant step, and mixed accumulations do not break HF."""
     model = tiny_bert(vocab_size=len(TOK))
-    trainer = DPTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=1, max_steps=8),
+    trainer = DPTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=8),
                         train_dataset=_data(n=32), noise_multiplier=1.0, noise_seed=4)
     seen = []
     original = trainer.training_step
@@ -95,5 +96,6 @@ def test_empty_logical_batches_still_step_and_account(tmp_path):
 
     trainer.training_step = spy
     trainer.train()
-    assert len(seen) == 8 and any(seen) and not all(seen)
+    assert len(seen) == 16 and any(seen) and not all(seen)
+    assert any(a != b for a, b in zip(seen[0::2], seen[1::2]))  # an accumulation mixing empty and non-empty
     assert trainer.privacy_callback.steps == 8 and trainer.state.global_step == 8
