@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--clipping", default="flat")
+    ap.add_argument("--opacus", action="store_true", help="also time Opacus GradSampleModule hooks")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     ap.add_argument("--memory", default=None, help="'<full|lora>-<plain|dp>': run only that step, print peak RSS")
     args = ap.parse_args()
@@ -103,17 +104,27 @@ def main() -> None:
     engine.remove()  # re-attached around DP steps only
     if args.threads:
         torch.set_num_threads(args.threads)
-    times: dict[str, list[float]] = {"plain": [], "dp": []}
-    cpu: dict[str, list[float]] = {"plain": [], "dp": []}
+    kinds = ("plain", "dp", "opacus") if args.opacus else ("plain", "dp")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     for rep in range(args.reps + 1):
-        for kind in ("plain", "dp"):
-            eng = ClippingEngine(model, max_grad_norm=1.0, clipping=args.clipping) if kind == "dp" else None
+        for kind in kinds:
+            eng = None
+            if kind == "dp":
+                eng = ClippingEngine(model, max_grad_norm=1.0, clipping=args.clipping)
+            elif kind == "opacus":
+                from opacus import GradSampleModule
+
+                eng = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            step = {"plain": plain_step, "dp": dp_step, "opacus": opacus_step}[kind]
             t0, c0 = time.perf_counter(), time.process_time()
-            (dp_step if kind == "dp" else plain_step)(model, x, eng)
+            step(model, x, eng)
             dt = time.perf_counter() - t0
             cpu[kind].append(time.process_time() - c0) if rep else None
-            if eng is not None:
+            if kind == "dp":
                 eng.remove()
+            elif kind == "opacus":
+                eng._close()
             if rep:  # first round is warm-up
                 times[kind].append(dt)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -121,7 +132,8 @@ def main() -> None:
     for k, v in times.items():
         print(f"  {k:6s} median {med[k]:.3f}s  all {[round(t, 3) for t in v]}")
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
-    print(f"  ratio dp/plain = {med['dp'] / med['plain']:.3f} (wall)  {cmed['dp'] / cmed['plain']:.3f} (process CPU time)")
+    for k in kinds[1:]:
+        print(f"  ratio {k}/plain = {med[k] / med['plain']:.3f} (wall)  {cmed[k] / cmed['plain']:.3f} (process CPU time)")
 
 
 if __name__ == "__main__":
