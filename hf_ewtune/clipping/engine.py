@@ -163,13 +163,16 @@ class ClippingEngine:
                 for rec in records:
                     rec.rule.mask_examples(rec, keep)
                 pe_sum = {k: torch.where(keep.view(-1, *([1] * (v.dim() - 1))), v, 0) for k, v in pe_sum.items()}
+            sums = []  # all computed before any p.grad is touched: an error leaves p.grad unchanged
             for pid, plist in uses.items():
-                p = self._params[self._param_name[pid]]
                 c = factors[self._group_of[pid] if factors.shape[0] > 1 else 0]
                 if pid in pe_sum:
                     s = torch.tensordot(c, pe_sum[pid], dims=1)
                 else:
                     s = sum(rec.rule.clipped_sum(rec, role, c) for rec, role in plist)
+                sums.append((self._params[self._param_name[pid]], s))
+            records.clear()
+            for p, s in sums:
                 self._add_grad(p, s)
             for pid_name, p in self._params.items():
                 if id(p) not in uses and p.grad is None:
