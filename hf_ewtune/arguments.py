@@ -24,19 +24,23 @@ CLIPPING_STYLES = ("flat", "per_layer", "automatic")
 
 
 def default_delta(num_examples: int) -> float:
-    """The default ``target_delta`` for a training set of ``num_examples`` records: ``min(1e-5, 1/(10 N))``.
+    """The default ``target_delta`` for ``num_examples`` records: ``min(1e-5, 1/(10 N)) rounded down to a power of 10`` rounded DOWN to a power of 10.
 
-    It is always strictly below ``1/N`` (a delta of ``1/N`` allows releasing one record outright).
+    It is always strictly below ``1/N`` (a delta of ``1/N`` allows releasing one record outright). The
+    rounding keeps the published delta from revealing the dataset size N (sensitive under add/remove DP).
 
     Example:
         >>> default_delta(1000)
         1e-05
+        >>> default_delta(11_476)
+        1e-06
         >>> default_delta(1_000_000)
         1e-07
     """
     if num_examples <= 0:
         raise PrivacyConfigError(f"the training set must be non-empty to choose a default delta, got N={num_examples}.")
-    return min(1e-5, 1.0 / (10.0 * num_examples))
+    raw = min(1e-5, 1.0 / (10.0 * num_examples))
+    return float(f"1e{math.floor(math.log10(raw) + 1e-12)}")
 
 
 @dataclass(kw_only=True)
@@ -59,7 +63,7 @@ class PrivacyArguments:
         noise_multiplier: Noise standard deviation divided by the clipping sensitivity (>= 0; 0 disables
             privacy and is reported as epsilon = inf, for debugging only).
         target_delta: Delta of the (epsilon, delta) guarantee. Default ``None`` means
-            ``min(1e-5, 1/(10 N))`` for a training set of N examples (always below 1/N).
+            ``min(1e-5, 1/(10 N)) rounded down to a power of 10`` for a training set of N examples (always below 1/N).
         max_grad_norm: Per-example clipping norm C (> 0). Replaces ``TrainingArguments.max_grad_norm``,
             which the trainer sets to 0.
         accountant: ``"edgeworth"`` (EW-Tune estimate shown, certified PLD bound enforced), ``"pld"`` or ``"rdp"``.
@@ -81,7 +85,7 @@ class PrivacyArguments:
         default=None, metadata={"help": "Noise multiplier sigma (fixed noise). Leave unset to calibrate from target_epsilon."}
     )
     target_delta: Optional[float] = field(
-        default=None, metadata={"help": "Delta; default min(1e-5, 1/(10 N)) for N training examples."}
+        default=None, metadata={"help": "Delta; default min(1e-5, 1/(10 N)) rounded down to a power of 10 for N training examples."}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-example clipping norm C."})
     accountant: str = field(
@@ -120,7 +124,7 @@ class PrivacyArguments:
             if not _is_real(self.target_delta) or not 0.0 < self.target_delta < 1.0:
                 raise PrivacyConfigError(
                     f"target_delta must be in (0, 1) and below 1/N, got {self.target_delta!r}; "
-                    "leave it unset for the default min(1e-5, 1/(10 N))."
+                    "leave it unset for the default min(1e-5, 1/(10 N)) rounded down to a power of 10."
                 )
         if not _is_real(self.max_grad_norm) or not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise PrivacyConfigError(f"max_grad_norm (per-example clipping norm) must be > 0, got {self.max_grad_norm!r}.")

@@ -7,7 +7,7 @@ accountant with the sigma and q actually used — empty logical batches included
 certified value is recomputed only when the step count changed since the last log/evaluate/save/end,
 not at every step. With a target epsilon it stops training (``control.should_training_stop``) after the
 last step that stays within the target, with a logged message. On ``on_save`` it writes
-``privacy_state.json`` into the checkpoint folder.
+``_privacy_state.json`` into the checkpoint folder.
 
 Example:
     >>> from hf_ewtune.callbacks import PrivacyCallback

@@ -40,13 +40,13 @@ from string import Template
 from typing import Any, Mapping
 
 from hf_ewtune.errors import PrivacyStateError
+from hf_ewtune.privacy_state import PRIVACY_STATE_NAME as PRIVACY_STATE_FILE
 
 logger = logging.getLogger(__name__)
 
 PRIVACY_TAGS: tuple[str, ...] = ("differential-privacy", "dp-sgd", "hf_ewtune")
 BEGIN_MARKER = "<!-- hf_ewtune:privacy-section:begin (generated; edits inside are overwritten) -->"
 END_MARKER = "<!-- hf_ewtune:privacy-section:end -->"
-PRIVACY_STATE_FILE = "privacy_state.json"
 MECHANISM = "DP-SGD (Poisson-subsampled Gaussian)"
 ADJACENCY = "add-or-remove-one example"
 NOT_POISSON = "shuffled fixed-size batches; accounting ASSUMES Poisson"
@@ -67,7 +67,7 @@ def load_state(output_dir: str | os.PathLike) -> dict[str, Any]:
     """Load the privacy state saved in ``output_dir`` (a training output folder or a checkpoint).
 
     Uses :func:`hf_ewtune.privacy_state.load_privacy_state` when available, else reads
-    ``privacy_state.json`` directly.
+    ``_privacy_state.json`` directly.
 
     Raises:
         PrivacyStateError: no (or an unreadable) privacy state in ``output_dir``.
@@ -107,7 +107,7 @@ def privacy_report(privacy_state: Mapping[str, Any]):
     if not isinstance(accountant_state, Mapping):
         raise PrivacyStateError(
             "privacy state has no accountant state ('accountant': {'name', 'state'}); it cannot be certified. "
-            "Use the privacy_state.json written by DPTrainer.")
+            "Use the _privacy_state.json written by DPTrainer.")
     delta = privacy_state.get("delta")
     if delta is None:
         raise PrivacyStateError("privacy state has no 'delta'; it cannot be certified.")
@@ -193,7 +193,7 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
     """The ``privacy:`` block of the model card metadata (strict-JSON-safe: no inf/nan floats).
 
     Args:
-        privacy_state: the dict saved as ``privacy_state.json`` by ``DPTrainer``.
+        privacy_state: the dict saved as ``_privacy_state.json`` by ``DPTrainer``.
         include_dataset_size: also publish the dataset size and the expected batch size (which reveals N
             as B / q). Off by default: N is sensitive under add/remove-one adjacency.
         report: a ``PrivacyReport`` already computed from this state (recomputed when None).
@@ -350,7 +350,7 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
     """The readable "Privacy" Markdown section, wrapped in hf_ewtune's begin/end markers.
 
     Args:
-        privacy_state: the dict saved as ``privacy_state.json`` by ``DPTrainer``.
+        privacy_state: the dict saved as ``_privacy_state.json`` by ``DPTrainer``.
         include_dataset_size: also show the dataset size / expected batch size (see module docstring).
         metadata: the output of :func:`build_privacy_metadata` for this state (recomputed when None).
 
@@ -433,7 +433,7 @@ def add_privacy_to_model_card(output_dir: str | os.PathLike, privacy_state: Mapp
 
     Args:
         output_dir: folder holding (or to hold) ``README.md``.
-        privacy_state: the dict saved as ``privacy_state.json`` by ``DPTrainer``.
+        privacy_state: the dict saved as ``_privacy_state.json`` by ``DPTrainer``.
         include_dataset_size: publish N and the expected batch size (off by default).
 
     Example:

@@ -1,4 +1,4 @@
-"""Read and write ``privacy_state.json``: the accountant history and privacy settings of a run.
+"""Read and write ``_privacy_state.json``: the accountant history and privacy settings of a run.
 
 The file is written into every checkpoint folder (``output_dir/checkpoint-N``) and into ``output_dir`` on
 ``save_model``. It holds the accountant's ``state_dict`` (its (q, sigma, steps) segments), delta, the
@@ -23,7 +23,7 @@ from typing import Any
 
 from hf_ewtune.errors import PrivacyStateError
 
-PRIVACY_STATE_NAME = "privacy_state.json"
+PRIVACY_STATE_NAME = "_privacy_state.json"
 FORMAT_VERSION = 1
 
 
@@ -43,7 +43,7 @@ def _json_safe(obj: Any) -> Any:
 
 
 def save_privacy_state(path_dir: str, state: dict[str, Any]) -> str:
-    """Write ``state`` to ``path_dir/privacy_state.json`` (atomically) and return the file path.
+    """Write ``state`` to ``path_dir/_privacy_state.json`` (atomically) and return the file path.
 
     Args:
         path_dir: A checkpoint or output folder (created if missing).
@@ -60,7 +60,7 @@ def save_privacy_state(path_dir: str, state: dict[str, Any]) -> str:
 
 
 def load_privacy_state(path_dir: str) -> dict[str, Any]:
-    """Read ``path_dir/privacy_state.json``.
+    """Read ``path_dir/_privacy_state.json``.
 
     Raises:
         PrivacyStateError: if the file is missing or unreadable — resuming without it would silently

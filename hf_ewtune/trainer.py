@@ -11,7 +11,7 @@ Per optimizer step ("logical batch"):
    the public expected batch size ``q N`` (:mod:`hf_ewtune.noise`), then the wrapped optimizer's step;
 4. the :class:`~hf_ewtune.callbacks.PrivacyCallback` steps the accountant (empty batches included), logs
    ``epsilon`` (certified) and ``epsilon_edgeworth`` (estimate), enforces the budget and writes
-   ``privacy_state.json`` into every checkpoint and into ``output_dir`` on ``save_model``.
+   ``_privacy_state.json`` into every checkpoint and into ``output_dir`` on ``save_model``.
 
 ``q = per_device_train_batch_size * gradient_accumulation_steps * world_size / N``; an epoch is
 ``round(1/q)`` steps. ``TrainingArguments.max_grad_norm`` is set to 0 (per-example clipping replaces it),
@@ -245,13 +245,13 @@ class DPTrainer(Trainer):
             raise PrivacyConfigError(f"the run plans {planned} optimizer steps; set max_steps or num_train_epochs > 0.")
         if pa.target_delta is None:
             delta = default_delta(n)
-            logger.info("DPTrainer: target_delta not set; using the default min(1e-5, 1/(10 N)) = %.3g (N=%d).", delta, n)
+            logger.info("DPTrainer: target_delta not set; using the default min(1e-5, 1/(10 N)) rounded down to a power of 10 = %.3g (N=%d).", delta, n)
         else:
             delta = float(pa.target_delta)
             if delta >= 1.0 / n:
                 warnings.warn(
                     f"target_delta={delta:g} is not below 1/N = {1.0 / n:g}: such a delta permits releasing a whole "
-                    "record. Use a delta well below 1/N (the default is min(1e-5, 1/(10 N))).",
+                    "record. Use a delta well below 1/N (the default is min(1e-5, 1/(10 N)) rounded down to a power of 10).",
                     UserWarning,
                     stacklevel=3,
                 )
@@ -372,7 +372,7 @@ class DPTrainer(Trainer):
         """``Trainer.train`` that restores the privacy accountant when resuming.
 
         ``resume_from_checkpoint`` must name a checkpoint written by ``DPTrainer`` (it holds
-        ``privacy_state.json``); otherwise :class:`~hf_ewtune.errors.PrivacyStateError` is raised rather than
+        ``_privacy_state.json``); otherwise :class:`~hf_ewtune.errors.PrivacyStateError` is raised rather than
         restarting the accounting from zero. HF fast-forwards the dataloader past the steps already taken;
         those replayed draws are never accounted (the accountant only steps on real optimizer steps) and,
         the sampler being seeded afresh, the resumed run continues with fresh Poisson draws.
@@ -585,12 +585,12 @@ class DPTrainer(Trainer):
         return self.privacy_callback.accountant.get_privacy_spent(delta=self.delta)
 
     def privacy_state(self) -> dict[str, Any]:
-        """The privacy state written to ``privacy_state.json`` (no RNG state)."""
+        """The privacy state written to ``_privacy_state.json`` (no RNG state)."""
         assert self.privacy_callback is not None
         return self.privacy_callback.state_dict(getattr(self, "state", None))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model`` plus ``privacy_state.json`` in the same folder."""
+        """``Trainer.save_model`` plus ``_privacy_state.json`` in the same folder."""
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save and self.privacy_callback is not None:
             save_privacy_state(output_dir if output_dir is not None else self.args.output_dir, self.privacy_state())

@@ -1,4 +1,4 @@
-"""Regenerate ``model_cards/example/`` (README.md + privacy_state.json): the card of a real (tiny) LoRA ``DPTrainer`` run.
+"""Regenerate ``model_cards/example/`` (README.md + _privacy_state.json): the card of a real (tiny) LoRA ``DPTrainer`` run.
 
 The model is the offline tiny BERT from ``hf_ewtune.testing`` (not a useful classifier), but the privacy
 settings are those of the default recipe's scale: N = 11,476 examples, expected batch 256 (q ≈ 0.0223),
@@ -42,7 +42,7 @@ def main() -> int:
         trainer.create_model_card(model_name="tiny-bert-dp-lora")
         target = Path(__file__).resolve().parent / "example"
         target.mkdir(exist_ok=True)
-        for name in ("README.md", "privacy_state.json"):
+        for name in ("README.md", "_privacy_state.json"):
             shutil.copy(out / name, target / name)
     print(f"wrote {target}")
     return 0

@@ -63,7 +63,7 @@ def test_checkpoint_without_privacy_state_is_refused(tmp_path):
     ckpt = tmp_path / "checkpoint-2"
     os.remove(ckpt / PRIVACY_STATE_NAME)
     second = _trainer(tmp_path)
-    with pytest.raises(PrivacyStateError, match="privacy_state.json"):
+    with pytest.raises(PrivacyStateError, match="_privacy_state.json"):
         second.train(resume_from_checkpoint=str(ckpt))
     with pytest.raises(PrivacyStateError):
         second.train(resume_from_checkpoint=True)  # the last checkpoint lacks it too

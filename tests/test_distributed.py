@@ -188,4 +188,4 @@ def test_copyable_example_runs_on_two_cpu_processes_from_the_config_file(tmp_pat
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
     assert "processes: 2;" in res.stdout
     assert "steps: 3; certified epsilon" in res.stdout
-    assert (out / "privacy_state.json").is_file()
+    assert (out / "_privacy_state.json").is_file()

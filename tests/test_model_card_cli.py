@@ -18,7 +18,7 @@ from hf_ewtune.privacy_state import save_privacy_state
 
 @pytest.fixture
 def saved_run(tmp_path):
-    """An output folder in DPTrainer's layout: weights would sit here; a Trainer card and privacy_state.json."""
+    """An output folder in DPTrainer's layout: weights would sit here; a Trainer card and _privacy_state.json."""
     acc = EdgeworthAccountant()
     acc.step(noise_multiplier=1.2, sample_rate=0.02, num_steps=50)
     save_privacy_state(str(tmp_path), {
@@ -67,7 +67,7 @@ def test_report_command(saved_run, capsys):
 def test_missing_privacy_state_exits_2(tmp_path, capsys, command):
     assert main([command, str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "privacy_state.json" in err and "Traceback" not in err
+    assert "_privacy_state.json" in err and "Traceback" not in err
     assert not (tmp_path / "README.md").exists()
 
 
@@ -78,11 +78,11 @@ def test_console_script_report(saved_run):
     assert ok.returncode == 0, ok.stderr
     assert "Certified guarantee" in ok.stdout
     bad = subprocess.run([*cmd, "report", str(saved_run / "nope")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "privacy_state.json" in bad.stderr
+    assert bad.returncode == 2 and "_privacy_state.json" in bad.stderr
 
 
 def test_card_command_on_committed_example(tmp_path):
-    """model_cards/example holds the card and privacy_state.json of a real LoRA DPTrainer run (see
+    """model_cards/example holds the card and _privacy_state.json of a real LoRA DPTrainer run (see
     model_cards/make_example.py): it parses, and re-rendering it keeps one section and the same epsilon."""
     from pathlib import Path
 

@@ -1,7 +1,7 @@
 """``hf-ewtune card OUTPUT_DIR`` and ``hf-ewtune report OUTPUT_DIR``.
 
 ``card`` re-renders the privacy statement of ``OUTPUT_DIR/README.md`` from the saved privacy state
-(``privacy_state.json``); ``report`` prints the guarantee: the certified ε, δ, what certified it, and the
+(``_privacy_state.json``); ``report`` prints the guarantee: the certified ε, δ, what certified it, and the
 Edgeworth estimate labelled as an estimate. A missing privacy state exits with status 2.
 
 Example:
@@ -22,7 +22,7 @@ EXIT_NO_STATE = 2
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", metavar="OUTPUT_DIR",
-                        help="training output folder (or checkpoint folder) holding privacy_state.json")
+                        help="training output folder (or checkpoint folder) holding _privacy_state.json")
     parser.add_argument("--include-dataset-size", action="store_true",
                         help="also publish the dataset size N and the expected batch size (which reveals N); "
                              "off by default because N is sensitive under add/remove-one adjacency")

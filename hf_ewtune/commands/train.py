@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-multiplier", type=float, default=None,
                         help="fixed noise multiplier sigma instead of calibrating to --target-epsilon")
     parser.add_argument("--target-delta", type=_positive_float, default=None,
-                        help="delta (default: min(1e-5, 1/(10 N)), always below 1/N)")
+                        help="delta (default: min(1e-5, 1/(10 N)) rounded down to a power of 10, always below 1/N)")
     parser.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="per-example clipping norm C")
     parser.add_argument("--accountant", default="edgeworth", choices=("edgeworth", "pld", "rdp"),
                         help="edgeworth: EW-Tune estimate shown, certified PLD bound enforced (default)")
