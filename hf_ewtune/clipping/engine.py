@@ -172,6 +172,7 @@ class ClippingEngine:
                     s = sum(rec.rule.clipped_sum(rec, role, c) for rec, role in plist)
                 sums.append((self._params[self._param_name[pid]], s))
             records.clear()
+            uses.clear()
             for p, s in sums:
                 self._add_grad(p, s)
             for pid_name, p in self._params.items():
