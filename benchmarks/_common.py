@@ -56,6 +56,19 @@ def peak_rss_mb() -> float:
     return kb / _MB
 
 
+def release_freed_memory_immediately(threshold: int = 65536) -> bool:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own ``mmap`` (and ``munmap`` it
+    on free), so that the resident set size follows the bytes actually live instead of keeping freed tensors
+    in the heap. ``True`` if ``mallopt(M_MMAP_THRESHOLD)`` succeeded (glibc only)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD = -3; also disables its dynamic raise
+    except (OSError, AttributeError):
+        return False
+
+
 def _child(conn, fn: Callable[..., Any], args: tuple) -> None:
     try:
         conn.send(("ok", fn(*args)))

@@ -29,7 +29,11 @@ Memory: per method a forked child (forked before the parent ran any torch comput
 same model/trainer, resets the kernel's peak-RSS counter, records its RSS (the baseline, after the
 model is loaded and wrapped), runs ``--mem-steps`` optimizer steps and reports ``VmHWM - baseline``:
 the peak memory training adds on top of the loaded model (gradients, optimizer state, activations,
-per-example state). The total peak (baseline included) is reported too.
+per-example state). Two allocator settings (``--mem-modes``): ``live`` (headline) first sets glibc's
+``M_MMAP_THRESHOLD`` to 64 KiB, so every tensor is its own mapping returned on free and the RSS follows
+the live tensor bytes (the CPU analogue of ``torch.cuda.max_memory_allocated``); ``rss`` keeps the default
+allocator, whose heap retains freed blocks (what ``top`` shows; it depends on fragmentation as much as
+on the method). The total peak (baseline included) is reported too.
 
 Usage::
 
@@ -59,7 +63,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import cpu_load, current_rss_mb, fmt, median, peak_rss_mb, reset_peak_rss, run_forked  # noqa: E402
+from _common import (  # noqa: E402
+    cpu_load, current_rss_mb, fmt, median, peak_rss_mb, release_freed_memory_immediately, reset_peak_rss, run_forked,
+)
 
 METHODS = ("plain", "dptrainer", "opacus_hooks", "opacus_ghost")
 LABELS = {
@@ -339,17 +345,25 @@ def _make_setup(config: str, args, steps: int) -> Setup:
 
 
 # ------------------------------------------------------------------------------------------- memory
-def memory_probe(method: str, config: str, args) -> dict:
-    """Runs in a forked child: peak RSS added by ``args.mem_steps`` optimizer steps over the loaded model."""
+def memory_probe(method: str, config: str, args, mode: str) -> dict:
+    """Runs in a forked child: peak RSS added by ``args.mem_steps`` optimizer steps over the loaded model.
+
+    ``mode="live"``: glibc is first told to ``mmap`` every allocation >= 64 KiB and return it on free, so the
+    RSS follows the bytes of live tensors (the CPU analogue of ``torch.cuda.max_memory_allocated``).
+    ``mode="rss"``: the default allocator, whose heap keeps freed blocks (what ``top`` shows; depends on
+    fragmentation as much as on the method).
+    """
+    import gc
+
     import torch
 
+    if mode == "live" and not release_freed_memory_immediately():
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) unavailable (not glibc): use --mem-modes rss")
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = _make_setup(config, args, args.mem_steps)
     with tempfile.TemporaryDirectory() as out_dir:
         runner = make_runner(method, setup, args.mem_steps, out_dir)
-        import gc
-
         gc.collect()
         exact = reset_peak_rss()
         base = current_rss_mb()
@@ -429,6 +443,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="discarded rounds (default 2; 1 with --quick)")
     p.add_argument("--mem-steps", type=int, default=None, help="optimizer steps per memory probe (default 3; 2 with --quick)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    p.add_argument("--mem-modes", default="live,rss",
+                   help="memory probes to run: live (allocator returns freed blocks; headline) and/or rss (default malloc)")
+    p.add_argument("--no-time", action="store_true", help="skip the timing rounds (memory probes only)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128, help="sequence length for MiniLM (tiny GPT-2 uses min(seq, 64))")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
@@ -440,6 +457,9 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.mem_steps = args.mem_steps if args.mem_steps is not None else (2 if args.quick else 3)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.mem_modes = [m.strip() for m in args.mem_modes.split(",") if m.strip()]
+    if not set(args.mem_modes) <= {"live", "rss"}:
+        p.error(f"--mem-modes takes live and/or rss, got {args.mem_modes}")
     bad = [m for m in args.methods if m not in METHODS]
     if bad or "plain" not in args.methods:
         p.error(f"--methods must include 'plain' and only name {METHODS}; got {args.methods}")
@@ -513,47 +533,54 @@ def main(argv=None) -> dict | None:
           f"memory steps {args.mem_steps}", flush=True)
 
     errors: dict[str, str] = {}
-    mem: dict[str, dict[str, dict]] = {c: {} for c in configs}
+    mem: dict[str, dict[str, dict[str, dict]]] = {mode: {c: {} for c in configs} for mode in ("live", "rss")}
     if not args.no_memory:
-        for c in configs:
-            for m in args.methods:
-                try:
-                    mem[c][m] = run_forked(memory_probe, m, c, args)
-                except Exception as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                    errors.setdefault(f"{c}/{m}", first[:300])
-                    print(f"[{c}] {m}: memory probe failed: {first[:300]}", file=sys.stderr, flush=True)
-                if args.verbose and m in mem[c]:
-                    print(f"[{c}] {m}: memory {mem[c][m]}", file=sys.stderr, flush=True)
+        for mode in args.mem_modes:
+            for c in configs:
+                for m in args.methods:
+                    try:
+                        mem[mode][c][m] = run_forked(memory_probe, m, c, args, mode)
+                    except Exception as exc:
+                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                        errors.setdefault(f"{c}/{m}", first[:300])
+                        print(f"[{c}] {m}: {mode} memory probe failed: {first[:300]}", file=sys.stderr, flush=True)
+                    if args.verbose and m in mem[mode][c]:
+                        print(f"[{c}] {m}: {mode} memory {mem[mode][c][m]}", file=sys.stderr, flush=True)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    times = {c: time_config(c, args.methods, args, errors) for c in configs}
+    times = {c: ({} if args.no_time else time_config(c, args.methods, args, errors)) for c in configs}
 
     # ---- table
     result: dict[str, Any] = {}
     summary: dict[str, dict] = {}
     print()
-    print(f"{'config':<6} {'method':<18} {'s/step (median)':>15} {'x (a) time':>11} {'peak MB added':>14} "
-          f"{'x (a) mem':>10} {'peak MB total':>14}")
+    print(f"{'config':<6} {'method':<18} {'s/step':>8} {'x (a)':>6} | {'live MB+':>8} {'x (a)':>6} | "
+          f"{'RSS MB+':>8} {'x (a)':>6} {'RSS MB':>7}")
     for c in configs:
         t = times[c]
         base_t = t.get("plain", [])
-        base_mem = mem[c].get("plain", {})
         summary[c] = {}
         for m in args.methods:
             ts = [x for x in t.get(m, []) if x is not None]
             med = median(ts)
             ratio = paired_ratio(t[m], base_t) if m in t and base_t else None
-            mm = mem[c].get(m, {})
-            mem_ratio = (mm["delta_mb"] / base_mem["delta_mb"]) if mm and base_mem and base_mem["delta_mb"] > 0 else None
-            tot_ratio = (mm["peak_mb"] / base_mem["peak_mb"]) if mm and base_mem else None
-            summary[c][m] = {"median_s": med, "time_ratio": ratio, "n": len(ts), "mem_added_mb": mm.get("delta_mb"),
-                             "mem_total_mb": mm.get("peak_mb"), "mem_ratio": mem_ratio, "mem_total_ratio": tot_ratio}
+            row: dict[str, Any] = {"median_s": med, "time_ratio": ratio, "n": len(ts)}
+            for mode, suffix in (("live", ""), ("rss", "_rss")):
+                mm, b = mem[mode][c].get(m, {}), mem[mode][c].get("plain", {})
+                row[f"mem_added_mb{suffix}"] = mm.get("delta_mb")
+                row[f"mem_total_mb{suffix}"] = mm.get("peak_mb")
+                row[f"mem_ratio{suffix}"] = mm["delta_mb"] / b["delta_mb"] if mm and b and b["delta_mb"] > 0 else None
+                row[f"mem_total_ratio{suffix}"] = mm["peak_mb"] / b["peak_mb"] if mm and b else None
+            summary[c][m] = row
             err = errors.get(f"{c}/{m}")
-            print(f"{c:<6} {LABELS[m]:<18} {fmt(med):>15} {fmt(ratio, '.2f'):>11} {fmt(mm.get('delta_mb'), '.0f'):>14} "
-                  f"{fmt(mem_ratio, '.2f'):>10} {fmt(mm.get('peak_mb'), '.0f'):>14}"
-                  + (f"   ERROR: {err[:120]}" if err else ""))
+            print(f"{c:<6} {LABELS[m]:<18} {fmt(med):>8} {fmt(ratio, '.2f'):>6} | {fmt(row['mem_added_mb'], '.0f'):>8} "
+                  f"{fmt(row['mem_ratio'], '.2f'):>6} | {fmt(row['mem_added_mb_rss'], '.0f'):>8} "
+                  f"{fmt(row['mem_ratio_rss'], '.2f'):>6} {fmt(row['mem_total_mb_rss'], '.0f'):>7}"
+                  + (f"   ERROR: {err[:100]}" if err else ""))
+    print("# s/step: median seconds per optimizer step; x (a): median within-round ratio to (a).")
+    print("# live MB+: peak RSS added by training with freed blocks returned at once (~ live tensor bytes);")
+    print("# RSS MB+: the same with the default allocator (keeps freed blocks); RSS MB: its total peak.")
     print(f"# load at end: {cpu_load()}")
 
     def get(c: str, m: str, k: str):
@@ -569,7 +596,9 @@ def main(argv=None) -> dict | None:
     result["gpt2"] = get("gpt2", "dptrainer", "time_ratio")
     result["memory_lora"] = get("lora", "dptrainer", "mem_ratio")
     result["memory_gpt2"] = get("gpt2", "dptrainer", "mem_ratio")
+    result["memory_full_rss"] = get("full", "dptrainer", "mem_ratio_rss")
     result["memory_full_total"] = get("full", "dptrainer", "mem_total_ratio")
+    result["memory_full_rss_total"] = get("full", "dptrainer", "mem_total_ratio_rss")
     result["opacus_ghost_over_ours"] = (paired_ratio(full_t["opacus_ghost"], full_t["dptrainer"])
                                         if "opacus_ghost" in full_t and "dptrainer" in full_t else None)
     result["targets_met"] = {
