@@ -202,3 +202,39 @@ def test_long_sequence_narrow_linear_instantiated_and_cached(style):
     expected = expected_clipped_sum(truth, c=0.01, style=style)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], msg=n)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import hf_ewtune.clipping as pkg
+    import hf_ewtune.clipping.engine as eng
+
+    for mod in (pkg, eng):
+        result = doctest.testmod(mod)
+        assert result.attempted > 0 and result.failed == 0, mod.__name__
+
+
+@pytest.mark.slow
+def test_real_minilm_clipped_sum_matches_loop():
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_ewtune.data import minilm_path
+    from tests.test_clipping_oracle import bert_batch, cls_loss
+
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).double()
+    model.config.hidden_dropout_prob = 0.0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    model.train()
+    batch = bert_batch(3, 12, vocab=model.config.vocab_size, seed=3)
+    truth = loop_grads(model, batch, cls_loss)
+    engine = ClippingEngine(model, max_grad_norm=0.1)
+    norms = engine.backward(cls_loss(model, batch))
+    b = norms.shape[0]
+    true_norms = sum(v.reshape(b, -1).pow(2).sum(1) for v in truth.values()).sqrt()
+    torch.testing.assert_close(norms, true_norms)
+    expected = expected_clipped_sum(truth, c=0.1, style="flat")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], msg=n)

@@ -1,12 +1,30 @@
-"""Per-example gradient clipping engine (hooks on the original modules, one backward pass).
+"""Per-example gradient clipping engine: hooks on the original modules, one backward pass ("book-keeping").
+
+Coverage (one rule per module type, chosen when the engine is built; anything uncovered raises
+:class:`~hf_ewtune.errors.UnsupportedModuleError` before training):
+
+* ``nn.Linear`` (2-D and ``[B, T, d]`` inputs; PEFT LoRA ``lora_A``/``lora_B`` and ``modules_to_save`` copies
+  are plain Linears) and GPT-2 ``Conv1D``: ghost norm or instantiation (``2T^2 < d_in d_out``), clipped sum as
+  one GEMM (``linear.py``).
+* ``nn.Embedding``: ghost norm over equal token ids, ``index_add`` clipped sum; ``[1, T]`` broadcast position
+  ids are expanded to the batch (``embedding.py``).
+* ``nn.LayerNorm`` (``layer_norm.py``).
+* Any other module that owns trainable parameters: ``torch.func`` ``vmap(grad(functional_call))`` on the
+  recorded call (``functorch_fallback.py``).
+* Tied / reused parameters (GPT-2 ``lm_head`` = ``wte``, a module called twice): the norm of the *sum* over
+  uses, cross terms by ghost identities for Linear/Conv1D/Embedding, instantiated otherwise.
+
+Rejected: BatchNorm, recurrent layers, gradient checkpointing, parameters in modules without a forward.
+``Embedding(scale_grad_by_freq=True)``, and (at every backward, by a graph walk) parameters used outside their module's
+forward.
 
 Example:
     >>> import torch
     >>> from hf_ewtune.clipping import ClippingEngine
-    >>> model = torch.nn.Linear(3, 1)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 1))
     >>> engine = ClippingEngine(model, max_grad_norm=0.5)
     >>> norms = engine.backward(model(torch.randn(4, 3)).squeeze(1))
-    >>> bool(model.weight.grad.norm() <= 4 * 0.5 + 1e-6)
+    >>> bool(model[0].weight.grad.norm() <= 4 * 0.5 + 1e-6)
     True
 """
 
