@@ -2,8 +2,9 @@
 
 The data owner runs the frozen bottom (``split_layer`` k blocks of all-MiniLM-L6-v2), adds d_chi noise once per
 example and uploads the privatized representations; the model owner trains LoRA (r=8 on query/value, plus the
-classifier) on the top with ``transformers.Trainer``. For every setting we report test accuracy and the empirical
-privacy ``1 - token recovery`` of the strongest inversion attack we ran against what the model owner received:
+classifier and pooler) on the top with ``transformers.Trainer``. For every setting we report test accuracy and the
+empirical privacy ``1 - token recovery`` of the strongest inversion attack we ran against what the model owner
+received:
 
 * k = 0: nearest-neighbour (L2, maximum-likelihood) inversion against the embedding table, and a learned MLP
   inversion trained on public text (a disjoint slice of the corpus) pushed through the bottom and the mechanism;
@@ -62,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-public", type=int, default=1000, help="attacker's public examples (disjoint from train/test)")
     p.add_argument("--n-attack", type=int, default=500, help="victim training examples the attacks are scored on")
     p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--attack-epochs", type=int, default=3)
     p.add_argument("--attack-width", type=int, default=256)
@@ -120,7 +121,7 @@ def lora_config():
     from peft import LoraConfig
 
     return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], task_type="SEQ_CLS",
-                      modules_to_save=["classifier"])
+                      modules_to_save=["classifier", "pooler"])
 
 
 def bottom_outputs(bottom, data, *, batch_size=64, pad_id=0):
@@ -174,7 +175,7 @@ def run_setting(model, tok, k, alpha, mean_norm, train, test, public, args):
     victim_ids = torch.cat([torch.tensor(x) for x in train["input_ids"][:n_att]])
     special = list(tok.all_special_ids)
     t1 = time.time()
-    res = {"k": k, "alpha": alpha, "eta": eta, "expected_noise_norm": 0.0 if math.isinf(eta) else d / eta,
+    res = {"k": k, "alpha": alpha, "eta": eta, "epochs": args.epochs, "expected_noise_norm": 0.0 if math.isinf(eta) else d / eta,
            "accuracy": acc, "train_loss": metrics["train_loss"], "train_seconds": round(train_s, 1)}
     attacks = {}
     if k == 0:
@@ -197,13 +198,15 @@ def write_outputs(results, baseline, args, out: Path, total_s: float):
     (out / "results.json").write_text(json.dumps({"args": vars(args), "baseline": baseline, "results": results,
                                                   "total_seconds": round(total_s, 1)}, indent=2, default=str))
     base = baseline["accuracy"]
-    lines = ["| k | alpha = E‖z‖/E‖h‖ | eta (per token) | accuracy | Δ vs baseline (pts) | NN top-1 | learned top-1 |"
-             " empirical privacy |", "|---|---|---|---|---|---|---|---|",
-             f"| – (no noise) | 0 | ∞ | {base:.3f} | 0.0 | {baseline['attacks']['nn_l2']['top1']:.3f} | – | "
+    lines = ["| k | alpha = E‖z‖/E‖h‖ | eta (per token) | epochs | accuracy | Δ vs baseline (pts) | NN top-1 |"
+             " learned top-1 | empirical privacy |", "|---|---|---|---|---|---|---|---|---|",
+             f"| – (no noise) | 0 | ∞ | {baseline.get('epochs', args.epochs):g} | {base:.3f} | 0.0 | "
+             f"{baseline['attacks']['nn_l2']['top1']:.3f} | {baseline['attacks']['learned_mlp']['top1']:.3f} | "
              f"{baseline['empirical_privacy']:.3f} |"]
     for r in results:
         nn = r["attacks"].get("nn_l2", {}).get("top1")
-        lines.append(f"| {r['k']} | {r['alpha']:g} | {r['eta']:.4g} | {r['accuracy']:.3f} | "
+        lines.append(f"| {r['k']} | {r['alpha']:g} | {r['eta']:.4g} | {r.get('epochs', args.epochs):g} | "
+                     f"{r['accuracy']:.3f} | "
                      f"{100 * (r['accuracy'] - base):+.1f} | {'–' if nn is None else f'{nn:.3f}'} | "
                      f"{r['attacks']['learned_mlp']['top1']:.3f} | {r['empirical_privacy']:.3f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -221,7 +224,8 @@ def write_outputs(results, baseline, args, out: Path, total_s: float):
         rs = [r for r in results if r["k"] == k]
         ax.plot([r["empirical_privacy"] for r in rs], [r["accuracy"] for r in rs], marker=marker, label=f"SAP k={k}")
         for r in rs:
-            ax.annotate(f"α={r['alpha']:g}", (r["empirical_privacy"], r["accuracy"]), fontsize=7,
+            ep = r.get("epochs", args.epochs)
+            ax.annotate(f"α={r['alpha']:g}" + ("" if ep == args.epochs else f", {ep:g} ep"), (r["empirical_privacy"], r["accuracy"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
     ax.axhline(base, color="gray", ls="--", label=f"non-private ({base:.3f})")
     ax.axhspan(base - 0.02, base, color="gray", alpha=0.15, label="within 2 pts")
@@ -238,6 +242,9 @@ def write_outputs(results, baseline, args, out: Path, total_s: float):
 def merge(args) -> dict:
     """Combine ``results.json`` files (one of them with the baseline) into one table and plot."""
     runs = [json.loads(Path(f).read_text()) for f in args.merge]
+    for run in runs:  # older files lack the per-setting epoch count
+        for x in run["results"] + ([run["baseline"]] if run.get("baseline") else []):
+            x.setdefault("epochs", run["args"]["epochs"])
     baseline = next(r["baseline"] for r in runs if r.get("baseline"))
     results = sorted((x for r in runs for x in r["results"]), key=lambda x: (x["k"], x["alpha"]))
     total = sum(r.get("total_seconds", 0.0) for r in runs)
