@@ -79,9 +79,26 @@ def test_upload_is_privatized_once_and_padding_zeroed():
     assert priv.guarantee().draws_per_example == 1
     # the customer zeroes padding positions before they leave (at k >= 1 they mix in real tokens)
     batch = {"input_ids": torch.tensor(data["input_ids"][:8]), "attention_mask": mask[:8]}
-    sent = customer.privatize_batch(batch, example_ids=[f"train:{i}" for i in range(8)])
+    sent = customer.privatize_batch(batch, example_ids=customer.example_ids(batch, prefix="train"))
     assert bool((sent["hidden"][mask[:8] == 0] == 0).all())
     torch.testing.assert_close(sent["hidden"][0, : int(mask[0].sum())], vendor.rows[0]["inputs_embeds"])
+
+
+def test_cache_keys_follow_content_not_position():
+    _, bottom, top, _ = _parties(k=0)
+    vendor = SAPVendor(top=top)
+    priv = DChiPrivatizer(eta=100.0, seed=0)
+    customer = SAPCustomer(bottom=bottom, privatizer=priv, transport=LocalTransport(vendor.handle))
+    first = {"input_ids": [[2, 7, 8, 3], [2, 9, 3]], "labels": [0, 1]}
+    second = {"input_ids": [[2, 9, 3], [2, 5, 6, 3]], "labels": [1, 0]}  # new example at a reused position
+    customer.upload(first, batch_size=2)
+    customer.upload(second, batch_size=2)
+    rows = [r["inputs_embeds"] for r in vendor.rows]
+    assert torch.equal(rows[1], rows[2])  # the same example gets the same noise
+    noise0 = rows[0] - bottom(input_ids=torch.tensor([[2, 7, 8, 3]]))[0]
+    noise3 = rows[3] - bottom(input_ids=torch.tensor([[2, 5, 6, 3]]))[0]
+    assert not torch.allclose(noise0, noise3)  # different examples never share noise
+    assert priv.guarantee().draws_per_example == 1
 
 
 def test_ragged_token_lists_are_padded_per_batch():

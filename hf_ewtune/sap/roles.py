@@ -35,8 +35,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import tempfile
 from typing import Any, Iterator, Mapping
 
@@ -112,6 +112,19 @@ class SAPCustomer:
         self.cti = cti
         self.zero_padding = zero_padding
 
+    @staticmethod
+    def example_ids(batch: Mapping[str, torch.Tensor], *, prefix: str = "train") -> list[str]:
+        """Cache keys for a batch: ``prefix`` plus a hash of each example's real token ids.
+
+        Keying by content means the same example always gets the same noise (however it is batched or re-sent),
+        and two different examples can never share noise (shared noise would reveal ``h1 - h2`` exactly).
+        """
+        keys = []
+        for row, m in zip(batch["input_ids"], batch["attention_mask"]):
+            digest = hashlib.blake2b(row[m.bool()].to(torch.int64).numpy().tobytes(), digest_size=16).hexdigest()
+            keys.append(f"{prefix}:{digest}")
+        return keys
+
     @torch.no_grad()
     def privatize_batch(self, batch: Mapping[str, torch.Tensor], *, example_ids: list | None = None,
                         training: bool = True) -> dict[str, torch.Tensor]:
@@ -131,13 +144,15 @@ class SAPCustomer:
         return out
 
     def upload(self, data: Any, *, batch_size: int = 32, id_prefix: str = "train") -> int:
-        """Privatize and upload a labelled dataset; returns the number of examples the vendor now holds."""
+        """Privatize and upload a labelled dataset; returns the number of examples the vendor now holds.
+
+        Noise is cached per example (see :meth:`example_ids`), so re-uploading the same data costs no privacy.
+        """
         n_held = 0
-        for start, batch in iter_batches(data, batch_size=batch_size, pad_token_id=self.pad_token_id):
+        for _, batch in iter_batches(data, batch_size=batch_size, pad_token_id=self.pad_token_id):
             if "labels" not in batch:
                 raise ValueError("upload() needs labels (a 'labels' or 'label' column).")
-            b = batch["input_ids"].shape[0]
-            tensors = self.privatize_batch(batch, example_ids=[f"{id_prefix}:{start + i}" for i in range(b)])
+            tensors = self.privatize_batch(batch, example_ids=self.example_ids(batch, prefix=id_prefix))
             tensors["labels"] = batch["labels"].to(torch.int64)
             n_held = int(self.transport.request(Message(kind="upload", tensors=tensors)).meta["n_examples"])
         return n_held
@@ -155,9 +170,8 @@ class SAPCustomer:
     def predict(self, data: Any, *, batch_size: int = 64, id_prefix: str = "predict") -> torch.Tensor:
         """Privatized inference through the vendor's tuned top; returns logits ``[N, C]``."""
         outs = []
-        for start, batch in iter_batches(data, batch_size=batch_size, pad_token_id=self.pad_token_id):
-            b = batch["input_ids"].shape[0]
-            tensors = self.privatize_batch(batch, example_ids=[f"{id_prefix}:{start + i}" for i in range(b)],
+        for _, batch in iter_batches(data, batch_size=batch_size, pad_token_id=self.pad_token_id):
+            tensors = self.privatize_batch(batch, example_ids=self.example_ids(batch, prefix=id_prefix),
                                            training=False)
             outs.append(self.transport.request(Message(kind="predict", tensors=tensors)).tensors["logits"])
         return torch.cat(outs)
