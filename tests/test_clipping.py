@@ -9,12 +9,20 @@ from hf_ewtune.clipping import ClippingEngine
 from tests.test_clipping_oracle import expected_clipped_sum, loop_grads, make
 
 KINDS = ["bert", "gpt2", "lora"]
+_TRUTH: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def truth_for(kind: str, model, batch, loss_fn) -> dict[str, torch.Tensor]:
+    """The loop oracle, computed once per model kind (models are rebuilt identically from a fixed seed)."""
+    if kind not in _TRUTH:
+        _TRUTH[kind] = loop_grads(model, batch, loss_fn)
+    return _TRUTH[kind]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_per_example_gradients_match_loop(kind):
     model, batch, loss_fn = make(kind)
-    truth = loop_grads(model, batch, loss_fn)
+    truth = truth_for(kind, model, batch, loss_fn)
     engine = ClippingEngine(model, max_grad_norm=1.0)
     got = engine.per_example_gradients(loss_fn(model, batch))
     engine.remove()
@@ -28,7 +36,7 @@ def test_per_example_gradients_match_loop(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_clipped_sum_matches_loop(kind, style):
     model, batch, loss_fn = make(kind)
-    truth = loop_grads(model, batch, loss_fn)
+    truth = truth_for(kind, model, batch, loss_fn)
     c = 0.05
     expected = expected_clipped_sum(truth, c=c, style=style)
     engine = ClippingEngine(model, max_grad_norm=c, clipping=style)
@@ -64,7 +72,7 @@ def test_accumulates_over_two_micro_batches():
     model, batch, loss_fn = make("bert")
     first = {k: v[:2] for k, v in batch.items()}
     second = {k: v[2:] for k, v in batch.items()}
-    expected = expected_clipped_sum(loop_grads(model, batch, loss_fn), c=0.05, style="flat")
+    expected = expected_clipped_sum(truth_for("bert", model, batch, loss_fn), c=0.05, style="flat")
     engine = ClippingEngine(model, max_grad_norm=0.05)
     engine.backward(loss_fn(model, first))
     engine.backward(loss_fn(model, second))
@@ -74,7 +82,7 @@ def test_accumulates_over_two_micro_batches():
 
 def test_grad_never_holds_unclipped_sum():
     model, batch, loss_fn = make("gpt2")
-    truth = loop_grads(model, batch, loss_fn)
+    truth = truth_for("gpt2", model, batch, loss_fn)
     engine = ClippingEngine(model, max_grad_norm=1e-3)
     engine.backward(loss_fn(model, batch))
     total_sq = 0.0
