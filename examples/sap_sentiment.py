@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="outputs/sap_sentiment")
     p.add_argument("--skip-baseline", action="store_true",
                    help="run only the noisy grid (e.g. one process per split layer; combine with --merge)")
+    p.add_argument("--baseline-only", action="store_true", help="run only the non-private baseline")
     p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
                    help="only merge results.json files of earlier runs into one table and plot in --out-dir")
     args = p.parse_args(argv)
@@ -272,7 +273,7 @@ def main(argv=None) -> dict:
         baseline = run_setting(model, tok, 0, 0, 1.0, train, test, public, args)  # k=0, no noise == full model
         baseline["median_nn_distance"] = nnd
     results = []
-    for k in args.splits:
+    for k in [] if args.baseline_only else args.splits:
         bottom, _ = split_model(model, split_layer=k)
         h_pub, _, _ = bottom_outputs(bottom, public)
         mean_norm = float(h_pub.norm(dim=-1).mean())
