@@ -14,7 +14,13 @@ def test_sap_sentiment_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("sap_sentiment", EXAMPLE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = mod.main(["--smoke", "--splits", "0", "--alphas", "4", "--out-dir", str(tmp_path)])
+    import torch
+
+    n_threads = torch.get_num_threads()
+    try:
+        out = mod.main(["--smoke", "--splits", "0", "--alphas", "4", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(n_threads)  # main() sets the thread count for the whole process
     assert (tmp_path / "results.md").exists() and (tmp_path / "sap_privacy_utility.png").exists()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["baseline"]["empirical_privacy"] < 0.05  # raw embeddings are invertible
