@@ -436,15 +436,17 @@ def _rounded(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 warm-up round, 3 timed rounds, 2 memory steps (smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="1 warm-up round, 3 timed rounds, 2 memory steps, live memory only (smoke test)")
     p.add_argument("--only", choices=CONFIGS, action="append", help="run only this configuration (repeatable)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 10; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="discarded rounds (default 2; 1 with --quick)")
     p.add_argument("--mem-steps", type=int, default=None, help="optimizer steps per memory probe (default 3; 2 with --quick)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
-    p.add_argument("--mem-modes", default="live,rss",
-                   help="memory probes to run: live (allocator returns freed blocks; headline) and/or rss (default malloc)")
+    p.add_argument("--mem-modes", default=None,
+                   help="memory probes to run: live (allocator returns freed blocks; headline) and/or rss (default "
+                        "malloc); default live,rss (live only with --quick)")
     p.add_argument("--no-time", action="store_true", help="skip the timing rounds (memory probes only)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128, help="sequence length for MiniLM (tiny GPT-2 uses min(seq, 64))")
@@ -457,6 +459,7 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.mem_steps = args.mem_steps if args.mem_steps is not None else (2 if args.quick else 3)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.mem_modes = args.mem_modes or ("live" if args.quick else "live,rss")
     args.mem_modes = [m.strip() for m in args.mem_modes.split(",") if m.strip()]
     if not set(args.mem_modes) <= {"live", "rss"}:
         p.error(f"--mem-modes takes live and/or rss, got {args.mem_modes}")
