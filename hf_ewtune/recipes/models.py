@@ -115,11 +115,41 @@ def load_pretrained(name: str, *, kind: str, num_labels: int | None = None) -> t
             f"Could not load model {name!r} ({exc}). Offline, use a local folder or one of the bundled "
             "models ('all-MiniLM-L6-v2', 'SmolLM2-135M'); online, unset HF_HUB_OFFLINE."
         ) from exc
+    if "gguf_file" in kwargs:
+        model = dequantized_copy(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, kwargs
+
+
+def dequantized_copy(model: Any) -> Any:
+    """A plain (trainable, saveable) copy of a GGUF-loaded model.
+
+    transformers marks a GGUF-loaded model as quantized although its weights are dequantised to fp32, so
+    ``Trainer`` refuses to train it and ``save_pretrained`` refuses to save it: rebuild it from its config
+    (without the quantization config) and copy the state dict.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False):
+        return model
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    auto = AutoModelForSequenceClassification if "ForSequenceClassification" in type(model).__name__ else AutoModelForCausalLM
+    fresh = auto.from_config(config, dtype=next(model.parameters()).dtype)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    real_missing = [k for k in missing if k not in getattr(fresh, "_tied_weights_keys", None) or []]
+    if unexpected or (real_missing and not all("lm_head" in k for k in real_missing)):
+        raise RuntimeError(f"Could not copy the GGUF model's weights: missing {real_missing}, unexpected {unexpected}")
+    fresh.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = model.generation_config
+    return fresh
 
 
 def save_model(*, trainer: Any, output_dir: str | Path, gguf: bool) -> None:
