@@ -74,7 +74,8 @@ def plot_privacy_curve(
     eps = [0.0, *eps]
     ew = [0.0, *ew]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, eps, marker="o", ms=3, label=f"certified ε ({certified_by or 'certified accountant'})")
+    short = (certified_by or "certified accountant").split(" (")[0]
+    ax.plot(steps, eps, marker="o", ms=3, label=f"certified ε ({short})")
     ew_pts = [(s, e) for s, e in zip(steps, ew) if e is not None and math.isfinite(e)]
     if len(ew_pts) > 1:
         ax.plot(*zip(*ew_pts), ls="--", label="Edgeworth ε — estimate (not a guarantee)")
