@@ -22,6 +22,13 @@ _LAZY = {
     "PLDAccountant": "hf_ewtune.accounting",
     "RDPAccountant": "hf_ewtune.accounting",
     "calibrate_noise_multiplier": "hf_ewtune.accounting",
+    "add_privacy_to_model_card": "hf_ewtune.model_card",
+    "read_privacy_metadata": "hf_ewtune.model_card",
+    "DChiPrivatizer": "hf_ewtune.sap",
+    "CTIAllocator": "hf_ewtune.sap",
+    "split_model": "hf_ewtune.sap",
+    "SAPCustomer": "hf_ewtune.sap",
+    "SAPVendor": "hf_ewtune.sap",
 }
 
 __all__ = ["__version__", *_LAZY]
