@@ -185,16 +185,9 @@ def calibrate(
     sigma_ew = edgeworth_sigma(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
     ew_at = lambda s: epsilon_estimate(delta, sum_cumulants([(s, q, steps)]), order=1)  # noqa: E731
 
-    if not certify and acc.name == "edgeworth":
-        warnings.warn(
-            "calibrate(certify=False) returns EW-Tune's noise multiplier from the Edgeworth ESTIMATE; "
-            "it is not a privacy guarantee (the certified epsilon at this sigma is in result.epsilon).",
-            UserWarning,
-            stacklevel=2,
-        )
-        eps = certified_eps(sigma_ew)
+    def result(sigma: float, eps: float) -> CalibrationResult:
         return CalibrationResult(
-            noise_multiplier=sigma_ew,
+            noise_multiplier=sigma,
             epsilon=eps,
             sigma_edgeworth=sigma_ew,
             certified=eps <= target,
@@ -205,8 +198,17 @@ def calibrate(
             sample_rate=q,
             steps=steps,
             certified_by=template.certified_by,
-            edgeworth_epsilon=ew_at(sigma_ew),
+            edgeworth_epsilon=ew_at(sigma),
         )
+
+    if not certify and acc.name == "edgeworth":
+        warnings.warn(
+            "calibrate(certify=False) returns EW-Tune's noise multiplier from the Edgeworth ESTIMATE; "
+            "it is not a privacy guarantee (the certified epsilon at this sigma is in result.epsilon).",
+            UserWarning,
+            stacklevel=2,
+        )
+        return result(sigma_ew, certified_eps(sigma_ew))
 
     fine = _memo(certified_eps)
     if _uses_pld(template):
@@ -223,21 +225,7 @@ def calibrate(
             gap = max(coarse(hi) - fine(hi), 0.0)
             if coarse(lo) - target <= 2.0 * gap + 1e-3 and fine(lo) <= target:
                 lo, hi = _smallest_sigma(fine, target, lo / 1.01, lo, SEARCH_RTOL)
-    eps = fine(hi)
-    return CalibrationResult(
-        noise_multiplier=hi,
-        epsilon=eps,
-        sigma_edgeworth=sigma_ew,
-        certified=eps <= target,
-        accountant=acc.name,
-        seconds=time.perf_counter() - start,
-        target_epsilon=target,
-        delta=delta,
-        sample_rate=q,
-        steps=steps,
-        certified_by=template.certified_by,
-        edgeworth_epsilon=ew_at(hi),
-    )
+    return result(hi, fine(hi))
 
 
 def calibrate_noise_multiplier(
