@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hf_ewtune.recipes.models import LoraSettings, apply_lora, load_pretrained, save_model
-from hf_ewtune.recipes.plotting import plot_privacy_curve
-from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_fields, training_arguments
+from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_outputs, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -171,16 +170,7 @@ def run_causal_lm(*, config: CausalLMConfig, model: Any = None, tokenizer: Any =
     after = _generate(trainer.model, tokenizer, config.prompt, config.max_new_tokens)
     out = Path(config.output_dir)
     save_model(trainer=trainer, output_dir=out, gguf=gguf)
-    fields: dict[str, Any] = {}
-    plot_path = None
-    if config.privacy.private:
-        fields = privacy_fields(trainer)
-        plot_path = plot_privacy_curve(
-            log_history=trainer.state.log_history, path=out / "privacy_curve.png",
-            target_epsilon=config.privacy.target_epsilon if config.privacy.noise_multiplier is None else None,
-            certified_by=fields["certified_by"], delta=fields["delta"],
-            final=(trainer.state.global_step, fields["epsilon"], fields["edgeworth_epsilon"]) if fields["epsilon"] is not None else None,
-        )
+    fields, plot_path = privacy_outputs(trainer=trainer, privacy=config.privacy, output_dir=out)
     card = out / "README.md"
     try:
         trainer.create_model_card(model_name=out.name, finetuned_from=None if config.smoke else config.model,

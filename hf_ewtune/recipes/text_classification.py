@@ -19,8 +19,7 @@ from typing import Any, Callable
 
 from hf_ewtune.recipes.metrics import accuracy_metrics
 from hf_ewtune.recipes.models import LoraSettings, apply_lora, load_pretrained
-from hf_ewtune.recipes.plotting import plot_privacy_curve
-from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_fields, training_arguments
+from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_outputs, training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -193,16 +192,7 @@ def run_text_classification(
     from hf_ewtune.recipes.models import save_model
 
     save_model(trainer=trainer, output_dir=out, gguf=gguf)
-    fields: dict[str, Any] = {}
-    plot_path = None
-    if config.privacy.private:
-        fields = privacy_fields(trainer)
-        plot_path = plot_privacy_curve(
-            log_history=trainer.state.log_history, path=out / "privacy_curve.png",
-            target_epsilon=config.privacy.target_epsilon if config.privacy.noise_multiplier is None else None,
-            certified_by=fields["certified_by"], delta=fields["delta"],
-            final=(trainer.state.global_step, fields["epsilon"], fields["edgeworth_epsilon"]) if fields["epsilon"] is not None else None,
-        )
+    fields, plot_path = privacy_outputs(trainer=trainer, privacy=config.privacy, output_dir=out)
     card_path = _write_card(trainer=trainer, config=config, metrics=metrics)
     result = RunResult(
         output_dir=str(out), metrics=metrics, wall_seconds=time.perf_counter() - start, train_seconds=train_seconds,

@@ -140,6 +140,22 @@ def privacy_fields(trainer: Any) -> dict[str, Any]:
     }
 
 
+def privacy_outputs(*, trainer: Any, privacy: PrivacySettings, output_dir: Path) -> tuple[dict[str, Any], Path | None]:
+    """For a private run: :func:`privacy_fields` and the privacy-curve plot in ``output_dir``; else ``({}, None)``."""
+    if not privacy.private:
+        return {}, None
+    from hf_ewtune.recipes.plotting import plot_privacy_curve
+
+    fields = privacy_fields(trainer)
+    plot_path = plot_privacy_curve(
+        log_history=trainer.state.log_history, path=Path(output_dir) / "privacy_curve.png",
+        target_epsilon=privacy.target_epsilon if privacy.noise_multiplier is None else None,
+        certified_by=fields["certified_by"], delta=fields["delta"],
+        final=(trainer.state.global_step, fields["epsilon"], fields["edgeworth_epsilon"]) if fields["epsilon"] is not None else None,
+    )
+    return fields, plot_path
+
+
 def training_arguments(
     *,
     output_dir: str,
