@@ -7,13 +7,7 @@ from hf_ewtune.sap import DChiPrivatizer, LearnedInversion, median_nn_distance, 
 from hf_ewtune.testing import tiny_bert
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: the CI box has 2 shared cores and oversubscription makes tiny ops 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 V, D = 1000, 64

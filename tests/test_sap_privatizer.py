@@ -11,13 +11,7 @@ from hf_ewtune.sap import CTIAllocator, DChiPrivatizer, eta_for_relative_noise, 
 from hf_ewtune.sap.privatizers import dchi_log_density
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: the CI box has 2 shared cores and oversubscription makes tiny ops 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 N = 20_000

@@ -20,12 +20,7 @@ from hf_ewtune.sap.transport import Message
 from hf_ewtune.testing import tiny_bert, tiny_classification_dataset, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lora():

@@ -10,13 +10,7 @@ from hf_ewtune.sap import split_model
 from hf_ewtune.testing import tiny_bert, tiny_gpt2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: the CI box has 2 shared cores and oversubscription makes tiny ops 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ATOL = 1e-5
