@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch-size", type=_positive_int, default=32,
                         help="physical batch size; gradient accumulation = batch-size / micro-batch-size")
     parser.add_argument("--learning-rate", type=_positive_float, default=None, help="AdamW learning rate (default: 5e-3 LoRA, 5e-5 full)")
+    parser.add_argument("--head-learning-rate", type=_positive_float, default=None,
+                        help="learning rate of the classification head (default: --learning-rate)")
+    parser.add_argument("--pooling", default="auto", choices=("auto", "model", "mean", "cls"),
+                        help="classifier head: auto = the pooling a sentence-transformers checkpoint declares (mean "
+                             "for all-MiniLM-L6-v2), else the model's own head (default: %(default)s)")
     parser.add_argument("--max-length", type=_positive_int, default=64, help="truncation length in tokens")
     parser.add_argument("--max-train-samples", type=_positive_int, default=None, help="subsample the training set")
     parser.add_argument("--max-eval-samples", type=_positive_int, default=None, help="subsample the test set")
@@ -97,6 +102,7 @@ def config_from_args(args: argparse.Namespace):
         output_dir=args.output_dir, model=args.model, dataset=args.dataset, text_column=args.text_column,
         text_pair_column=args.text_pair_column, label_column=args.label_column, max_length=args.max_length,
         epochs=epochs, batch_size=batch, micro_batch_size=micro, learning_rate=lr, use_lora=not args.no_lora,
+        head_learning_rate=args.head_learning_rate, pooling=args.pooling,
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha,
                           target_modules=args.lora_target.split(",") if args.lora_target else None),
         privacy=PrivacySettings(

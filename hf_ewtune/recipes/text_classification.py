@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DATASET = "rotten_tomatoes_offline"
+_HEAD_NAMES = ("classifier", "score", "classification_head")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class TextClassificationConfig:
         batch_size: Expected logical batch size B (Poisson rate q = B/N).
         micro_batch_size: Physical batch size; gradient accumulation = ``batch_size // micro_batch_size``.
         learning_rate: AdamW learning rate (constant schedule).
+        head_learning_rate: AdamW learning rate of the classification head (``None``: ``learning_rate``).
+        pooling: ``"auto"`` (the pooling a sentence-transformers checkpoint declares, else the model's own
+            head), ``"model"`` (``AutoModelForSequenceClassification``), ``"mean"`` or ``"cls"`` (a
+            :class:`~hf_ewtune.recipes.pooling.PooledSequenceClassifier` head).
         lora: LoRA settings; ``use_lora=False`` fine-tunes every weight.
         privacy: DP settings (``privacy.private=False`` is the non-private baseline).
         max_train_samples / max_eval_samples: Subsample for quick runs.
@@ -59,6 +64,8 @@ class TextClassificationConfig:
     batch_size: int = 256
     micro_batch_size: int = 32
     learning_rate: float = 5e-3
+    head_learning_rate: float | None = None
+    pooling: str = "auto"
     use_lora: bool = True
     lora: LoraSettings = field(default_factory=LoraSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
@@ -87,6 +94,10 @@ def _smoke_parts(config: TextClassificationConfig, dataset: Any) -> tuple[Any, A
     feature = dataset["train"].features.get(config.label_column)
     num_labels = feature.num_classes if isinstance(feature, ClassLabel) else len(set(dataset["train"][config.label_column]))
     model = tiny_bert(vocab_size=len(tokenizer), num_labels=num_labels, seed=config.seed)
+    if config.pooling in ("mean", "cls"):
+        from hf_ewtune.recipes.pooling import PooledSequenceClassifier
+
+        model = PooledSequenceClassifier(encoder=model.bert, num_labels=num_labels, pooling=config.pooling, normalize=True)
     return model, tokenizer, dataset
 
 
@@ -165,8 +176,7 @@ def run_text_classification(
     if config.max_eval_samples:
         dataset["test"] = dataset["test"].select(range(min(config.max_eval_samples, dataset["test"].num_rows)))
     if model is None:
-        model, tokenizer, kwargs = load_pretrained(config.model, kind="seq_cls", num_labels=_num_labels(dataset, config.label_column))
-        gguf = "gguf_file" in kwargs
+        model, tokenizer, gguf = _load_classifier(config, num_labels=_num_labels(dataset, config.label_column))
     if torch.cuda.is_available():
         model = model.to("cuda")  # device first, then PEFT (dp-training.md §10)
     if config.use_lora:
@@ -180,7 +190,7 @@ def run_text_classification(
     trainer = build_trainer(
         model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["test"], tokenizer=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics or accuracy_metrics,
-        privacy=config.privacy,
+        privacy=config.privacy, optimizer=_optimizer(model, config),
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -192,6 +202,7 @@ def run_text_classification(
     from hf_ewtune.recipes.models import save_model
 
     save_model(trainer=trainer, output_dir=out, gguf=gguf)
+    _write_head_settings(model=model, config=config, output_dir=out)
     fields, plot_path = privacy_outputs(trainer=trainer, privacy=config.privacy, output_dir=out)
     card_path = _write_card(trainer=trainer, config=config, metrics=metrics)
     result = RunResult(
@@ -201,6 +212,60 @@ def run_text_classification(
     )
     result.write_json()
     return result
+
+
+def _load_classifier(config: TextClassificationConfig, *, num_labels: int) -> tuple[Any, Any, bool]:
+    """``(model, tokenizer, loaded_from_gguf)`` for ``config.model`` with the head ``config.pooling`` asks for."""
+    from hf_ewtune.recipes.pooling import POOLINGS, build_pooled_classifier, sentence_transformers_pooling
+
+    if config.pooling not in ("auto", "model") + POOLINGS:
+        raise ValueError(f"pooling must be 'auto', 'model', 'mean' or 'cls', got {config.pooling!r}")
+    pooling, normalize = config.pooling, False
+    if pooling in ("auto",) + POOLINGS:
+        from hf_ewtune.data import resolve_model
+
+        path, kwargs = resolve_model(config.model)
+        declared = sentence_transformers_pooling(path) if "gguf_file" not in kwargs else None
+        if pooling == "auto":
+            pooling = declared[0] if declared else "model"
+        normalize = bool(declared and declared[1])
+    if pooling == "model":
+        model, tokenizer, kwargs = load_pretrained(config.model, kind="seq_cls", num_labels=num_labels)
+        return model, tokenizer, "gguf_file" in kwargs
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = build_pooled_classifier(path, num_labels=num_labels, pooling=pooling, normalize=normalize, **kwargs)
+    logger.info("Classifier head: %s pooling%s (from %s)", pooling, " + L2 normalisation" if normalize else "", config.model)
+    return model, tokenizer, False
+
+
+def _optimizer(model: Any, config: TextClassificationConfig) -> Any:
+    """AdamW with the head at ``config.head_learning_rate`` (``None`` when it is unset: the Trainer builds its own)."""
+    if config.head_learning_rate is None:
+        return None
+    import torch
+
+    head, body = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if any(h in name.split(".") for h in _HEAD_NAMES) else body).append(param)
+    if not head:
+        raise ValueError("head_learning_rate is set but the model has no trainable 'classifier'/'score' head.")
+    groups = [{"params": head, "lr": config.head_learning_rate}] + ([{"params": body, "lr": config.learning_rate}] if body else [])
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0)
+
+
+def _write_head_settings(*, model: Any, config: TextClassificationConfig, output_dir: Path) -> None:
+    """Record the pooled head (``pooled_head.json``) so :func:`~hf_ewtune.recipes.pooling.load_pooled_classifier` can rebuild it."""
+    import json
+
+    from hf_ewtune.recipes.pooling import HEAD_FILE, PooledSequenceClassifier
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(base, PooledSequenceClassifier):
+        settings = dict(base.head_settings(), base_model=None if config.smoke else config.model)
+        (output_dir / HEAD_FILE).write_text(json.dumps(settings, indent=2))
 
 
 def _write_card(*, trainer: Any, config: TextClassificationConfig, metrics: dict[str, float]) -> Path | None:

@@ -93,12 +93,19 @@ def build_trainer(
     data_collator: Any,
     compute_metrics: Callable | None,
     privacy: PrivacySettings,
+    optimizer: Any = None,
 ) -> Any:
-    """A ``DPTrainer`` (or, for ``privacy.private=False``, a plain ``transformers.Trainer``)."""
+    """A ``DPTrainer`` (or, for ``privacy.private=False``, a plain ``transformers.Trainer``).
+
+    ``optimizer`` (optional) replaces the Trainer's AdamW, e.g. for per-group learning rates; the DP
+    trainer wraps it like its own.
+    """
     common = dict(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, data_collator=data_collator, compute_metrics=compute_metrics,
     )
+    if optimizer is not None:
+        common["optimizers"] = (optimizer, None)
     if not privacy.private:
         from transformers import Trainer
 

@@ -1,0 +1,111 @@
+"""The pooled classification head: pooling, checkpoint detection, per-example gradients, save and reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_ewtune.clipping import ClippingEngine
+from hf_ewtune.recipes.pooling import PooledSequenceClassifier, sentence_transformers_pooling
+from hf_ewtune.testing import tiny_bert
+from tests.test_clipping_oracle import bert_batch, cls_loss, expected_clipped_sum, loop_grads
+
+
+def pooled(pooling: str = "mean", normalize: bool = True, dtype=torch.float64) -> PooledSequenceClassifier:
+    model = PooledSequenceClassifier(encoder=tiny_bert(seed=3).bert, num_labels=2, pooling=pooling, normalize=normalize)
+    with torch.no_grad():  # the head starts at zero; give it weights so every parameter gets a gradient
+        model.classifier.weight.normal_(0, 0.5)
+    return model.to(dtype).train()
+
+
+def test_mean_pooling_ignores_padding():
+    model = pooled().eval()
+    ids = torch.tensor([[2, 17, 25, 40, 3]])
+    short = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    padded_ids = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    padded = model(input_ids=padded_ids, attention_mask=mask).logits
+    torch.testing.assert_close(short, padded, rtol=1e-9, atol=1e-9)
+
+
+def test_pool_values_mean_cls_and_normalisation():
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    model = PooledSequenceClassifier(encoder=tiny_bert().bert, num_labels=2, pooling="mean", normalize=False)
+    torch.testing.assert_close(model.pool(hidden, mask), torch.tensor([[2.0, 2.0]]))
+    model.normalize = True
+    torch.testing.assert_close(model.pool(hidden, mask), torch.tensor([[2.0, 2.0]]) / 8 ** 0.5)
+    model.pooling, model.normalize = "cls", False
+    torch.testing.assert_close(model.pool(hidden, mask), torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(ValueError, match="pooling"):
+        PooledSequenceClassifier(encoder=tiny_bert().bert, num_labels=2, pooling="max")
+
+
+def test_head_starts_at_zero_and_loss_is_cross_entropy():
+    model = PooledSequenceClassifier(encoder=tiny_bert().bert, num_labels=3, pooling="mean")
+    assert model.classifier.weight.abs().sum() == 0 and model.config.num_labels == 3
+    batch = bert_batch(b=3)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=torch.tensor([0, 1, 2]))
+    assert out.logits.shape == (3, 3)
+    assert out.loss.item() == pytest.approx(torch.log(torch.tensor(3.0)).item(), rel=1e-6)
+
+
+def test_sentence_transformers_pooling_detection(tmp_path):
+    from hf_ewtune.data import minilm_path
+
+    assert sentence_transformers_pooling(minilm_path()) == ("mean", True)
+    assert sentence_transformers_pooling(tmp_path) is None
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    assert sentence_transformers_pooling(tmp_path) == ("cls", False)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_per_example_clipped_sum_matches_loop(pooling):
+    model, batch = pooled(pooling), bert_batch(b=5)
+    truth = loop_grads(model, batch, cls_loss)
+    engine = ClippingEngine(model, max_grad_norm=0.1)
+    engine.backward(cls_loss(model, batch))
+    expected = expected_clipped_sum(truth, c=0.1, style="flat")
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_lora_on_pooled_classifier_trains_adapters_and_head():
+    from hf_ewtune.recipes.models import LoraSettings, apply_lora, lora_targets
+
+    model = pooled(dtype=torch.float32)
+    assert lora_targets(model) == (["query", "value"], ["classifier"])
+    peft_model = apply_lora(model, settings=LoraSettings(r=2, alpha=4), task_type="SEQ_CLS")
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert all("lora_" in n or "classifier" in n for n in trainable)
+
+
+def test_saved_lora_run_reloads_with_same_predictions(tmp_path):
+    from hf_ewtune.data import minilm_path
+    from hf_ewtune.recipes.models import LoraSettings, apply_lora
+    from hf_ewtune.recipes.pooling import HEAD_FILE, build_pooled_classifier, load_pooled_classifier
+
+    torch.manual_seed(0)
+    model = build_pooled_classifier(str(minilm_path()), num_labels=2, pooling="mean", normalize=True)
+    peft_model = apply_lora(model, settings=LoraSettings(r=2, alpha=4), task_type="SEQ_CLS")
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(str(tmp_path))
+    (tmp_path / HEAD_FILE).write_text(json.dumps(dict(model.head_settings(), base_model="all-MiniLM-L6-v2")))
+    batch = bert_batch(b=3, vocab=1000)
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        reloaded = load_pooled_classifier(tmp_path)
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert expected.abs().max() > 1e-3  # the trained head is not the zero initialisation
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
