@@ -109,3 +109,19 @@ def test_saved_lora_run_reloads_with_same_predictions(tmp_path):
         got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert expected.abs().max() > 1e-3  # the trained head is not the zero initialisation
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_head_learning_rate_groups():
+    from hf_ewtune.recipes.text_classification import POOLED_HEAD_LEARNING_RATE, TextClassificationConfig, _optimizer
+
+    config = TextClassificationConfig(learning_rate=5e-3)
+    opt = _optimizer(pooled(dtype=torch.float32), config)
+    assert [g["lr"] for g in opt.param_groups] == [5e-3, POOLED_HEAD_LEARNING_RATE]
+    head_ids = {id(p) for p in opt.param_groups[1]["params"]}
+    model = pooled(dtype=torch.float32)
+    opt = _optimizer(model, config)
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in model.classifier.parameters()}
+    assert len(head_ids) == 2
+    assert _optimizer(tiny_bert(), config) is None  # the model's own head: one learning rate, the Trainer's AdamW
+    opt = _optimizer(tiny_bert(), TextClassificationConfig(learning_rate=5e-3, head_learning_rate=1e-2))
+    assert [g["lr"] for g in opt.param_groups] == [5e-3, 1e-2]

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="physical batch size; gradient accumulation = batch-size / micro-batch-size")
     parser.add_argument("--learning-rate", type=_positive_float, default=None, help="AdamW learning rate (default: 5e-3 LoRA, 5e-5 full)")
     parser.add_argument("--head-learning-rate", type=_positive_float, default=None,
-                        help="learning rate of the classification head (default: --learning-rate)")
+                        help="learning rate of the classification head (default: 5e-2 for a pooled head, else --learning-rate)")
     parser.add_argument("--pooling", default="auto", choices=("auto", "model", "mean", "cls"),
                         help="classifier head: auto = the pooling a sentence-transformers checkpoint declares (mean "
                              "for all-MiniLM-L6-v2), else the model's own head (default: %(default)s)")

@@ -131,11 +131,17 @@ class PooledSequenceClassifier(nn.Module):
 def build_pooled_classifier(path: str, *, num_labels: int, pooling: str, normalize: bool, **kwargs: Any) -> PooledSequenceClassifier:
     """Load ``AutoModel`` from ``path`` (no pooler) and put a pooled linear head on it."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights would print a load report
     try:
-        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
-    except TypeError:  # architectures without a pooler argument
-        encoder = AutoModel.from_pretrained(path, **kwargs)
+        try:
+            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+        except TypeError:  # architectures without a pooler argument
+            encoder = AutoModel.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return PooledSequenceClassifier(encoder=encoder, num_labels=num_labels, pooling=pooling, normalize=normalize)
 
 

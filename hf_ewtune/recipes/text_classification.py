@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DATASET = "rotten_tomatoes_offline"
 _HEAD_NAMES = ("classifier", "score", "classification_head")
+POOLED_HEAD_LEARNING_RATE = 5e-2
 
 
 @dataclass
@@ -42,7 +43,9 @@ class TextClassificationConfig:
         batch_size: Expected logical batch size B (Poisson rate q = B/N).
         micro_batch_size: Physical batch size; gradient accumulation = ``batch_size // micro_batch_size``.
         learning_rate: AdamW learning rate (constant schedule).
-        head_learning_rate: AdamW learning rate of the classification head (``None``: ``learning_rate``).
+        head_learning_rate: AdamW learning rate of the classification head. ``None``: 5e-2 for a pooled head
+            (a zero-initialised linear layer on a unit-norm sentence vector, which needs big steps to move
+            in 45 noisy ones), ``learning_rate`` for the model's own head.
         pooling: ``"auto"`` (the pooling a sentence-transformers checkpoint declares, else the model's own
             head), ``"model"`` (``AutoModelForSequenceClassification``), ``"mean"`` or ``"cls"`` (a
             :class:`~hf_ewtune.recipes.pooling.PooledSequenceClassifier` head).
@@ -241,8 +244,14 @@ def _load_classifier(config: TextClassificationConfig, *, num_labels: int) -> tu
 
 
 def _optimizer(model: Any, config: TextClassificationConfig) -> Any:
-    """AdamW with the head at ``config.head_learning_rate`` (``None`` when it is unset: the Trainer builds its own)."""
-    if config.head_learning_rate is None:
+    """AdamW with the head at its own learning rate (``None`` when it equals ``learning_rate``: the Trainer builds its own)."""
+    from hf_ewtune.recipes.pooling import PooledSequenceClassifier
+
+    head_lr = config.head_learning_rate
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if head_lr is None:
+        head_lr = POOLED_HEAD_LEARNING_RATE if isinstance(base, PooledSequenceClassifier) else config.learning_rate
+    if head_lr == config.learning_rate:
         return None
     import torch
 
@@ -252,7 +261,8 @@ def _optimizer(model: Any, config: TextClassificationConfig) -> Any:
             (head if any(h in name.split(".") for h in _HEAD_NAMES) else body).append(param)
     if not head:
         raise ValueError("head_learning_rate is set but the model has no trainable 'classifier'/'score' head.")
-    groups = [{"params": head, "lr": config.head_learning_rate}] + ([{"params": body, "lr": config.learning_rate}] if body else [])
+    # body first: the Trainer logs the first group's learning rate, which is then --learning-rate
+    groups = ([{"params": body, "lr": config.learning_rate}] if body else []) + [{"params": head, "lr": head_lr}]
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0)
 
 
