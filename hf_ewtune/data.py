@@ -112,6 +112,19 @@ def smollm2_gguf() -> tuple[str, str]:
     return str(folder), ggufs[0]
 
 
+_HUB_IDS = {MINILM: "sentence-transformers/all-MiniLM-L6-v2", SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_id(name: str) -> str:
+    """The Hub id behind an offline model name (what model cards should name as the base model), else ``name``.
+
+    Example:
+        >>> hub_id("all-MiniLM-L6-v2")
+        'sentence-transformers/all-MiniLM-L6-v2'
+    """
+    return _HUB_IDS.get(name, name)
+
+
 def resolve_model(name: str) -> tuple[str, dict]:
     """Map a model name to ``(path_or_id, from_pretrained_kwargs)``; offline names map to local folders."""
     if name in (MINILM, "sentence-transformers/all-MiniLM-L6-v2"):

@@ -125,3 +125,29 @@ def test_head_learning_rate_groups():
     assert _optimizer(tiny_bert(), config) is None  # the model's own head: one learning rate, the Trainer's AdamW
     opt = _optimizer(tiny_bert(), TextClassificationConfig(learning_rate=5e-3, head_learning_rate=1e-2))
     assert [g["lr"] for g in opt.param_groups] == [5e-3, 1e-2]
+
+
+def test_trainer_scales_pooled_loss_for_gradient_accumulation(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = pooled(dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                             use_cpu=True, report_to="none")
+    trainer = Trainer(model=model, args=args)
+    assert trainer.model_accepts_loss_kwargs is False  # so the logged loss is a per-example mean, not GA times it
+
+
+def test_default_model_is_mean_pooled_and_named_by_hub_id():
+    from hf_ewtune.recipes.models import LoraSettings, apply_lora
+    from hf_ewtune.recipes.text_classification import TextClassificationConfig, _load_classifier
+
+    model, tokenizer, gguf = _load_classifier(TextClassificationConfig(), num_labels=2)
+    assert isinstance(model, PooledSequenceClassifier) and (model.pooling, model.normalize) == ("mean", True)
+    assert not gguf and tokenizer.pad_token is not None
+    peft_model = apply_lora(model, settings=LoraSettings(), task_type="SEQ_CLS")
+    # the adapter config and the card name the Hub model, not this machine's site-packages folder
+    assert peft_model.peft_config["default"].base_model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+    own_head, _, _ = _load_classifier(TextClassificationConfig(pooling="model"), num_labels=2)
+    assert type(own_head).__name__ == "BertForSequenceClassification"
+    with pytest.raises(ValueError, match="pooling"):
+        _load_classifier(TextClassificationConfig(pooling="max"), num_labels=2)

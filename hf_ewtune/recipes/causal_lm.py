@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from hf_ewtune.data import hub_id
 from hf_ewtune.recipes.models import LoraSettings, apply_lora, load_pretrained, save_model
 from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_outputs, training_arguments
 
@@ -173,7 +174,7 @@ def run_causal_lm(*, config: CausalLMConfig, model: Any = None, tokenizer: Any =
     fields, plot_path = privacy_outputs(trainer=trainer, privacy=config.privacy, output_dir=out)
     card = out / "README.md"
     try:
-        trainer.create_model_card(model_name=out.name, finetuned_from=None if config.smoke else config.model,
+        trainer.create_model_card(model_name=out.name, finetuned_from=None if config.smoke else hub_id(config.model),
                                   tasks="text-generation")
     except Exception as exc:
         logger.warning("create_model_card failed (%s): the adapter is saved without a card.", exc)

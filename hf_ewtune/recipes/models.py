@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,11 +118,27 @@ def load_pretrained(name: str, *, kind: str, num_labels: int | None = None) -> t
         ) from exc
     if "gguf_file" in kwargs:
         model = dequantized_copy(model)
+    name_as_base_model(model, name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, kwargs
+
+
+def name_as_base_model(model: Any, name: str) -> None:
+    """Record ``name`` (an offline name becomes its Hub id) as the model's origin, for PEFT and the model card.
+
+    Loading from a local folder would otherwise put the machine's site-packages path into the adapter
+    config and the card's ``base_model``.
+    """
+    from hf_ewtune.data import hub_id
+
+    if os.path.isdir(name):
+        return
+    model.name_or_path = hub_id(name)
+    if getattr(model, "config", None) is not None:
+        model.config._name_or_path = hub_id(name)
 
 
 def dequantized_copy(model: Any) -> Any:

@@ -74,6 +74,10 @@ class PooledSequenceClassifier(nn.Module):
         ValueError: For an unknown ``pooling``.
     """
 
+    # The loss is a plain mean over the micro-batch: ``Trainer`` must scale it for gradient accumulation
+    # itself and not pass ``num_items_in_batch`` (it would otherwise infer support from ``**kwargs``).
+    accepts_loss_kwargs = False
+
     def __init__(self, *, encoder: nn.Module, num_labels: int, pooling: str = "mean", normalize: bool = False) -> None:
         super().__init__()
         if pooling not in POOLINGS:

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from hf_ewtune.data import hub_id
 from hf_ewtune.recipes.metrics import accuracy_metrics
-from hf_ewtune.recipes.models import LoraSettings, apply_lora, load_pretrained
+from hf_ewtune.recipes.models import LoraSettings, apply_lora, load_pretrained, name_as_base_model
 from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_outputs, training_arguments
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ def _load_classifier(config: TextClassificationConfig, *, num_labels: int) -> tu
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = build_pooled_classifier(path, num_labels=num_labels, pooling=pooling, normalize=normalize, **kwargs)
+    name_as_base_model(model, config.model)
     logger.info("Classifier head: %s pooling%s (from %s)", pooling, " + L2 normalisation" if normalize else "", config.model)
     return model, tokenizer, False
 
@@ -284,7 +286,7 @@ def _write_card(*, trainer: Any, config: TextClassificationConfig, metrics: dict
     try:
         trainer.create_model_card(
             model_name=Path(config.output_dir).name,
-            finetuned_from=None if config.smoke else config.model,
+            finetuned_from=None if config.smoke else hub_id(config.model),
             dataset=None if config.smoke else config.dataset,
             tasks="text-classification",
         )
