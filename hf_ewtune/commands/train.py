@@ -1,6 +1,7 @@
 """``hf-ewtune train``: the main job — DP LoRA fine-tuning of a text classifier, offline by default.
 
-Defaults: all-MiniLM-L6-v2, LoRA r=8 (alpha 16) on query/value plus the classifier, the offline
+Defaults: all-MiniLM-L6-v2, LoRA r=8 (alpha 16) on query/value plus a linear classifier on the
+mean-pooled sentence vector (the checkpoint's own pooling), the offline
 Rotten Tomatoes sentiment data, a certified target epsilon of 3 (delta below 1/N), about 10 minutes
 on 2 CPU cores. Prints the test accuracy, the certified epsilon (and what certified it) and the
 Edgeworth estimate; leaves the adapter, tokenizer, privacy model card and privacy-curve plot in
