@@ -98,3 +98,28 @@ def test_causal_lm_rejects_missing_text_file(tmp_path):
     f.write_text("only one line\n\n")
     with pytest.raises(ValueError, match="at least 2"):
         read_records(text_file=str(f))
+
+
+def test_head_probe_smoke_prints_table_and_json(capsys):
+    probe = _load_example("head_probe")
+    assert probe.main(["--smoke"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    result = json.loads(lines[-1])
+    assert result["sigma"] > 0 and result["steps"] >= 1
+    for vector in probe.VECTORS:
+        row = result[vector]
+        assert 0.0 <= row["dp_min"] <= row["dp_mean"] <= row["dp_max"] <= 1.0
+        assert any(ln.startswith(f"| {vector} |") for ln in lines)
+
+
+def test_train_smoke_mean_pooling_writes_head_settings(tmp_path, capsys):
+    from hf_ewtune.cli import main
+
+    out = tmp_path / "pooled"
+    assert main(["train", "--smoke", "--pooling", "mean", "--output-dir", str(out), "--no-progress"]) == 0
+    assert "accuracy:" in capsys.readouterr().out
+    _check_private_output(out, target=3.0)
+    head = json.loads((out / "pooled_head.json").read_text())
+    assert head["pooling"] == "mean" and head["normalize"] is True and head["num_labels"] == 2
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert "classifier" in adapter["modules_to_save"]

@@ -151,3 +151,8 @@ def test_default_model_is_mean_pooled_and_named_by_hub_id():
     assert type(own_head).__name__ == "BertForSequenceClassification"
     with pytest.raises(ValueError, match="pooling"):
         _load_classifier(TextClassificationConfig(pooling="max"), num_labels=2)
+
+
+def test_hub_id_without_network_declares_no_pooling(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sentence_transformers_pooling("sentence-transformers/some-model-not-cached") is None

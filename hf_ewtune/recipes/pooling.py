@@ -36,22 +36,20 @@ HEAD_FILE = "pooled_head.json"
 
 
 def sentence_transformers_pooling(path: str | Path) -> tuple[str, bool] | None:
-    """``(pooling, normalize)`` declared by a local sentence-transformers checkpoint, else ``None``.
+    """``(pooling, normalize)`` declared by a sentence-transformers checkpoint, else ``None``.
 
-    Reads ``modules.json`` and the pooling module's ``config.json`` (mean or CLS pooling only) and
+    ``path`` is a local folder or (with a network) a Hub id. Reads ``modules.json`` and the pooling module's ``config.json`` (mean or CLS pooling only) and
     whether a ``Normalize`` module follows.
     """
-    root = Path(path)
-    modules_file = root / "modules.json"
-    if not modules_file.is_file():
+    modules = _read_json(path, "modules.json")
+    if not isinstance(modules, list):
         return None
-    modules = json.loads(modules_file.read_text())
     pooling, normalize = None, False
     for module in modules:
         kind = str(module.get("type", ""))
         if kind.endswith(".Pooling"):
-            cfg_file = root / module.get("path", "") / "config.json"
-            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+            folder = module.get("path", "")
+            cfg = _read_json(path, f"{folder}/config.json" if folder else "config.json") or {}
             if cfg.get("pooling_mode_mean_tokens"):
                 pooling = "mean"
             elif cfg.get("pooling_mode_cls_token"):
@@ -59,6 +57,19 @@ def sentence_transformers_pooling(path: str | Path) -> tuple[str, bool] | None:
         elif kind.endswith(".Normalize"):
             normalize = True
     return (pooling, normalize) if pooling else None
+
+
+def _read_json(path: str | Path, filename: str) -> Any:
+    """``filename`` from a local folder, or from the Hub repo ``path`` when there is a network (else ``None``)."""
+    local = Path(path) / filename
+    if Path(path).is_dir():
+        return json.loads(local.read_text()) if local.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(str(path), filename)).read_text())
+    except Exception:  # offline, not a Hub repo, or no such file: no declared pooling
+        return None
 
 
 class PooledSequenceClassifier(nn.Module):
