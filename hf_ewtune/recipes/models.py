@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,11 @@ def save_model(*, trainer: Any, output_dir: str | Path, gguf: bool) -> None:
 
     model = trainer.model
     if isinstance(model, PeftModel) or not gguf:
-        trainer.save_model(str(output_dir))
+        with warnings.catch_warnings():
+            # PEFT asks the Hub whether the base vocabulary changed; offline it cannot, and our LoRA never
+            # targets or resizes embeddings, so its "assume the vocabulary was not modified" is right.
+            warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+            trainer.save_model(str(output_dir))
     else:
         from transformers import AutoModelForCausalLM
 
