@@ -29,6 +29,25 @@ def test_main_job_real_minilm_subset(tmp_path, capsys):
     assert set(config["target_modules"]) == {"query", "value"} and config["r"] == 8
     assert "classifier" in (config.get("modules_to_save") or [])
     assert (out / "privacy_curve.png").exists() and "privacy:" in (out / "README.md").read_text()
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    # The default head is the checkpoint's own pooling, and the saved run rebuilds to the same predictions.
+    head = json.loads((out / "pooled_head.json").read_text())
+    assert (head["pooling"], head["normalize"], head["base_model"]) == ("mean", True, "all-MiniLM-L6-v2")
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_ewtune.data import load_text_classification
+    from hf_ewtune.recipes.pooling import load_pooled_classifier
+
+    model = load_pooled_classifier(out)
+    assert model.classifier.weight.abs().sum() > 0  # the trained head, not the zero initialisation
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    test = load_text_classification("rotten_tomatoes_offline", seed=0)["test"].select(range(64))
+    enc = tokenizer(list(test["text"]), truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predictions = model(**enc).logits.argmax(-1)
+    accuracy = (predictions == torch.tensor(list(test["label"]))).float().mean().item()
+    assert accuracy == pytest.approx(results["metrics"]["accuracy"], abs=1e-6)
 
 
 def test_causal_lm_real_smollm2_subset(tmp_path, capsys):
