@@ -10,13 +10,11 @@ from .embedding import EmbeddingRule, is_plain_embedding
 from .functorch_fallback import FunctorchRule, direct_trainable
 from .layer_norm import LayerNormRule, is_plain_layer_norm
 from .linear import LinearRule, is_conv1d, is_plain_linear
-from .rms_norm import RMSNormRule, is_rms_norm_candidate, passes_self_check
 
 _LINEAR = LinearRule()
 _CONV1D = LinearRule(transposed=True)
 _EMBEDDING = EmbeddingRule()
 _LAYER_NORM = LayerNormRule()
-_RMS_NORM = RMSNormRule()
 
 
 def _has_forward(module: nn.Module) -> bool:
@@ -54,8 +52,6 @@ def choose_rule(name: str, module: nn.Module) -> Rule:
         return _EMBEDDING
     if is_plain_layer_norm(module):
         return _LAYER_NORM
-    if is_rms_norm_candidate(module) and passes_self_check(module):
-        return _RMS_NORM
     return FunctorchRule(roles)
 
 
