@@ -160,28 +160,43 @@ def build_pooled_classifier(path: str, *, num_labels: int, pooling: str, normali
     return PooledSequenceClassifier(encoder=encoder, num_labels=num_labels, pooling=pooling, normalize=normalize)
 
 
-def load_pooled_classifier(output_dir: str | Path) -> PooledSequenceClassifier:
+def load_pooled_classifier(source: str | Path) -> PooledSequenceClassifier:
     """Rebuild a classifier saved by the text-classification recipe (LoRA adapter or full weights).
 
     Args:
-        output_dir: The run's output folder (with ``pooled_head.json``).
+        source: The run's output folder, or (with a network) the Hub repo it was uploaded to; it must
+            hold ``pooled_head.json``.
 
     Returns:
         The model in eval mode, LoRA merged into the encoder when the run used LoRA.
+
+    Raises:
+        FileNotFoundError: If ``source`` has no ``pooled_head.json`` (not a pooled-head run, or unreachable).
     """
     from hf_ewtune.data import resolve_model
 
-    out = Path(output_dir)
-    settings = json.loads((out / HEAD_FILE).read_text())
+    settings = _read_json(source, HEAD_FILE)
+    if not isinstance(settings, dict):
+        raise FileNotFoundError(
+            f"No {HEAD_FILE} in {source}: load runs with the model's own head through transformers/peft "
+            "(AutoModelForSequenceClassification, PeftModel.from_pretrained); a Hub repo needs a network."
+        )
+    if not settings.get("base_model"):
+        raise ValueError(f"{HEAD_FILE} in {source} names no base model (a --smoke run cannot be rebuilt).")
     path, kwargs = resolve_model(settings["base_model"])
     model = build_pooled_classifier(path, num_labels=settings["num_labels"], pooling=settings["pooling"],
                                     normalize=settings["normalize"], **kwargs)
-    if (out / "adapter_config.json").is_file():
+    if _read_json(source, "adapter_config.json") is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(out)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
     else:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(out / "model.safetensors")))
+        weights = Path(source) / "model.safetensors"
+        if not Path(source).is_dir():
+            from huggingface_hub import hf_hub_download
+
+            weights = Path(hf_hub_download(str(source), "model.safetensors"))
+        model.load_state_dict(load_file(str(weights)))
     return model.eval()
