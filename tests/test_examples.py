@@ -123,3 +123,5 @@ def test_train_smoke_mean_pooling_writes_head_settings(tmp_path, capsys):
     assert head["pooling"] == "mean" and head["normalize"] is True and head["num_labels"] == 2
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert "classifier" in adapter["modules_to_save"]
+    card = (out / "README.md").read_text()
+    assert "## How to load" in card and "load_pooled_classifier" in card and "mean-pooled, L2-normalised" in card

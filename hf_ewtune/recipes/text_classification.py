@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -272,7 +273,6 @@ def _optimizer(model: Any, config: TextClassificationConfig) -> Any:
 
 def _write_head_settings(*, model: Any, config: TextClassificationConfig, output_dir: Path) -> None:
     """Record the pooled head (``pooled_head.json``) so :func:`~hf_ewtune.recipes.pooling.load_pooled_classifier` can rebuild it."""
-    import json
 
     from hf_ewtune.recipes.pooling import HEAD_FILE, PooledSequenceClassifier
 
@@ -295,4 +295,29 @@ def _write_card(*, trainer: Any, config: TextClassificationConfig, metrics: dict
     except Exception as exc:  # the card must not lose a finished training run
         logger.warning("create_model_card failed (%s): the model is saved without a card.", exc)
         return None
-    return card if card.exists() else None
+    if not card.exists():
+        return None
+    from hf_ewtune.recipes.pooling import HEAD_FILE
+
+    head_file = Path(config.output_dir) / HEAD_FILE
+    if head_file.exists():
+        head = json.loads(head_file.read_text())
+        with card.open("a", encoding="utf-8") as fh:
+            fh.write(_LOAD_SECTION.format(pooling=head["pooling"], norm=", L2-normalised" if head["normalize"] else ""))
+    return card
+
+
+_LOAD_SECTION = """
+## How to load
+
+The classifier reads the {pooling}-pooled{norm} sentence vector of the base model (the pooling its
+sentence-transformers checkpoint was trained with), not a `[CLS]` head, so rebuild it with hf_ewtune
+(`pooled_head.json` says how):
+
+```python
+from hf_ewtune.recipes.pooling import load_pooled_classifier
+
+model = load_pooled_classifier("path/to/this/folder-or-repo-id")  # LoRA merged, eval mode
+logits = model(**tokenizer(["a gripping film"], return_tensors="pt")).logits
+```
+"""
