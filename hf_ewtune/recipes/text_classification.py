@@ -273,7 +273,6 @@ def _optimizer(model: Any, config: TextClassificationConfig) -> Any:
 
 def _write_head_settings(*, model: Any, config: TextClassificationConfig, output_dir: Path) -> None:
     """Record the pooled head (``pooled_head.json``) so :func:`~hf_ewtune.recipes.pooling.load_pooled_classifier` can rebuild it."""
-
     from hf_ewtune.recipes.pooling import HEAD_FILE, PooledSequenceClassifier
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
