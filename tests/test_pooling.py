@@ -156,3 +156,25 @@ def test_default_model_is_mean_pooled_and_named_by_hub_id():
 def test_hub_id_without_network_declares_no_pooling(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert sentence_transformers_pooling("sentence-transformers/some-model-not-cached") is None
+
+
+def test_saved_full_fine_tune_reloads_with_same_predictions(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_ewtune.data import minilm_path
+    from hf_ewtune.recipes.pooling import HEAD_FILE, build_pooled_classifier, load_pooled_classifier
+
+    torch.manual_seed(0)
+    model = build_pooled_classifier(str(minilm_path()), num_labels=2, pooling="mean", normalize=True)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.5)
+        model.encoder.encoder.layer[0].attention.self.query.weight.mul_(1.5)  # differs from the checkpoint
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    Trainer(model=model, args=args).save_model(str(tmp_path))  # not a PreTrainedModel: model.safetensors
+    (tmp_path / HEAD_FILE).write_text(json.dumps(dict(model.head_settings(), base_model="all-MiniLM-L6-v2")))
+    batch = bert_batch(b=3, vocab=1000)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = load_pooled_classifier(tmp_path)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
