@@ -68,6 +68,10 @@ from hf_ewtune.sampling import (
 
 logger = logging.getLogger(__name__)
 
+# Logged statistics of the private training batches computed without noise: kept out of the model card.
+NON_PRIVATE_LOG_KEYS = ("loss", "train_loss")
+WITHHELD_LOSS = "withheld (not private)"
+
 _NOISE_STREAM = 0
 # One clipping engine (set of hooks) per model: a new DPTrainer on the same model replaces the old hooks.
 _ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
@@ -615,8 +619,17 @@ class DPTrainer(Trainer):
         """``Trainer.create_model_card`` plus the privacy block (YAML metadata and a Privacy section).
 
         ``push_to_hub`` calls this before uploading ``output_dir``, so pushed cards carry the privacy block.
+        The training losses the Trainer logged are computed from the private batches without noise, so
+        the card's "Training results" table shows them as withheld (evaluation metrics stay).
         """
-        super().create_model_card(**kwargs)
+        history = self.state.log_history
+        self.state.log_history = [
+            {k: (WITHHELD_LOSS if k in NON_PRIVATE_LOG_KEYS else v) for k, v in entry.items()} for entry in history
+        ]
+        try:
+            super().create_model_card(**kwargs)
+        finally:
+            self.state.log_history = history
         if not self.is_world_process_zero():
             return
         self._add_privacy_card(self.privacy_state())

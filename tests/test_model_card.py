@@ -286,3 +286,26 @@ def test_sampling_rate_is_rounded_up_unless_opted_in():
     exact = build_privacy_metadata(state, include_dataset_size=True)
     assert exact["sampling_rate"] == q and "sampling_rate_note" not in exact
     assert build_privacy_metadata(make_state(q=0.05))["sampling_rate"] == 0.05  # already short: unchanged
+
+
+def test_dp_card_withholds_the_non_private_training_loss(tmp_path):
+    from hf_ewtune import DPTrainer
+    from hf_ewtune.testing import tiny_bert
+    from hf_ewtune.trainer import WITHHELD_LOSS
+    from tests.trainer_helpers import TOK, _args, _data
+
+    args = _args(tmp_path, max_steps=2, logging_steps=1, eval_strategy="steps", eval_steps=1)
+    trainer = DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=args, train_dataset=_data(), eval_dataset=_data(n=16),
+                        processing_class=TOK, noise_multiplier=1.0, max_grad_norm=1.0)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses and all(isinstance(v, float) for v in losses)
+    trainer.create_model_card(model_name="tiny-dp")
+    card = _readme(tmp_path)
+    results = card.split("### Training results", 1)[1].split("###", 1)[0]
+    assert "Validation Loss" in results and WITHHELD_LOSS in results  # the table is there, its training loss is not
+    for value in losses:
+        assert f"{value:.4f}" not in results
+    assert "does not cover the training loss" in card
+    # the trainer's own history is untouched (the console/log callbacks still see the losses)
+    assert [e["loss"] for e in trainer.state.log_history if "loss" in e] == losses
