@@ -72,6 +72,18 @@ logger = logging.getLogger(__name__)
 NON_PRIVATE_LOG_KEYS = ("loss", "train_loss")
 WITHHELD_LOSS = "withheld (not private)"
 
+
+def non_private_logs(output_dir: str) -> list[str]:
+    """Training-log files under ``output_dir`` that ``Trainer.push_to_hub`` would upload (TensorBoard events).
+
+    Skips what the Trainer itself does not upload: names starting with ``_`` and ``checkpoint-*`` folders.
+    """
+    found = []
+    for root, dirs, files in os.walk(output_dir):
+        dirs[:] = [d for d in dirs if not d.startswith("_") and not (root == output_dir and d.startswith("checkpoint-"))]
+        found += [os.path.join(root, f) for f in files if f.startswith("events.out.tfevents") and not f.startswith("_")]
+    return sorted(found)
+
 _NOISE_STREAM = 0
 # One clipping engine (set of hooks) per model: a new DPTrainer on the same model replaces the old hooks.
 _ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
@@ -614,6 +626,24 @@ class DPTrainer(Trainer):
             logger.warning("hf_ewtune.model_card is unavailable: the model card has no privacy section.")
             return
         add_privacy_to_model_card(self.args.output_dir, state)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.push_to_hub``, warning first when ``output_dir`` holds training logs it would upload.
+
+        TensorBoard event files (``report_to="tensorboard"`` writes them under ``output_dir/runs``) carry the
+        training loss, computed from the private batches without noise; the privacy guarantee does not cover
+        them. Move them out (``TENSORBOARD_LOGGING_DIR``) or delete them before pushing.
+        """
+        if self.is_world_process_zero():
+            logs = non_private_logs(self.args.output_dir)
+            if logs:
+                logger.warning(
+                    "push_to_hub will upload %d training-log file(s) under %s (e.g. %s). They hold the training "
+                    "loss computed without noise, which the privacy guarantee does not cover: delete them or set "
+                    "TENSORBOARD_LOGGING_DIR outside output_dir before pushing.",
+                    len(logs), self.args.output_dir, logs[0],
+                )
+        return super().push_to_hub(*args, **kwargs)
 
     def create_model_card(self, **kwargs: Any) -> None:
         """``Trainer.create_model_card`` plus the privacy block (YAML metadata and a Privacy section).

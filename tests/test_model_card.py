@@ -309,3 +309,19 @@ def test_dp_card_withholds_the_non_private_training_loss(tmp_path):
     assert "does not cover the training loss" in card
     # the trainer's own history is untouched (the console/log callbacks still see the losses)
     assert [e["loss"] for e in trainer.state.log_history if "loss" in e] == losses
+
+
+def test_training_logs_that_push_to_hub_would_upload_are_found(tmp_path):
+    from hf_ewtune.trainer import non_private_logs
+
+    (tmp_path / "runs" / "Nov22").mkdir(parents=True)
+    event = tmp_path / "runs" / "Nov22" / "events.out.tfevents.1.host"
+    event.write_bytes(b"x")
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "events.out.tfevents.2.host").write_bytes(b"x")  # not uploaded by push_to_hub
+    (tmp_path / "_private").mkdir()
+    (tmp_path / "_private" / "events.out.tfevents.3.host").write_bytes(b"x")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert non_private_logs(str(tmp_path)) == [str(event)]
+    event.unlink()
+    assert non_private_logs(str(tmp_path)) == []
