@@ -36,3 +36,16 @@ def test_step_benchmark_quick_gpt2_prints_json_last_line():
     assert gpt2["opacus_hooks"]["time_ratio"] is not None, result["errors"]
     # The table is printed above the JSON line.
     assert any(ln.startswith("gpt2") and "(a) Trainer" in ln for ln in lines[:-1])
+
+
+def test_llama_benchmark_tiny_run_prints_ratio_json():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "llama.py"), "--layers", "1", "--vocab", "512", "--batch", "2",
+         "--seq", "16", "--reps", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dp_over_plain"] > 0 and set(result["median_s"]) == {"plain", "dp"}
+    assert "RMSNorm layers (torch.func fallback)" in proc.stdout
