@@ -14,10 +14,17 @@ K3tilde = K3 + E|d| / B (d = L - E L).
 The bound is O(n^{-1/2}) with large constants: at DP-SGD deltas (<= 1e-3) it is always far larger
 than delta, so it essentially never certifies an epsilon there (it is reported, never relied on).
 
-Cross-checks: for the example of the ``BoundEdgeworth`` README (n = 1000, K4 = 9, default moment
-bounds) this gives 0.16451 against the README's 0.16269 (+1.1%, conservative side; R was not available
-to find the difference). The values in the design note (from the Edgeworth Accountant's reference code,
-which uses a different, earlier form of the bound and uncentred moments) are 2-3x smaller than ours.
+Cross-checks: against the formulas of the authors' R package ``BoundEdgeworth`` (``Bound_EE1`` with
+``continuity = FALSE, iid = TRUE, no_skewness = FALSE``; version 0.1.1.01, commit ea945b0) every term
+agrees to rounding error except e_3(eps), where the package evaluates eps^2 / (2 (1 - 3 eps))^2 and we
+keep the larger eps^2 / (2 (1 - 3 eps)^2); with its positive net coefficient (0.037 - 1.306/36) this makes
+our bound larger by at most ~2e-4 relative (conservative). For the README example (n = 1000, K4 = 9,
+default moment bounds, eps = 0.1) the package's current code gives 0.1645074 and we give 0.1645074; the
+README prints 0.1626857, which the current code does not reproduce (presumably rendered from an
+earlier package version). See
+``tests/test_accounting_error_bound_reference.py``. The values in the design note (from the Edgeworth
+Accountant's reference code, which uses a different, earlier form of the bound and uncentred moments)
+are 2-3x smaller than ours.
 """
 
 from __future__ import annotations
