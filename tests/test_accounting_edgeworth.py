@@ -196,8 +196,9 @@ def test_extreme_settings_are_quiet_and_sane(sigma, q, m):
 def test_dgg_bound_against_the_boundedgeworth_readme_example():
     # BoundEdgeworth's README: Bound_EE1(setup = list(continuity = FALSE, iid = TRUE, no_skewness = FALSE),
     # n = 1000, K4 = 9) = 0.1626857, with its default moment bounds K3 = K4^(3/4), lambda3 = 0.621 K3,
-    # K3tilde = K3 + 1 and eps = 0.1. Our transcription of the published theorem is 1.1% above it
-    # (conservative side); R was not available to pin down the difference.
+    # K3tilde = K3 + 1 and eps = 0.1. That printed figure predates the package's newest code (commit
+    # ea945b0), which gives 0.16450739 for these inputs; ours is 0.16450743 (its e_3 term reads larger,
+    # the conservative side). tests/test_accounting_error_bound_reference.py pins the newest values.
     from hf_ewtune.accounting.error_bound import dgg_bound_iid
 
     k3 = 9**0.75
