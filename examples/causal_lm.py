@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         smoke=a.smoke, seed=a.seed, progress=not a.no_progress,
     )
     result = run_causal_lm(config=config)
+    if not result.main_process:  # accelerate launch: rank 0 reports for the whole run
+        return 0
     print("\n== results ==")
     print(f"records: {result.settings['train_records']} train / {result.settings['eval_records']} held out")
     for line in result.summary_lines():

@@ -189,3 +189,25 @@ def test_copyable_example_runs_on_two_cpu_processes_from_the_config_file(tmp_pat
     assert "processes: 2;" in res.stdout
     assert "steps: 3; certified epsilon" in res.stdout
     assert (out / "_privacy_state.json").is_file()
+
+
+@pytest.mark.slow
+def test_main_job_cli_under_two_processes_reports_and_writes_once(tmp_path):
+    """``accelerate launch -m hf_ewtune.cli train``: rank 0 alone prints the results and writes the run's files."""
+    out = tmp_path / "main-job"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "-m", "hf_ewtune.cli", "train", "--smoke", "--pooling", "mean", "--output-dir", str(out), "--no-progress",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT_S)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    assert res.stdout.count("== results ==") == 1 and res.stdout.count("certified ε =") == 1
+    import json
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["main_process"] is True and 0 < results["epsilon"] <= 3.0 + 1e-6
+    card = (out / "README.md").read_text()
+    assert card.count("## How to load") == 1 and "world_size: 2" in card

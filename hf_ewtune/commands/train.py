@@ -130,6 +130,8 @@ def run_train(args: argparse.Namespace) -> int:
     except (PrivacyConfigError, ValueError, OSError) as exc:
         print(f"hf-ewtune train: error: {exc}", file=sys.stderr)
         return 2
+    if not result.main_process:  # accelerate launch: rank 0 reports for the whole run
+        return 0
     print()
     print("== results ==")
     for line in result.summary_lines():

@@ -171,7 +171,8 @@ def run_causal_lm(*, config: CausalLMConfig, model: Any = None, tokenizer: Any =
     after = _generate(trainer.model, tokenizer, config.prompt, config.max_new_tokens)
     out = Path(config.output_dir)
     save_model(trainer=trainer, output_dir=out, gguf=gguf)
-    fields, plot_path = privacy_outputs(trainer=trainer, privacy=config.privacy, output_dir=out)
+    main = trainer.is_world_process_zero()  # under accelerate launch, only rank 0 writes the run's files
+    fields, plot_path = privacy_outputs(trainer=trainer, privacy=config.privacy, output_dir=out, write=main)
     card = out / "README.md"
     try:
         trainer.create_model_card(model_name=out.name, finetuned_from=None if config.smoke else hub_id(config.model),
@@ -186,5 +187,7 @@ def run_causal_lm(*, config: CausalLMConfig, model: Any = None, tokenizer: Any =
         plot_path=str(plot_path) if plot_path else None, card_path=str(card) if card.exists() else None,
         settings=settings, **fields,
     )
-    result.write_json()
+    result.main_process = main
+    if main:
+        result.write_json()
     return result

@@ -209,15 +209,19 @@ def run_text_classification(
     from hf_ewtune.recipes.models import save_model
 
     save_model(trainer=trainer, output_dir=out, gguf=gguf)
-    _write_head_settings(model=model, config=config, output_dir=out)
-    fields, plot_path = privacy_outputs(trainer=trainer, privacy=config.privacy, output_dir=out)
-    card_path = _write_card(trainer=trainer, config=config, metrics=metrics)
+    main = trainer.is_world_process_zero()  # under accelerate launch, only rank 0 writes the run's files
+    if main:
+        _write_head_settings(model=model, config=config, output_dir=out)
+    fields, plot_path = privacy_outputs(trainer=trainer, privacy=config.privacy, output_dir=out, write=main)
+    card_path = _write_card(trainer=trainer, config=config, metrics=metrics) if main else None
     result = RunResult(
         output_dir=str(out), metrics=metrics, wall_seconds=time.perf_counter() - start, train_seconds=train_seconds,
         steps=int(trainer.state.global_step), private=config.privacy.private, plot_path=str(plot_path) if plot_path else None,
         card_path=str(card_path) if card_path else None, settings=asdict(config), **fields,
     )
-    result.write_json()
+    result.main_process = main
+    if main:
+        result.write_json()
     return result
 
 

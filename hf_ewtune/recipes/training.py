@@ -59,6 +59,7 @@ class RunResult:
     plot_path: str | None = None
     card_path: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    main_process: bool = True  # False on the other ranks of a multi-process run (they write no files)
 
     def summary_lines(self) -> list[str]:
         """Human-readable lines: metrics, certified epsilon (and by what), Edgeworth estimate."""
@@ -147,10 +148,17 @@ def privacy_fields(trainer: Any) -> dict[str, Any]:
     }
 
 
-def privacy_outputs(*, trainer: Any, privacy: PrivacySettings, output_dir: Path) -> tuple[dict[str, Any], Path | None]:
-    """For a private run: :func:`privacy_fields` and the privacy-curve plot in ``output_dir``; else ``({}, None)``."""
+def privacy_outputs(
+    *, trainer: Any, privacy: PrivacySettings, output_dir: Path, write: bool = True,
+) -> tuple[dict[str, Any], Path | None]:
+    """For a private run: :func:`privacy_fields` and (if ``write``) the privacy-curve plot in ``output_dir``.
+
+    A non-private run gives ``({}, None)``.
+    """
     if not privacy.private:
         return {}, None
+    if not write:
+        return privacy_fields(trainer), None
     from hf_ewtune.recipes.plotting import plot_privacy_curve
 
     fields = privacy_fields(trainer)
