@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         print(f"\n=== {task} ({a.model}, {'non-private' if a.non_private else f'target ε = {a.target_epsilon:g}'}, accountant {a.accountant}) ===", flush=True)
         rows.append((task, run_task(task, a, compute_metrics)))
+    if not all(r.main_process for _, r in rows):  # accelerate launch: rank 0 reports for the whole run
+        return 0
     table = results_table(rows)
     print(f"\n== GLUE results (accuracy via {metric_source}; {time.perf_counter() - start:.0f} s in all) ==")
     print(table)
