@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-target", default=None, help="comma-separated module names for LoRA (default: guessed)")
     parser.add_argument("--non-private", action="store_true",
                         help="baseline: plain transformers.Trainer with the same settings, no privacy")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                        help="upload the finished run (model, tokenizer, privacy card, plot) to this Hub repo")
     parser.add_argument("--smoke", action="store_true", help="tiny offline model and data, a few seconds (tests)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -111,7 +113,7 @@ def config_from_args(args: argparse.Namespace):
             max_grad_norm=args.max_grad_norm, accountant=args.accountant, private=not args.non_private,
         ),
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, smoke=args.smoke,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, push_to_hub=args.push_to_hub,
     )
 
 
@@ -140,6 +142,12 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"model card: {result.card_path}")
     if result.plot_path:
         print(f"privacy curve: {result.plot_path}")
+    if result.hub_commit:
+        print(f"published: {result.hub_commit}")
+    elif args.push_to_hub:
+        print(f"hf-ewtune train: publishing to {args.push_to_hub} failed (see the log above); the run is saved "
+              f"in {result.output_dir}", file=sys.stderr)
+        return 1
     elif result.private:
         print("privacy curve: not written (matplotlib missing or nothing logged)")
     return 0

@@ -58,6 +58,8 @@ class TextClassificationConfig:
         max_train_samples / max_eval_samples: Subsample for quick runs.
         smoke: Tiny offline model and data, a few seconds (tests).
         seed: Seed for initialisation and the data split (the DP noise is seeded from the OS).
+        push_to_hub: Hub repo id to upload the finished run to (model, tokenizer, card, plot; see
+            :func:`hf_ewtune.recipes.hub.publish_run`).
     """
 
     output_dir: str = "runs/minilm-rt"
@@ -82,6 +84,7 @@ class TextClassificationConfig:
     smoke: bool = False
     seed: int = 0
     progress: bool = True
+    push_to_hub: str | None = None
 
 
 def _smoke_parts(config: TextClassificationConfig, dataset: Any) -> tuple[Any, Any, Any]:
@@ -222,6 +225,17 @@ def run_text_classification(
     result.main_process = main
     if main:
         result.write_json()
+        if config.push_to_hub:
+            from hf_ewtune.recipes.hub import publish_run
+
+            try:
+                result.hub_commit = publish_run(out, repo_id=config.push_to_hub)
+            except Exception as exc:  # the finished run stays on disk; publishing can be retried
+                logger.error("Publishing to %s failed (%s). The run is saved in %s; retry with "
+                             "hf_ewtune.recipes.hub.publish_run(%r, repo_id=%r).", config.push_to_hub, exc, out,
+                             str(out), config.push_to_hub)
+            else:
+                result.write_json()
     return result
 
 

@@ -60,6 +60,7 @@ class RunResult:
     card_path: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     main_process: bool = True  # False on the other ranks of a multi-process run (they write no files)
+    hub_commit: str | None = None  # URL of the upload, when the run was published
 
     def summary_lines(self) -> list[str]:
         """Human-readable lines: metrics, certified epsilon (and by what), Edgeworth estimate."""
