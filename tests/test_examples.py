@@ -125,3 +125,29 @@ def test_train_smoke_mean_pooling_writes_head_settings(tmp_path, capsys):
     assert "classifier" in adapter["modules_to_save"]
     card = (out / "README.md").read_text()
     assert "## How to load" in card and "load_pooled_classifier" in card and "mean-pooled, L2-normalised" in card
+
+
+def test_train_checkpoints_and_resume_keep_the_spent_privacy(tmp_path, capsys):
+    from hf_ewtune.cli import main
+
+    out = tmp_path / "resumable"
+    common = ["train", "--smoke", "--pooling", "mean", "--output-dir", str(out), "--no-progress", "--save-steps", "1"]
+    assert main(common) == 0
+    first = json.loads((out / "results.json").read_text())
+    last = out / f"checkpoint-{first['steps']}"
+    assert (last / "_privacy_state.json").is_file() and (out / "checkpoint-1" / "_privacy_state.json").is_file()
+    # A run interrupted after step 2 (its last checkpoint removed) resumes to the same plan and epsilon.
+    import shutil
+
+    shutil.rmtree(last)
+    capsys.readouterr()
+    assert main(common + ["--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["steps"] == first["steps"] and again["epsilon"] == pytest.approx(first["epsilon"], rel=1e-9)
+    assert last.is_dir()  # the resumed run wrote the final checkpoint again
+    # Resuming a finished run would spend more than the budget: refused before training, with the reason.
+    capsys.readouterr()
+    assert main(common + ["--resume"]) == 2
+    assert "is spent" in capsys.readouterr().err
+    assert main(["train", "--smoke", "--output-dir", str(tmp_path / "empty"), "--no-progress", "--resume"]) == 2
+    assert "checkpoint" in capsys.readouterr().err

@@ -74,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-target", default=None, help="comma-separated module names for LoRA (default: guessed)")
     parser.add_argument("--non-private", action="store_true",
                         help="baseline: plain transformers.Trainer with the same settings, no privacy")
+    parser.add_argument("--save-steps", type=_positive_int, default=None,
+                        help="write a checkpoint (with the privacy spent so far) every N optimizer steps")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in --output-dir; its spent privacy counts")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                         help="upload the finished run (model, tokenizer, privacy card, plot) to this Hub repo")
     parser.add_argument("--smoke", action="store_true", help="tiny offline model and data, a few seconds (tests)")
@@ -114,6 +118,7 @@ def config_from_args(args: argparse.Namespace):
         ),
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, smoke=args.smoke,
         seed=args.seed, progress=not args.no_progress, push_to_hub=args.push_to_hub,
+        save_steps=args.save_steps, resume=args.resume,
     )
 
 

@@ -58,6 +58,8 @@ class TextClassificationConfig:
         max_train_samples / max_eval_samples: Subsample for quick runs.
         smoke: Tiny offline model and data, a few seconds (tests).
         seed: Seed for initialisation and the data split (the DP noise is seeded from the OS).
+        save_steps: Checkpoint every that many optimizer steps (with the privacy spent so far).
+        resume: Continue from the last checkpoint in ``output_dir`` (its spent privacy included).
         push_to_hub: Hub repo id to upload the finished run to (model, tokenizer, card, plot; see
             :func:`hf_ewtune.recipes.hub.publish_run`).
     """
@@ -85,6 +87,8 @@ class TextClassificationConfig:
     seed: int = 0
     progress: bool = True
     push_to_hub: str | None = None
+    save_steps: int | None = None
+    resume: bool = False
 
 
 def _smoke_parts(config: TextClassificationConfig, dataset: Any) -> tuple[Any, Any, Any]:
@@ -195,6 +199,7 @@ def run_text_classification(
     args = training_arguments(
         output_dir=config.output_dir, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
         epochs=config.epochs, learning_rate=config.learning_rate, seed=config.seed, max_steps=config.max_steps,
+        save_steps=config.save_steps,
         progress=config.progress, logging_steps=0.5 if config.smoke else 0.1,
     )
     trainer = build_trainer(
@@ -203,7 +208,7 @@ def run_text_classification(
         privacy=config.privacy, optimizer=_optimizer(model, config),
     )
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if config.resume else None)
     train_seconds = time.perf_counter() - t0
     raw = trainer.evaluate(encoded["test"])
     metrics = {k[len("eval_"):]: float(v) for k, v in raw.items()

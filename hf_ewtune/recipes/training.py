@@ -181,13 +181,15 @@ def training_arguments(
     learning_rate: float,
     seed: int,
     max_steps: int | None = None,
+    save_steps: int | None = None,
     progress: bool = True,
     logging_steps: float = 0.1,
     **extra: Any,
 ) -> Any:
     """``TrainingArguments`` for a logical batch of ``batch_size`` = micro-batch x accumulation (CPU-friendly).
 
-    ``logging_steps`` below 1 is a fraction of the run: each log entry costs a certified-epsilon
+    ``save_steps`` (optional) writes a checkpoint every that many optimizer steps; a DP trainer stores the
+    spent privacy with each one, so a resumed run continues its budget. ``logging_steps`` below 1 is a fraction of the run: each log entry costs a certified-epsilon
     computation (about a second), so the privacy curve gets about ``1/logging_steps`` points.
 
     Raises:
@@ -216,7 +218,8 @@ def training_arguments(
         logging_steps=logging_steps,
         logging_first_step=True,
         eval_strategy="no",
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         report_to="none",
         seed=seed,
         disable_tqdm=not progress,
