@@ -112,18 +112,20 @@ def test_saved_lora_run_reloads_with_same_predictions(tmp_path):
 
 
 def test_head_learning_rate_groups():
-    from hf_ewtune.recipes.text_classification import POOLED_HEAD_LEARNING_RATE, TextClassificationConfig, _optimizer
+    from hf_ewtune.recipes.heads import POOLED_HEAD_LEARNING_RATE, head_optimizer
 
-    config = TextClassificationConfig(learning_rate=5e-3)
-    opt = _optimizer(pooled(dtype=torch.float32), config)
+    def _optimizer(model, lr=5e-3, head_lr=None):
+        return head_optimizer(model, learning_rate=lr, head_learning_rate=head_lr)
+
+    opt = _optimizer(pooled(dtype=torch.float32))
     assert [g["lr"] for g in opt.param_groups] == [5e-3, POOLED_HEAD_LEARNING_RATE]
     head_ids = {id(p) for p in opt.param_groups[1]["params"]}
     model = pooled(dtype=torch.float32)
-    opt = _optimizer(model, config)
+    opt = _optimizer(model)
     assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in model.classifier.parameters()}
     assert len(head_ids) == 2
-    assert _optimizer(tiny_bert(), config) is None  # the model's own head: one learning rate, the Trainer's AdamW
-    opt = _optimizer(tiny_bert(), TextClassificationConfig(learning_rate=5e-3, head_learning_rate=1e-2))
+    assert _optimizer(tiny_bert()) is None  # the model's own head: one learning rate, the Trainer's AdamW
+    opt = _optimizer(tiny_bert(), head_lr=1e-2)
     assert [g["lr"] for g in opt.param_groups] == [5e-3, 1e-2]
 
 
@@ -139,18 +141,18 @@ def test_trainer_scales_pooled_loss_for_gradient_accumulation(tmp_path):
 
 def test_default_model_is_mean_pooled_and_named_by_hub_id():
     from hf_ewtune.recipes.models import LoraSettings, apply_lora
-    from hf_ewtune.recipes.text_classification import TextClassificationConfig, _load_classifier
+    from hf_ewtune.recipes.heads import load_classifier
 
-    model, tokenizer, gguf = _load_classifier(TextClassificationConfig(), num_labels=2)
+    model, tokenizer, gguf = load_classifier("all-MiniLM-L6-v2", num_labels=2)
     assert isinstance(model, PooledSequenceClassifier) and (model.pooling, model.normalize) == ("mean", True)
     assert not gguf and tokenizer.pad_token is not None
     peft_model = apply_lora(model, settings=LoraSettings(), task_type="SEQ_CLS")
     # the adapter config and the card name the Hub model, not this machine's site-packages folder
     assert peft_model.peft_config["default"].base_model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
-    own_head, _, _ = _load_classifier(TextClassificationConfig(pooling="model"), num_labels=2)
+    own_head, _, _ = load_classifier("all-MiniLM-L6-v2", num_labels=2, pooling="model")
     assert type(own_head).__name__ == "BertForSequenceClassification"
     with pytest.raises(ValueError, match="pooling"):
-        _load_classifier(TextClassificationConfig(pooling="max"), num_labels=2)
+        load_classifier("all-MiniLM-L6-v2", num_labels=2, pooling="max")
 
 
 def test_hub_id_without_network_declares_no_pooling(monkeypatch):

@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,15 +21,14 @@ from typing import Any, Callable
 
 from hf_ewtune.data import hub_id
 from hf_ewtune.recipes.metrics import accuracy_metrics
-from hf_ewtune.recipes.models import LoraSettings, apply_lora, load_pretrained, name_as_base_model
+from hf_ewtune.recipes.heads import add_load_section, head_optimizer, load_classifier, write_head_settings
+from hf_ewtune.recipes.models import LoraSettings, apply_lora
 from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_outputs, training_arguments
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_DATASET = "rotten_tomatoes_offline"
-_HEAD_NAMES = ("classifier", "score", "classification_head")
-POOLED_HEAD_LEARNING_RATE = 5e-2
 
 
 @dataclass
@@ -190,7 +188,8 @@ def run_text_classification(
     if config.max_eval_samples:
         dataset["test"] = dataset["test"].select(range(min(config.max_eval_samples, dataset["test"].num_rows)))
     if model is None:
-        model, tokenizer, gguf = _load_classifier(config, num_labels=_num_labels(dataset, config.label_column))
+        model, tokenizer, gguf = load_classifier(config.model, num_labels=_num_labels(dataset, config.label_column),
+                                                 pooling=config.pooling)
     if torch.cuda.is_available():
         model = model.to("cuda")  # device first, then PEFT (dp-training.md §10)
     if config.use_lora:
@@ -205,7 +204,8 @@ def run_text_classification(
     trainer = build_trainer(
         model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["test"], tokenizer=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics or accuracy_metrics,
-        privacy=config.privacy, optimizer=_optimizer(model, config),
+        privacy=config.privacy, optimizer=head_optimizer(model, learning_rate=config.learning_rate,
+                                                       head_learning_rate=config.head_learning_rate),
     )
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if config.resume else None)
@@ -219,7 +219,7 @@ def run_text_classification(
     save_model(trainer=trainer, output_dir=out, gguf=gguf)
     main = trainer.is_world_process_zero()  # under accelerate launch, only rank 0 writes the run's files
     if main:
-        _write_head_settings(model=model, config=config, output_dir=out)
+        write_head_settings(model, base_model=None if config.smoke else config.model, output_dir=out)
     fields, plot_path = privacy_outputs(trainer=trainer, privacy=config.privacy, output_dir=out, write=main)
     card_path = _write_card(trainer=trainer, config=config, metrics=metrics) if main else None
     result = RunResult(
@@ -244,66 +244,6 @@ def run_text_classification(
     return result
 
 
-def _load_classifier(config: TextClassificationConfig, *, num_labels: int) -> tuple[Any, Any, bool]:
-    """``(model, tokenizer, loaded_from_gguf)`` for ``config.model`` with the head ``config.pooling`` asks for."""
-    from hf_ewtune.recipes.pooling import POOLINGS, build_pooled_classifier, sentence_transformers_pooling
-
-    if config.pooling not in ("auto", "model") + POOLINGS:
-        raise ValueError(f"pooling must be 'auto', 'model', 'mean' or 'cls', got {config.pooling!r}")
-    pooling, normalize = config.pooling, False
-    if pooling in ("auto",) + POOLINGS:
-        from hf_ewtune.data import resolve_model
-
-        path, kwargs = resolve_model(config.model)
-        declared = sentence_transformers_pooling(path) if "gguf_file" not in kwargs else None
-        if pooling == "auto":
-            pooling = declared[0] if declared else "model"
-        normalize = bool(declared and declared[1])
-    if pooling == "model":
-        model, tokenizer, kwargs = load_pretrained(config.model, kind="seq_cls", num_labels=num_labels)
-        return model, tokenizer, "gguf_file" in kwargs
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = build_pooled_classifier(path, num_labels=num_labels, pooling=pooling, normalize=normalize, **kwargs)
-    name_as_base_model(model, config.model)
-    logger.info("Classifier head: %s pooling%s (from %s)", pooling, " + L2 normalisation" if normalize else "", config.model)
-    return model, tokenizer, False
-
-
-def _optimizer(model: Any, config: TextClassificationConfig) -> Any:
-    """AdamW with the head at its own learning rate (``None`` when it equals ``learning_rate``: the Trainer builds its own)."""
-    from hf_ewtune.recipes.pooling import PooledSequenceClassifier
-
-    head_lr = config.head_learning_rate
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if head_lr is None:
-        head_lr = POOLED_HEAD_LEARNING_RATE if isinstance(base, PooledSequenceClassifier) else config.learning_rate
-    if head_lr == config.learning_rate:
-        return None
-    import torch
-
-    head, body = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (head if any(h in name.split(".") for h in _HEAD_NAMES) else body).append(param)
-    if not head:
-        raise ValueError("head_learning_rate is set but the model has no trainable 'classifier'/'score' head.")
-    # body first: the Trainer logs the first group's learning rate, which is then --learning-rate
-    groups = ([{"params": body, "lr": config.learning_rate}] if body else []) + [{"params": head, "lr": head_lr}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0)
-
-
-def _write_head_settings(*, model: Any, config: TextClassificationConfig, output_dir: Path) -> None:
-    """Record the pooled head (``pooled_head.json``) so :func:`~hf_ewtune.recipes.pooling.load_pooled_classifier` can rebuild it."""
-    from hf_ewtune.recipes.pooling import HEAD_FILE, PooledSequenceClassifier
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if isinstance(base, PooledSequenceClassifier):
-        settings = dict(base.head_settings(), base_model=None if config.smoke else config.model)
-        (output_dir / HEAD_FILE).write_text(json.dumps(settings, indent=2))
-
-
 def _write_card(*, trainer: Any, config: TextClassificationConfig, metrics: dict[str, float]) -> Path | None:
     """Write ``README.md`` via ``trainer.create_model_card`` (the DP trainer adds the privacy block)."""
     card = Path(config.output_dir) / "README.md"
@@ -319,27 +259,6 @@ def _write_card(*, trainer: Any, config: TextClassificationConfig, metrics: dict
         return None
     if not card.exists():
         return None
-    from hf_ewtune.recipes.pooling import HEAD_FILE
-
-    head_file = Path(config.output_dir) / HEAD_FILE
-    if head_file.exists():
-        head = json.loads(head_file.read_text())
-        with card.open("a", encoding="utf-8") as fh:
-            fh.write(_LOAD_SECTION.format(pooling=head["pooling"], norm=", L2-normalised" if head["normalize"] else ""))
+    add_load_section(card, Path(config.output_dir))
     return card
 
-
-_LOAD_SECTION = """
-## How to load
-
-The classifier reads the {pooling}-pooled{norm} sentence vector of the base model (the pooling its
-sentence-transformers checkpoint was trained with), not a `[CLS]` head, so rebuild it with hf_ewtune
-(`pooled_head.json` says how):
-
-```python
-from hf_ewtune.recipes.pooling import load_pooled_classifier
-
-model = load_pooled_classifier("path/to/this/folder-or-repo-id")  # LoRA merged, eval mode
-logits = model(**tokenizer(["a gripping film"], return_tensors="pt")).logits
-```
-"""
