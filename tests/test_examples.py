@@ -42,6 +42,7 @@ def test_train_command_smoke_end_to_end(tmp_path, capsys):
     assert "accuracy:" in printed
     assert "certified ε =" in printed and "certified by" in printed
     assert "estimate (not a guarantee)" in printed
+    assert f"privacy curve: {out / 'privacy_curve.png'}" in printed and "not written" not in printed
     results = _check_private_output(out, target=3.0)
     assert 0.0 <= results["metrics"]["accuracy"] <= 1.0
     assert results["steps"] > 0

@@ -147,14 +147,14 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"model card: {result.card_path}")
     if result.plot_path:
         print(f"privacy curve: {result.plot_path}")
+    elif result.private:
+        print("privacy curve: not written (matplotlib missing or nothing logged)")
     if result.hub_commit:
         print(f"published: {result.hub_commit}")
     elif args.push_to_hub:
         print(f"hf-ewtune train: publishing to {args.push_to_hub} failed (see the log above); the run is saved "
               f"in {result.output_dir}", file=sys.stderr)
         return 1
-    elif result.private:
-        print("privacy curve: not written (matplotlib missing or nothing logged)")
     return 0
 
 
