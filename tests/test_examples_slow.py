@@ -17,7 +17,7 @@ def test_main_job_real_minilm_subset(tmp_path, capsys):
 
     out = tmp_path / "minilm"
     status = main(["train", "--output-dir", str(out), "--max-train-samples", "256", "--max-eval-samples", "64",
-                   "--batch-size", "64", "--micro-batch-size", "32", "--no-progress"])
+                   "--batch-size", "64", "--micro-batch-size", "32", "--epochs", "1", "--no-progress"])
     assert status == 0
     printed = capsys.readouterr().out
     assert "all-MiniLM-L6-v2" in printed and "certified ε =" in printed
@@ -27,6 +27,7 @@ def test_main_job_real_minilm_subset(tmp_path, capsys):
     assert 0.0 <= results["metrics"]["accuracy"] <= 1.0
     config = json.loads((out / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"query", "value"} and config["r"] == 8
+    assert config["layers_to_transform"] == [4, 5]  # the top 2 of MiniLM's 6 layers
     assert "classifier" in (config.get("modules_to_save") or [])
     assert (out / "privacy_curve.png").exists() and "privacy:" in (out / "README.md").read_text()
     assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"

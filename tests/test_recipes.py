@@ -84,3 +84,18 @@ def test_run_result_summary_labels_estimate(tmp_path):
     base = RunResult(output_dir=str(tmp_path), metrics={"accuracy": 0.8}, wall_seconds=1, train_seconds=1, steps=1, private=False)
     assert "non-private" in "\n".join(base.summary_lines())
     assert math.isfinite(r.epsilon)
+
+
+def test_lora_last_layers_adapts_only_the_top_layers():
+    from hf_ewtune.recipes.models import num_layers
+
+    model = apply_lora(tiny_bert(num_layers=3), settings=LoraSettings(r=2, alpha=4, last_layers=1), task_type="SEQ_CLS")
+    adapted = {n.split(".layer.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"2"}
+    every = apply_lora(tiny_bert(num_layers=3), settings=LoraSettings(r=2, alpha=4), task_type="SEQ_CLS")
+    assert {n.split(".layer.")[1].split(".")[0] for n, _ in every.named_parameters() if "lora_A" in n} == {"0", "1", "2"}
+    assert num_layers(tiny_gpt2()) == 2
+    import torch
+
+    with pytest.raises(ValueError, match="layers"):
+        num_layers(torch.nn.Linear(2, 2))

@@ -35,12 +35,18 @@ _HEADS: tuple[str, ...] = ("classifier", "score", "classification_head")
 
 @dataclass
 class LoraSettings:
-    """LoRA hyper-parameters (r=8, alpha=16, dropout 0 by default: dropout adds nothing under DP noise)."""
+    """LoRA hyper-parameters (r=8, alpha=16, dropout 0 by default: dropout adds nothing under DP noise).
+
+    ``last_layers`` adapts only the top that many transformer layers (``None``: all). Under DP this both
+    shortens the backward pass (it stops at the lowest adapted layer) and puts the noise on fewer
+    parameters.
+    """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    last_layers: int | None = None
 
 
 def lora_targets(model: Any) -> tuple[list[str], list[str]]:
@@ -76,7 +82,12 @@ def apply_lora(model: Any, *, settings: LoraSettings, task_type: str) -> Any:
     targets, heads = lora_targets(model)
     if settings.target_modules:
         targets = list(settings.target_modules)
+    layers = None
+    if settings.last_layers:
+        depth = num_layers(model)
+        layers = list(range(max(depth - settings.last_layers, 0), depth))
     config = LoraConfig(
+        layers_to_transform=layers,
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
@@ -86,6 +97,20 @@ def apply_lora(model: Any, *, settings: LoraSettings, task_type: str) -> Any:
         fan_in_fan_out="c_attn" in targets,
     )
     return get_peft_model(model, config)
+
+
+def num_layers(model: Any) -> int:
+    """Number of transformer layers, from the model config.
+
+    Raises:
+        ValueError: If the config names no layer count (then ``last_layers`` cannot be used).
+    """
+    config = getattr(model, "config", None)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"Cannot tell how many layers {type(model).__name__} has: use all layers (last_layers=None).")
 
 
 def load_pretrained(name: str, *, kind: str, num_labels: int | None = None) -> tuple[Any, Any, dict]:

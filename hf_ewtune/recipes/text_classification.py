@@ -69,14 +69,14 @@ class TextClassificationConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     max_length: int = 64
-    epochs: float = 1.0
+    epochs: float = 2.0
     batch_size: int = 256
     micro_batch_size: int = 32
-    learning_rate: float = 5e-3
+    learning_rate: float = 1e-2
     head_learning_rate: float | None = None
     pooling: str = "auto"
     use_lora: bool = True
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(last_layers=2))
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
