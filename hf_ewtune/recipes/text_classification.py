@@ -1,9 +1,9 @@
 """The main job: (DP) LoRA fine-tuning of a sequence classifier, evaluation, model + card + privacy plot.
 
-Defaults reproduce ``hf-ewtune train``: all-MiniLM-L6-v2 with LoRA (r=8, alpha 16, query/value) and a
-linear classifier on its mean-pooled, L2-normalised sentence vector (the pooling the sentence-transformers
-checkpoint declares; see :mod:`hf_ewtune.recipes.pooling`), trained fully at its own learning rate, on
-the offline Rotten Tomatoes data, target certified epsilon 3.
+Defaults reproduce ``hf-ewtune train``: all-MiniLM-L6-v2 with LoRA (r=8, alpha 16, query/value of the top 2
+layers) and a linear classifier on its mean-pooled, L2-normalised sentence vector (the pooling the
+sentence-transformers checkpoint declares; see :mod:`hf_ewtune.recipes.pooling`), trained fully at its own
+learning rate, 2 epochs on the offline Rotten Tomatoes data, target certified epsilon 3.
 
 Example:
     >>> from hf_ewtune.recipes import TextClassificationConfig, run_text_classification
