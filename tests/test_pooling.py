@@ -180,3 +180,10 @@ def test_saved_full_fine_tune_reloads_with_same_predictions(tmp_path):
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = load_pooled_classifier(tmp_path)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_head_choices_match_pooling_modes():
+    from hf_ewtune.recipes.heads import HEAD_CHOICES
+    from hf_ewtune.recipes.pooling import POOLINGS
+
+    assert HEAD_CHOICES == ("auto", "model") + POOLINGS

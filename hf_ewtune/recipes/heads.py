@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from hf_ewtune.recipes.models import load_pretrained, name_as_base_model
-from hf_ewtune.recipes.pooling import HEAD_FILE, POOLINGS, PooledSequenceClassifier
+
+# torch-free at import (the command line builds its parser from these modules): pooling.py is imported lazily.
 
 logger = logging.getLogger(__name__)
 
 HEAD_NAMES = ("classifier", "score", "classification_head")
 POOLED_HEAD_LEARNING_RATE = 5e-2
-HEAD_CHOICES = ("auto", "model") + POOLINGS
+HEAD_CHOICES = ("auto", "model", "mean", "cls")  # "mean"/"cls": pooling.POOLINGS
 
 _LOAD_SECTION = """
 ## How to load
@@ -92,6 +93,8 @@ def head_optimizer(model: Any, *, learning_rate: float, head_learning_rate: floa
     Raises:
         ValueError: If a separate head rate is asked for but the model has no trainable head.
     """
+    from hf_ewtune.recipes.pooling import PooledSequenceClassifier
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if head_learning_rate is None:
         head_learning_rate = POOLED_HEAD_LEARNING_RATE if isinstance(base, PooledSequenceClassifier) else learning_rate
@@ -116,6 +119,8 @@ def write_head_settings(model: Any, *, base_model: str | None, output_dir: Path)
     ``base_model`` is the name :func:`~hf_ewtune.recipes.pooling.load_pooled_classifier` reloads from
     (``None`` for a model it cannot rebuild by name, e.g. a smoke run's random tiny BERT).
     """
+    from hf_ewtune.recipes.pooling import HEAD_FILE, PooledSequenceClassifier
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if isinstance(base, PooledSequenceClassifier):
         settings = dict(base.head_settings(), base_model=base_model)
@@ -124,6 +129,8 @@ def write_head_settings(model: Any, *, base_model: str | None, output_dir: Path)
 
 def add_load_section(card: Path, output_dir: Path) -> None:
     """Append a "How to load" section to the model card of a run with a pooled head."""
+    from hf_ewtune.recipes.pooling import HEAD_FILE
+
     head_file = Path(output_dir) / HEAD_FILE
     if not head_file.exists():
         return
