@@ -124,6 +124,16 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def _close_process_group() -> None:
+    """Under ``accelerate launch``: tear the process group down before exit (a live gloo group can abort at exit)."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Run the main job from parsed options; prints the results and returns the exit status."""
     from hf_ewtune.errors import PrivacyConfigError
@@ -139,6 +149,8 @@ def run_train(args: argparse.Namespace) -> int:
     except (PrivacyConfigError, ValueError, OSError) as exc:
         print(f"hf-ewtune train: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     if not result.main_process:  # accelerate launch: rank 0 reports for the whole run
         return 0
     print()

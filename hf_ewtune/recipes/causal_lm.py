@@ -190,4 +190,5 @@ def run_causal_lm(*, config: CausalLMConfig, model: Any = None, tokenizer: Any =
     result.main_process = main
     if main:
         result.write_json()
+    trainer.accelerator.wait_for_everyone()  # ranks leave together, after rank 0 has written the run
     return result

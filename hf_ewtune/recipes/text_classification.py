@@ -241,6 +241,7 @@ def run_text_classification(
                              str(out), config.push_to_hub)
             else:
                 result.write_json()
+    trainer.accelerator.wait_for_everyone()  # ranks leave together, after rank 0 has written the run
     return result
 
 
