@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         if edgeworth is not None:
             print(f"Edgeworth epsilon = {edgeworth:.4g} (estimate, not a guarantee)")
         print(f"eval loss = {metrics.get('eval_loss', float('nan')):.4f}; saved to {args.output_dir}")
+    state.wait_for_everyone()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # a gloo group left alive can abort a rank at interpreter exit
     return 0
 
 

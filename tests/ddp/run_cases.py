@@ -53,6 +53,7 @@ def main() -> int:
         os.makedirs(opts.workdir, exist_ok=True)
         torch.save(results, os.path.join(opts.workdir, "results.pt"))
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a gloo group left alive can abort a rank at interpreter exit
     return 0
 
 
