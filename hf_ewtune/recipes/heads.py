@@ -20,13 +20,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hf_ewtune.recipes.models import load_pretrained, name_as_base_model
+from hf_ewtune.recipes.models import HEAD_NAMES, load_pretrained, name_as_base_model
 
 # torch-free at import (the command line builds its parser from these modules): pooling.py is imported lazily.
 
 logger = logging.getLogger(__name__)
 
-HEAD_NAMES = ("classifier", "score", "classification_head")
 POOLED_HEAD_LEARNING_RATE = 5e-2
 HEAD_CHOICES = ("auto", "model", "mean", "cls")  # "mean"/"cls": pooling.POOLINGS
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_IGNORE = ["_*", "checkpoint-*", "results.json", "training_args.bin", "runs/*"]
+UPLOAD_IGNORE = ["_*", "checkpoint-*", "results.json", "training_args.bin", "runs/*", "**/events.out.tfevents*"]
 
 
 def publish_run(output_dir: str | Path, *, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -50,6 +50,6 @@ def publish_run(output_dir: str | Path, *, repo_id: str, private: bool = False, 
                        len(logs), folder)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, ignore_patterns=UPLOAD_IGNORE + ["**/events.out.tfevents*"],
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, ignore_patterns=UPLOAD_IGNORE,
                                commit_message="hf-ewtune: DP fine-tuned model with its privacy card")
     return str(getattr(commit, "commit_url", commit))

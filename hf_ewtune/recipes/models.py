@@ -30,7 +30,7 @@ _TARGET_SETS: tuple[tuple[str, ...], ...] = (
     ("c_attn",),  # GPT-2
     ("query_key_value",),  # GPT-NeoX, Falcon
 )
-_HEADS: tuple[str, ...] = ("classifier", "score", "classification_head")
+HEAD_NAMES: tuple[str, ...] = ("classifier", "score", "classification_head")
 
 
 @dataclass
@@ -65,7 +65,7 @@ def lora_targets(model: Any) -> tuple[list[str], list[str]]:
             f"Cannot guess LoRA target modules for {type(model).__name__}: pass target_modules "
             "(e.g. --lora-target query,value)."
         )
-    heads = [h for h in _HEADS if h in leaf_names]
+    heads = [h for h in HEAD_NAMES if h in leaf_names]
     return targets, heads[:1]
 
 
