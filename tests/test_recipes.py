@@ -99,3 +99,12 @@ def test_lora_last_layers_adapts_only_the_top_layers():
 
     with pytest.raises(ValueError, match="layers"):
         num_layers(torch.nn.Linear(2, 2))
+
+
+def test_lora_last_layers_rejects_non_positive_counts(capsys):
+    from hf_ewtune.cli import main
+
+    with pytest.raises(ValueError, match="last_layers"):
+        apply_lora(tiny_bert(), settings=LoraSettings(last_layers=-1), task_type="SEQ_CLS")
+    assert main(["train", "--smoke", "--lora-last-layers", "-1"]) == 2  # rejected while parsing, before any training
+    assert "argument --lora-last-layers: must be 0 or a positive integer" in capsys.readouterr().err

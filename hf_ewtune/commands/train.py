@@ -34,6 +34,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` options to ``parser``."""
     from hf_ewtune.recipes.text_classification import DEFAULT_DATASET, DEFAULT_MODEL
@@ -70,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval-samples", type=_positive_int, default=None, help="subsample the test set")
     parser.add_argument("--no-lora", action="store_true", help="fine-tune every weight instead of LoRA adapters")
     parser.add_argument("--lora-r", type=_positive_int, default=8)
-    parser.add_argument("--lora-last-layers", type=int, default=2,
+    parser.add_argument("--lora-last-layers", type=_non_negative_int, default=2,
                         help="adapt only the top N transformer layers; 0 = all (default: %(default)s)")
     parser.add_argument("--lora-alpha", type=_positive_int, default=16)
     parser.add_argument("--lora-target", default=None, help="comma-separated module names for LoRA (default: guessed)")

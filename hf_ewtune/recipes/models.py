@@ -83,6 +83,8 @@ def apply_lora(model: Any, *, settings: LoraSettings, task_type: str) -> Any:
     if settings.target_modules:
         targets = list(settings.target_modules)
     layers = None
+    if settings.last_layers is not None and settings.last_layers < 1:
+        raise ValueError(f"last_layers must be a positive number of layers or None (all), got {settings.last_layers}")
     if settings.last_layers:
         depth = num_layers(model)
         layers = list(range(max(depth - settings.last_layers, 0), depth))
