@@ -142,13 +142,16 @@ def test_vendor_rejects_bad_messages():
 
 
 # ---------------------------------------------------------------------------------------------- two processes
+SECRET = "test-shared-secret-0123456789abcdef"
+
+
 def _vendor_process(port_queue, result_queue):
     torch.set_num_threads(1)
     from hf_ewtune.sap import serve
 
     _, _, top, _ = _parties()
     vendor = SAPVendor(top=top, peft_config=_lora())
-    serve(vendor.handle, host="127.0.0.1", port=0, on_bound=port_queue.put)
+    serve(vendor.handle, host="127.0.0.1", port=0, on_bound=port_queue.put, secret=SECRET, max_connections=1)
     result_queue.put(len(vendor.rows))
 
 
@@ -161,7 +164,7 @@ def test_two_processes_over_loopback_loss_falls():
     try:
         port = port_q.get(timeout=240)
         _, bottom, _, data = _parties()
-        transport = SocketTransport(host="127.0.0.1", port=port)
+        transport = SocketTransport(host="127.0.0.1", port=port, secret=SECRET)
         customer = SAPCustomer(bottom=bottom, privatizer=DChiPrivatizer(eta=2000.0, seed=0), transport=transport)
         metrics = customer.fit(data, batch_size=16, epochs=15, learning_rate=2e-2)
         logits = customer.predict(data)

@@ -84,6 +84,9 @@ def _echo(msg: Message) -> Message:
     return Message(kind="echo", meta=msg.meta, tensors={k: v * 2 for k, v in msg.tensors.items() if v.is_floating_point()})
 
 
+SECRET = "test-shared-secret-0123456789abcdef"
+
+
 def _start_server(handler, max_connections=1):
     bound = threading.Event()
     port = []
@@ -93,7 +96,7 @@ def _start_server(handler, max_connections=1):
         bound.set()
 
     th = threading.Thread(target=serve, kwargs=dict(handler=handler, port=0, on_bound=on_bound,
-                                                    max_connections=max_connections), daemon=True)
+                                                    max_connections=max_connections, secret=SECRET), daemon=True)
     th.start()
     assert bound.wait(10)
     return th, port[0]
@@ -101,7 +104,7 @@ def _start_server(handler, max_connections=1):
 
 def test_socket_round_trip_equals_local_transport():
     th, port = _start_server(_echo)
-    client = SocketTransport(port=port)
+    client = SocketTransport(port=port, secret=SECRET)
     msg = _msg()
     via_socket = client.request(msg)
     client.close()
@@ -116,6 +119,9 @@ def test_socket_round_trip_equals_local_transport():
 def test_server_answers_a_pickled_frame_with_an_error():
     th, port = _start_server(_echo)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        from hf_ewtune.sap.auth import client_handshake
+
+        client_handshake(s, SECRET)
         s.sendall(pickle.dumps({"evil": 1}) + b"\x00" * 32)
         from hf_ewtune.sap.transport import read_frame
 

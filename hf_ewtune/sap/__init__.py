@@ -16,6 +16,7 @@ Example:
 """
 
 from hf_ewtune.sap.attacks import LearnedInversion, empirical_privacy, median_nn_distance, nn_inversion
+from hf_ewtune.sap.auth import SAPAuthenticationError, generate_secret
 from hf_ewtune.sap.privatizers import (
     CTIAllocator,
     DChiGuarantee,
@@ -24,11 +25,13 @@ from hf_ewtune.sap.privatizers import (
     sample_dchi_noise,
 )
 from hf_ewtune.sap.roles import SAPCustomer, SAPVendor
+from hf_ewtune.sap.server import SAPServer
 from hf_ewtune.sap.split import SAPBottom, split_model
 from hf_ewtune.sap.transport import LocalTransport, Message, SAPProtocolError, SocketTransport, serve
 
 __all__ = [
     "CTIAllocator", "DChiGuarantee", "DChiPrivatizer", "LearnedInversion", "LocalTransport", "Message",
-    "SAPBottom", "SAPCustomer", "SAPProtocolError", "SAPVendor", "SocketTransport", "empirical_privacy",
-    "eta_for_relative_noise", "median_nn_distance", "nn_inversion", "sample_dchi_noise", "serve", "split_model",
+    "SAPAuthenticationError", "SAPBottom", "SAPCustomer", "SAPProtocolError", "SAPServer", "SAPVendor",
+    "SocketTransport", "empirical_privacy", "eta_for_relative_noise", "generate_secret", "median_nn_distance",
+    "nn_inversion", "sample_dchi_noise", "serve", "split_model",
 ]
