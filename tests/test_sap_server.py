@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hf_ewtune.errors import PrivacyConfigError
-from hf_ewtune.sap import SAPVendor, split_model
+from hf_ewtune.sap import SAPVendor
 from hf_ewtune.sap.auth import SECRET_ENV_VAR, SAPAuthenticationError, client_handshake
 from hf_ewtune.sap.server import SAPServer
 from hf_ewtune.sap.transport import (
@@ -29,7 +29,6 @@ from hf_ewtune.sap.transport import (
     read_frame,
     serve,
 )
-from hf_ewtune.testing import tiny_bert
 
 SECRET = "test-shared-secret-0123456789abcdef"
 
@@ -94,6 +93,19 @@ def test_deeply_nested_header_is_a_protocol_error_not_a_recursion_error():
         decode_frame(_frame(header))
     ok = b'{"kind":"x","meta":{"a":[[["[[[[{{{{"]]]}}'  # brackets inside strings do not count
     assert decode_frame(_frame(ok)).meta == {"a": [[["[[[[{{{{"]]]}
+
+
+def test_header_with_a_huge_integer_is_a_protocol_error():
+    with pytest.raises(SAPProtocolError, match="JSON"):  # json.loads raises a bare ValueError past 4300 digits
+        decode_frame(_frame(b'{"kind":"x","meta":{"n":' + b"9" * 5000 + b"}}"))
+
+
+def test_unserialisable_reply_is_reported_and_the_connection_keeps_serving():
+    replies = iter([Message(kind="bad", meta={"x": object()}), Message(kind="good")])
+    with SAPServer(lambda m: next(replies), secret=SECRET) as srv, srv.connect(timeout=5) as client:
+        with pytest.raises(SAPProtocolError, match="TypeError"):
+            client.request(Message(kind="first"))
+        assert client.request(Message(kind="second")).kind == "good"
 
 
 def test_deeply_nested_header_does_not_kill_the_server(server, spy):
@@ -211,8 +223,7 @@ def test_serve_keeps_serving_until_stopped_and_prints_a_generated_secret(spy, mo
 # ---------------------------------------------------------------------------------------- authentication
 @pytest.mark.parametrize("kind", ["upload", "reset"])
 def test_unauthenticated_upload_or_reset_is_refused(kind):
-    _, top = split_model(tiny_bert(vocab_size=50), split_layer=0)
-    vendor = SAPVendor(top=top)
+    vendor = SAPVendor(top=torch.nn.Linear(32, 2))  # upload/reset never touch the model
     vendor.rows.append({"marker": torch.zeros(1)})
     msg = Message(kind=kind, tensors={"hidden": torch.zeros(1, 2, 32), "attention_mask": torch.ones(1, 2),
                                       "labels": torch.zeros(1, dtype=torch.long)} if kind == "upload" else {})
@@ -281,7 +292,7 @@ def test_tls_round_trip_on_loopback(tmp_path, spy):
     server_ctx.load_cert_chain(cert, key)
     client_ctx = ssl.create_default_context(cafile=str(cert))
     x = torch.arange(6.0).reshape(2, 3)
-    with SAPServer(spy, secret=SECRET, ssl_context=server_ctx, handshake_timeout=2.0) as srv:
+    with SAPServer(spy, secret=SECRET, ssl_context=server_ctx, handshake_timeout=1.0) as srv:
         with srv.connect(ssl_context=client_ctx, timeout=5) as client:
             assert isinstance(client.sock, ssl.SSLSocket) and client.sock.version().startswith("TLS")
             assert torch.equal(client.request(Message(kind="mul", tensors={"x": x})).tensors["x"], 2 * x)
@@ -291,6 +302,33 @@ def test_tls_round_trip_on_loopback(tmp_path, spy):
             srv.connect(ssl_context=ssl.create_default_context(), timeout=3)
         assert _ping(srv, ssl_context=client_ctx) < 5
     assert spy.seen == ["mul", "ping"]
+
+
+def test_slow_tls_handshake_is_cut_at_handshake_timeout(tmp_path, spy):
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    with SAPServer(spy, secret=SECRET, ssl_context=server_ctx, handshake_timeout=1.0) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            t0, closed = time.monotonic(), False
+            hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200)  # a TLS ClientHello, trickled
+            for byte in hello:
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.05)  # each byte resets a per-read timeout; only a total deadline ends this
+                if time.monotonic() - t0 > 4:
+                    break
+            if not closed:
+                s.settimeout(1)
+                try:
+                    closed = s.recv(1) == b""
+                except (ConnectionResetError, socket.timeout):
+                    closed = True
+        assert closed and time.monotonic() - t0 < 3.0
+        assert _ping(srv, ssl_context=ssl.create_default_context(cafile=str(cert))) < 5
 
 
 def test_non_loopback_needs_tls_or_an_explicit_insecure_opt_in(spy):

@@ -25,12 +25,13 @@ import socket
 import ssl
 import sys
 import threading
+import time
 import warnings
 from typing import Any, Callable
 
 from hf_ewtune.errors import PrivacyConfigError
 from hf_ewtune.sap.auth import SECRET_ENV_VAR, generate_secret, resolve_secret, server_handshake
-from hf_ewtune.sap.wire import DEFAULT_MAX_FRAME_BYTES, Message, SAPProtocolError, read_frame, write_frame
+from hf_ewtune.sap.wire import DEFAULT_MAX_FRAME_BYTES, Message, SAPProtocolError, encode_frame, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +152,12 @@ class SAPServer:
                     conn, addr = self._listener.accept()
                 except (socket.timeout, TimeoutError):
                     continue
-                except OSError:
+                except OSError as exc:
                     if self._stop.is_set():
                         break
-                    raise
+                    logger.warning("accept failed (%s); still serving", exc)  # e.g. out of file descriptors
+                    time.sleep(0.1)
+                    continue
                 self._dispatch(conn, addr)
         finally:
             self._shutdown_connections()
@@ -203,20 +206,32 @@ class SAPServer:
                                       name=f"sap-server-conn-{addr}")
                 self._workers.add(th)
                 self._active.add(conn)
-        if busy:
-            logger.warning("refusing %s: %d connections already open (max_clients)", addr, self.max_clients)
+        if not busy:
             try:
-                write_frame(conn, Message(kind="error", meta={"error": "server busy (max_clients reached); retry later."}),
-                            timeout=1.0)
-            except OSError:
-                pass
-            conn.close()
-            return
-        th.start()
+                th.start()
+                return
+            except RuntimeError as exc:  # cannot start a thread: answer busy below
+                logger.warning("cannot start a connection thread: %s", exc)
+                with self._state_lock:
+                    self._workers.discard(th)
+                    self._active.discard(conn)
+        logger.warning("refusing %s: %d connections already open (max_clients)", addr, self.max_clients)
+        try:
+            write_frame(conn, Message(kind="error", meta={"error": "server busy (max_clients reached); retry later."}),
+                        timeout=1.0)
+        except OSError:
+            pass
+        conn.close()
 
     def _serve_connection(self, conn: socket.socket, addr: Any) -> None:
         authenticated = False
         sock = conn
+        # Backstop: the whole handshake (TLS included) must finish soon after handshake_timeout, however slowly the
+        # bytes trickle in. (server_handshake has its own total deadline and CPython bounds do_handshake as a
+        # whole; this does not rely on either.) The 1 s grace lets those fire first and send their error reply.
+        watchdog = threading.Timer(self.handshake_timeout + 1.0, lambda: _force_shutdown(sock))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             conn.settimeout(self.handshake_timeout)
             if self.ssl_context is not None:
@@ -225,6 +240,7 @@ class SAPServer:
                     self._active.add(sock)
                 sock.do_handshake()
             server_handshake(sock, self._key, timeout=self.handshake_timeout)
+            watchdog.cancel()
             authenticated = True
             self._request_loop(sock)
         except SAPProtocolError as exc:
@@ -238,6 +254,7 @@ class SAPServer:
         except Exception:  # never let one connection take the server down
             logger.exception("unexpected error on the connection from %s", addr)
         finally:
+            watchdog.cancel()
             for s in {sock, conn}:
                 try:
                     s.close()
@@ -261,19 +278,26 @@ class SAPServer:
             try:
                 with self._handler_lock:
                     reply = self.handler(msg)
+                frame = encode_frame(reply)
             except Exception as exc:  # report to the peer, keep serving
                 logger.exception("handler failed on %s", msg.kind)
-                reply = Message(kind="error", meta={"error": f"{type(exc).__name__}: {exc}"})
-            write_frame(sock, reply, timeout=self.frame_timeout)
+                frame = encode_frame(Message(kind="error", meta={"error": f"{type(exc).__name__}: {exc}"}))
+            sock.settimeout(self.frame_timeout)
+            sock.sendall(frame)
 
     def _shutdown_connections(self) -> None:
         with self._state_lock:
             active = list(self._active)
         for s in active:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass
+            _force_shutdown(s)
+
+
+def _force_shutdown(sock: socket.socket) -> None:
+    """Wake any thread blocked on ``sock`` (plain ``socket.shutdown``, also under a TLS wrapper)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
 
 
 def _env_secret() -> str | None:

@@ -127,9 +127,12 @@ def _check_json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> None:
 def _parse_body(header: bytes, blob: bytes) -> Message:
     try:
         text = header.decode("utf-8")
-        _check_json_depth(text)
+    except UnicodeDecodeError as exc:
+        raise SAPProtocolError(f"frame header is not UTF-8 JSON: {exc}") from None
+    _check_json_depth(text)
+    try:
         head = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON, or an int over Python's digit limit
         raise SAPProtocolError(f"frame header is not UTF-8 JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(head, dict) or not isinstance(head.get("kind"), str) or not isinstance(head.get("meta", {}), dict):
         raise SAPProtocolError("frame header must be a JSON object with a string 'kind' and an object 'meta'.")
