@@ -95,7 +95,8 @@ class SAPCustomer:
     Args:
         bottom: The frozen :class:`~hf_ewtune.sap.split.SAPBottom` received from the model owner.
         privatizer: A :class:`~hf_ewtune.sap.privatizers.DChiPrivatizer` (keep its seed secret).
-        transport: ``LocalTransport(vendor.handle)`` or ``SocketTransport(port=...)``.
+        transport: ``LocalTransport(vendor.handle)`` or ``SocketTransport(port=..., secret=...)`` (see
+            :class:`~hf_ewtune.sap.server.SAPServer`).
         cti: Optional fitted :class:`~hf_ewtune.sap.privatizers.CTIAllocator` (label-conditioned rates in
             training, max over classes at inference).
         zero_padding: Zero the bottom output at padding positions before sending (at ``split_layer >= 1`` those
