@@ -153,6 +153,8 @@ def test_max_frame_bytes_has_a_documented_default_and_can_be_changed(spy):
             assert client.request(big).tensors["hidden"].shape == (4096,)
     with pytest.raises(PrivacyConfigError, match="max_frame_bytes"):
         SAPServer(spy, secret=SECRET, max_frame_bytes=0)
+    with pytest.raises(PrivacyConfigError, match="idle_timeout"):
+        SAPServer(spy, secret=SECRET, idle_timeout=float("inf"))
 
 
 # ---------------------------------------------------------------------------------------- slow clients

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 import sys
@@ -62,8 +63,9 @@ def check_host(host: str, *, tls: bool, allow_insecure_remote: bool, allow_remot
 
 
 def _positive(name: str, value: Any, kind: type = float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise PrivacyConfigError(f"{name}= must be a positive {kind.__name__}, got {value!r}.")
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise PrivacyConfigError(f"{name}= must be a finite positive {kind.__name__}, got {value!r}.")
 
 
 class SAPServer:
