@@ -130,7 +130,7 @@ def test_two_gib_length_claim_is_refused_at_once_without_allocating(server, spy)
                 t0 = time.monotonic()
                 s.sendall(_frame(b'{"kind":"upload","meta":{}}', blob_len=2 * 1024**3))  # and never the blob
                 reply = read_frame(s)
-                assert time.monotonic() - t0 < 2.0
+                assert time.monotonic() - t0 < 3.0
                 assert reply.kind == "error" and "max_frame_bytes" in reply.meta["error"]
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -164,7 +164,7 @@ def test_slow_six_byte_client_does_not_block_others(server):
     slow_authed = _raw(server, authenticate=True)
     slow_authed.sendall(b"SAP1\x00\x00")
     try:
-        assert _ping(server) < 2.0  # served while both slow clients hold their sockets
+        assert _ping(server) < 3.0  # served while both slow clients hold their sockets
         t0 = time.monotonic()
         for s in (slow, slow_authed):
             frames = _read_until_closed(s)  # the server drops them after its timeouts
@@ -173,7 +173,7 @@ def test_slow_six_byte_client_does_not_block_others(server):
     finally:
         slow.close()
         slow_authed.close()
-    assert _ping(server) < 2.0
+    assert _ping(server) < 3.0
 
 
 def test_connections_in_sequence_and_in_parallel(server, spy):
