@@ -55,19 +55,66 @@ def choose_rule(name: str, module: nn.Module) -> Rule:
     return FunctorchRule(roles)
 
 
+# Transformers modules that mix the examples of a batch in their forward (found by class name, so that
+# transformers need not be imported): NLLB-MoE's router counts expert capacity over all tokens of the batch,
+# so whether one example's token reaches its expert depends on the other examples.
+BATCH_MIXING_CLASS_NAMES: dict[str, str] = {
+    "NllbMoeTop2Router": "its expert capacity is shared by all tokens of the batch (tokens of one example are "
+                         "dropped depending on the other examples). Use a dropless MoE or freeze the MoE layers "
+                         "and train another part",
+}
+
+
+def batch_mixing_problem(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` mixes the examples of a batch (or keeps statistics of the data), or ``None``.
+
+    Every ``_BatchNorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``LazyBatchNorm*``) is rejected whatever its
+    mode, ``track_running_stats`` or ``requires_grad``: ``DPTrainer`` trains in ``train()`` mode, where it
+    normalises with the batch statistics, and with ``track_running_stats=False`` it does so in ``eval()`` mode
+    too. Then one example's gradient (of every parameter before it) depends on the other examples, and
+    clipping no longer bounds one example's influence. ``InstanceNorm`` with ``track_running_stats=True`` does
+    not mix examples but accumulates running statistics of the private data into buffers that are saved
+    with the model without noise. ``GroupNorm``, ``LayerNorm``, ``RMSNorm`` and ``InstanceNorm`` without running
+    statistics normalise each example on its own and are fine.
+
+    Example:
+        >>> from torch import nn
+        >>> batch_mixing_problem("net.0", nn.GroupNorm(2, 4)) is None
+        True
+        >>> "GroupNorm" in batch_mixing_problem("net.1", nn.BatchNorm1d(4, track_running_stats=False).eval())
+        True
+    """
+    label = f"{name or '<root>'} ({type(module).__name__})"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (f"Module {label} is a BatchNorm: it normalises with the statistics of the whole batch (in every "
+                "mode when track_running_stats=False, and in train() mode, which DPTrainer uses, always), so one "
+                "example's gradient depends on the other examples and per-example clipping does not bound its "
+                "influence. Replace it with nn.GroupNorm (e.g. nn.GroupNorm(min(32, C), C)) or nn.LayerNorm, or "
+                "remove it, before private training (opacus' ModuleValidator.fix does this replacement).")
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+        return (f"Module {label} has track_running_stats=True: its running mean/variance are statistics of the "
+                "private training data, saved with the model without noise. Build it with "
+                "track_running_stats=False (or use nn.GroupNorm).")
+    reason = BATCH_MIXING_CLASS_NAMES.get(type(module).__name__)
+    if reason is not None:
+        return f"Module {label} mixes the examples of a batch: {reason}."
+    return None
+
+
 def check_model(model: nn.Module) -> None:
     """Reject whole-model properties the engine cannot handle (batch statistics, gradient checkpointing).
+
+    Modules that mix the examples of a batch are rejected wherever they are and whatever their mode or
+    ``requires_grad`` (see :func:`batch_mixing_problem`): a frozen BatchNorm still makes the gradients of
+    the trainable layers before it depend on the other examples.
 
     Raises:
         UnsupportedModuleError: naming the module and the fix.
     """
-    if any(p.requires_grad for p in model.parameters()):
-        for name, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.track_running_stats or m.training):
-                raise UnsupportedModuleError(
-                    f"Module {name or '<root>'} ({type(m).__name__}) computes batch statistics, which mixes the "
-                    "examples of a batch and breaks per-example clipping. Replace it with GroupNorm/LayerNorm "
-                    "(or remove it) before private training.")
+    for name, m in model.named_modules():
+        problem = batch_mixing_problem(name, m)
+        if problem is not None:
+            raise UnsupportedModuleError(problem)
     if is_checkpointing(model):
         raise UnsupportedModuleError(
             "Gradient checkpointing is enabled on the model; the recomputed forward is not supported by the "
