@@ -50,6 +50,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_ewtune.arguments import PrivacyArguments, default_delta
+from hf_ewtune.batch_checks import check_micro_batch, check_training_data
 from hf_ewtune.callbacks import PrivacyCallback
 from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, PrivacyStateError
 from hf_ewtune.losses import TASKS, infer_task, per_example_loss
@@ -148,6 +149,7 @@ class DPTrainer(Trainer):
         if self.model is None:
             raise PrivacyConfigError("DPTrainer needs model=.")
         self._setup_privacy()
+        check_training_data(self)  # packed rows, token ids, labels: refused before training (batch_checks.py)
 
     # ------------------------------------------------------------------------------------- set-up
     def _reject_sharded_training(self, args: Any) -> None:
@@ -557,6 +559,7 @@ class DPTrainer(Trainer):
         if is_empty_batch(inputs):
             return torch.zeros((), device=self.args.device)
         inputs = self._prepare_inputs(inputs)
+        check_micro_batch(inputs, model=self.model, task=self.per_example_loss_task)
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         if labels is None:
