@@ -78,6 +78,11 @@ class PrivacyArguments:
             certified accountant (recommended; ``False`` trusts the Edgeworth estimate alone and is recorded).
         max_physical_batch_size: Optional cap on the examples in one forward/backward pass; larger Poisson
             micro-batches are processed in chunks (no effect on privacy).
+        privacy_unit: What one row of ``train_dataset`` is, i.e. the unit the guarantee protects, as written
+            into the privacy state and the model card. ``"example"`` (default) when each row is one record;
+            a description such as ``"1024-token block of the concatenated corpus"`` when rows were built by
+            ``group_texts``-style grouping, so that the card does not claim record-level protection (see
+            docs/privacy_unit.md). It changes no computation.
     """
 
     target_epsilon: Optional[float] = field(default=None, metadata={"help": "Privacy budget epsilon (certified)."})
@@ -101,6 +106,11 @@ class PrivacyArguments:
     )
     max_physical_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Process larger micro-batches in chunks of at most this many examples."}
+    )
+    privacy_unit: str = field(
+        default="example",
+        metadata={"help": "What one training row is (the protected unit), e.g. '1024-token block of the "
+                          "concatenated corpus' after group_texts. Written into the privacy state and the model card."},
     )
 
     def __post_init__(self) -> None:
@@ -139,6 +149,13 @@ class PrivacyArguments:
         ):
             raise PrivacyConfigError(
                 f"max_physical_batch_size must be a positive int or None, got {self.max_physical_batch_size!r}."
+            )
+        if not isinstance(self.privacy_unit, str) or not self.privacy_unit.strip() or len(self.privacy_unit) > 200 or (
+            "\n" in self.privacy_unit
+        ):
+            raise PrivacyConfigError(
+                f"privacy_unit must be a one-line description of what one training row is (at most 200 characters), "
+                f"e.g. 'example' or '1024-token block of the concatenated corpus'; got {self.privacy_unit!r}."
             )
 
     @classmethod

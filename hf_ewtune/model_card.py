@@ -49,6 +49,9 @@ BEGIN_MARKER = "<!-- hf_ewtune:privacy-section:begin (generated; edits inside ar
 END_MARKER = "<!-- hf_ewtune:privacy-section:end -->"
 MECHANISM = "DP-SGD (Poisson-subsampled Gaussian)"
 ADJACENCY = "add-or-remove-one example"
+DEFAULT_UNIT = "example"
+# Privacy-state values that mean "one training example" (older states wrote the long form).
+_EXAMPLE_UNITS = frozenset({"", DEFAULT_UNIT, "one training example (add/remove adjacency)"})
 NOT_POISSON = "shuffled fixed-size batches; accounting ASSUMES Poisson"
 EDGEWORTH_LABEL = "estimate (not a guarantee)"
 SAMPLING_RATE_NOTE = ("rounded up to 3 significant digits so that the exact dataset size is not revealed; epsilon "
@@ -220,10 +223,11 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
     library_version = state.get("library_version")
     if library_version is None:
         from hf_ewtune import __version__ as library_version
+    unit = privacy_unit_of(state)
     meta: dict[str, Any] = {
         "mechanism": MECHANISM,
-        "privacy_unit": "example",
-        "adjacency": ADJACENCY,
+        "privacy_unit": unit,
+        "adjacency": ADJACENCY if unit == DEFAULT_UNIT else f"add-or-remove-one {unit}",
         "epsilon": _finite_or_str(float(report.epsilon)),
         "delta": float(report.delta if getattr(report, "delta", None) is not None else state["delta"]),
         "epsilon_is": "certified upper bound",
@@ -262,6 +266,33 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
             if state.get(key) is not None:
                 meta[key] = state[key]
     return {k: v for k, v in meta.items() if v is not None}
+
+
+def privacy_unit_of(privacy_state: Mapping[str, Any]) -> str:
+    """The privacy unit a state declares (``PrivacyArguments.privacy_unit``): ``"example"`` unless the run said
+    otherwise (e.g. ``"1024-token block of the concatenated corpus"`` after ``group_texts``).
+
+    Example:
+        >>> privacy_unit_of({}), privacy_unit_of({"privacy_unit": "512-token block"})
+        ('example', '512-token block')
+    """
+    unit = privacy_state.get("privacy_unit")
+    unit = " ".join(str(unit).split()) if unit is not None else ""
+    return DEFAULT_UNIT if unit in _EXAMPLE_UNITS else unit
+
+
+def _unit_statement(unit: str) -> str:
+    """The prose sentence that names the privacy unit and what it implies for records larger than it."""
+    if unit == DEFAULT_UNIT:
+        return ("The privacy unit is one training **example**, under add-or-remove-one-example adjacency: adding "
+                "or removing\nany single training example changes the probability of any set of outcomes for the "
+                "released weights by at\nmost a factor e^ε plus δ.")
+    return (f"The privacy unit is one **{unit}** (one training row, as declared with `privacy_unit`), under "
+            f"add-or-remove-one adjacency of that unit: adding or removing any single {unit} changes the "
+            "probability of any set of outcomes for the released weights by at most a factor e^ε plus δ. It is "
+            "**not** a per-record guarantee: a record (a document, a conversation, one person's data) spread over "
+            "k such units is protected only as a group of k units (group privacy: ε grows to kε and δ to "
+            "k·e^((k-1)ε)·δ).")
 
 
 def _round_up(value: float, sig: int = 3) -> float:
@@ -403,6 +434,7 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         "target_epsilon": _num(meta.get("target_epsilon")) if meta.get("target_epsilon") is not None else "none",
         "stopped_early": _num(bool(meta.get("stopped_early"))),
         "extra_rows": "\n".join(extra) + ("\n" if extra else ""),
+        "unit_statement": _unit_statement(meta.get("privacy_unit") or DEFAULT_UNIT),
     }
     body = _template().substitute(values).strip("\n")
     return f"{BEGIN_MARKER}\n{body}\n{END_MARKER}"

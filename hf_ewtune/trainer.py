@@ -364,7 +364,7 @@ class DPTrainer(Trainer):
             "randomness": "user-provided noise_seed (reproducible, NOT private)"
             if pa.noise_seed is not None
             else "torch generators seeded from OS entropy via secrets (unpredictable, not a CSPRNG)",
-            "privacy_unit": "one training example (add/remove adjacency)",
+            "privacy_unit": pa.privacy_unit.strip(),
         }
         self.privacy_callback = PrivacyCallback(
             accountant=accountant, accountant_name=pa.accountant, noise_multiplier=sigma, sample_rate=q,
