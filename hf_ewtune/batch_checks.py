@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 FLATTENED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "max_length_q", "max_length_k", "seq_idx")
 SEQ_LENGTH_KEYS = ("seq_lens", "seq_lengths")
 LABEL_KEYS = ("labels", "label")
+OVERFLOW_KEY = "overflow_to_sample_mapping"
+DEFAULT_UNIT = "example"
 IGNORE_INDEX = -100
 #: Rows of the train dataset that go through the data collator at set-up.
 PREVIEW_ROWS = 8
@@ -191,6 +193,8 @@ def tensor_stats(value: torch.Tensor, *, ignore: int | None = None, rows: bool =
                  mask: torch.Tensor | None = None) -> ColumnStats:
     """:class:`ColumnStats` of a collated tensor; with ``rows``, also its first row without a token (zero
     width, or ``mask`` all 0)."""
+    if value.dtype == torch.bool:
+        value = value.to(torch.uint8)
     stats = ColumnStats(is_float=value.is_floating_point(), nested=value.dim() >= 2)
     if rows and value.dim() >= 2 and value.shape[0] > 0:
         if value.shape[-1] == 0:
@@ -298,7 +302,8 @@ def check_training_data(trainer: Any) -> None:
     task = getattr(trainer, "per_example_loss_task", None)
     sizes = ModelSizes.of(trainer.model, task)
     if _is_hf_dataset(dataset):
-        check_dataset_columns(dataset, sizes)
+        unit = getattr(getattr(trainer, "privacy_args", None), "privacy_unit", DEFAULT_UNIT)
+        check_dataset_columns(dataset, sizes, privacy_unit=unit)
     batch = _preview_batch(trainer)
     if batch is not None:
         check_micro_batch(batch, model=trainer.model, task=task,
@@ -329,9 +334,12 @@ def _preview_batch(trainer: Any) -> Mapping[str, Any] | None:
     return batch if isinstance(batch, Mapping) else None
 
 
-def check_dataset_columns(dataset: Any, sizes: ModelSizes) -> None:
+def check_dataset_columns(dataset: Any, sizes: ModelSizes, *, privacy_unit: str = "example") -> None:
     """Arrow scan of a ``datasets.Dataset``'s ``seq_lengths``/``input_ids``/``labels`` columns (no Python loop
     over rows). Datasets with an on-the-fly transform (``with_transform``) are left to the collated checks.
+
+    With the default ``privacy_unit="example"``, an ``overflow_to_sample_mapping`` column that repeats a record
+    (tokenizer ``return_overflowing_tokens=True``: one record split into several rows) is refused too.
 
     Raises:
         PrivacyConfigError: naming the column and the fix.
@@ -340,6 +348,13 @@ def check_dataset_columns(dataset: Any, sizes: ModelSizes) -> None:
         return
     where = "train_dataset"
     names = set(dataset.column_names)
+    if privacy_unit.strip() == DEFAULT_UNIT and OVERFLOW_KEY in names and _has_adjacent_repeat(dataset, OVERFLOW_KEY):
+        raise PrivacyConfigError(
+            f"{where} column '{OVERFLOW_KEY}' repeats a record: the tokenizer split long records into several rows "
+            "(return_overflowing_tokens=True), so one record spans several rows and the protected unit is a chunk, "
+            "not an example. Truncate instead (return_overflowing_tokens=False), or declare the unit, e.g. "
+            "PrivacyArguments(privacy_unit='chunk of at most 384 tokens of a record') (see docs/privacy_unit.md)."
+        )
     for key in SEQ_LENGTH_KEYS:
         if key in names and _column_stats(dataset, key, lengths=True).max not in (None, 0, 1):
             raise PrivacyConfigError(
@@ -395,6 +410,15 @@ def _column_stats(dataset: Any, column: str, *, ignore: int | None = None, lengt
         total.merge(stats, offset)
         offset += len(table)
     return total
+
+
+def _has_adjacent_repeat(dataset: Any, column: str) -> bool:
+    """Whether two consecutive rows of the stored table carry the same value (chunks of one record are
+    consecutive in a batched ``map``; a shuffled selection is checked on the table underneath it)."""
+    import pyarrow.compute as pc
+
+    arr = dataset.data.table.column(column).combine_chunks()
+    return len(arr) > 1 and bool(pc.any(pc.equal(arr.slice(1), arr.slice(0, len(arr) - 1))).as_py())
 
 
 def _is_list(arrow_type: Any) -> bool:

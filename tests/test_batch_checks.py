@@ -148,3 +148,24 @@ def test_micro_batch_check_accepts_ignored_labels_and_multi_label_floats():
     classifier = tiny_bert(vocab_size=len(TOK), num_labels=3)
     classifier.config.problem_type = "multi_label_classification"
     check_micro_batch({"input_ids": ids, "labels": torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])}, model=classifier)
+
+
+def test_records_split_into_several_rows_need_a_declared_unit(tmp_path):
+    enc = TOK([SAMPLE_TEXTS[i % 8] for i in range(12)], truncation=True, max_length=6, stride=2,
+              return_overflowing_tokens=True)
+    ds = Dataset.from_dict(dict(enc))
+    assert len(ds) > 12  # long records became several rows
+    with pytest.raises(PrivacyConfigError, match=r"'overflow_to_sample_mapping' repeats a record.*privacy_unit"):
+        _lm_trainer(tmp_path, ds, DataCollatorForLanguageModeling(TOK, mlm=False))
+    trainer = _lm_trainer(tmp_path, ds, DataCollatorForLanguageModeling(TOK, mlm=False),
+                          privacy_unit="chunk of at most 6 tokens of a record")
+    assert trainer.privacy_state()["privacy_unit"] == "chunk of at most 6 tokens of a record"
+    one_row_each = TOK([SAMPLE_TEXTS[i % 8] for i in range(12)], truncation=True, max_length=64,
+                       return_overflowing_tokens=True)
+    _lm_trainer(tmp_path, Dataset.from_dict(dict(one_row_each)), DataCollatorForLanguageModeling(TOK, mlm=False))
+
+
+def test_bool_labels_are_checked_without_error():
+    model = tiny_bert(vocab_size=len(TOK), num_labels=2)
+    ids = torch.randint(5, 50, (2, 4))
+    check_micro_batch({"input_ids": ids, "labels": torch.tensor([True, False])}, model=model)
