@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DPTrainer": "hf_ewtune.trainer",
     "PrivacyArguments": "hf_ewtune.arguments",
+    "DPTrainingArguments": "hf_ewtune.training_arguments",
     "PrivacyCallback": "hf_ewtune.callbacks",
     "EdgeworthAccountant": "hf_ewtune.accounting",
     "PLDAccountant": "hf_ewtune.accounting",

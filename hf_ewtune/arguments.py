@@ -1,7 +1,10 @@
 """``PrivacyArguments``: the privacy settings of a :class:`~hf_ewtune.DPTrainer` run.
 
-The dataclass sits beside ``transformers.TrainingArguments`` and is readable by ``HfArgumentParser``
-(``--target_epsilon 3 --max_grad_norm 1.0 ...``). Built by hand, its fields are keyword-only.
+It is the single definition of the privacy fields and their checks. ``DPTrainingArguments`` (in
+:mod:`hf_ewtune.training_arguments`) extends ``transformers.TrainingArguments`` with these same fields; that is
+the class to give ``HfArgumentParser`` next to other dataclasses (see docs/configuration.md).
+``HfArgumentParser(PrivacyArguments)`` alone also works (``--target_epsilon 3 --max_grad_norm 1.0 ...``).
+Built by hand, its fields are keyword-only.
 
 Example:
     >>> from hf_ewtune import PrivacyArguments
@@ -17,10 +20,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hf_ewtune.checks import (
+    CLIPPING_STYLES,
+    check_bool,
+    check_choice,
+    check_delta,
+    check_max_grad_norm,
+    check_noise_multiplier,
+    check_optional_int,
+    check_privacy_unit,
+    check_target_epsilon,
+)
 from hf_ewtune.errors import PrivacyConfigError
 
 ACCOUNTANTS = ("edgeworth", "pld", "rdp")
-CLIPPING_STYLES = ("flat", "per_layer", "automatic")
 
 
 def default_delta(num_examples: int) -> float:
@@ -64,8 +77,8 @@ class PrivacyArguments:
             privacy and is reported as epsilon = inf, for debugging only).
         target_delta: Delta of the (epsilon, delta) guarantee. Default ``None`` means
             ``min(1e-5, 1/(10 N)) rounded down to a power of 10`` for a training set of N examples (always below 1/N).
-        max_grad_norm: Per-example clipping norm C (> 0). Replaces ``TrainingArguments.max_grad_norm``,
-            which the trainer sets to 0.
+        max_grad_norm: Per-example clipping norm C (> 0). Replaces ``TrainingArguments.max_grad_norm``: the
+            trainer turns the batch-gradient clipping off on its own copy of the training arguments.
         accountant: ``"edgeworth"`` (EW-Tune estimate shown, certified PLD bound enforced), ``"pld"`` or ``"rdp"``.
         clipping: ``"flat"`` (default), ``"per_layer"`` or ``"automatic"``.
         poisson_sampling: Draw every logical batch by Poisson sampling (the accountants assume it). With
@@ -117,46 +130,12 @@ class PrivacyArguments:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field's value (not their combination, which the trainer checks with the data)."""
-        if self.target_epsilon is not None:
-            if isinstance(self.target_epsilon, bool) or not _is_real(self.target_epsilon) or not (
-                math.isfinite(self.target_epsilon) and self.target_epsilon > 0
-            ):
-                raise PrivacyConfigError(f"target_epsilon must be a finite number > 0, got {self.target_epsilon!r}.")
-        if self.noise_multiplier is not None:
-            if isinstance(self.noise_multiplier, bool) or not _is_real(self.noise_multiplier) or not (
-                math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
-            ):
-                raise PrivacyConfigError(
-                    f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}."
-                )
-        if self.target_delta is not None:
-            if not _is_real(self.target_delta) or not 0.0 < self.target_delta < 1.0:
-                raise PrivacyConfigError(
-                    f"target_delta must be in (0, 1) and below 1/N, got {self.target_delta!r}; "
-                    "leave it unset for the default min(1e-5, 1/(10 N)) rounded down to a power of 10."
-                )
-        if not _is_real(self.max_grad_norm) or not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise PrivacyConfigError(f"max_grad_norm (per-example clipping norm) must be > 0, got {self.max_grad_norm!r}.")
-        if self.accountant not in ACCOUNTANTS:
-            raise PrivacyConfigError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
-        if self.clipping not in CLIPPING_STYLES:
-            raise PrivacyConfigError(f"clipping must be one of {CLIPPING_STYLES}, got {self.clipping!r}.")
-        if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int)):
-            raise PrivacyConfigError(f"noise_seed must be an int or None, got {self.noise_seed!r}.")
-        if self.max_physical_batch_size is not None and (
-            not isinstance(self.max_physical_batch_size, int) or self.max_physical_batch_size < 1
-        ):
-            raise PrivacyConfigError(
-                f"max_physical_batch_size must be a positive int or None, got {self.max_physical_batch_size!r}."
-            )
-        if not isinstance(self.privacy_unit, str) or not self.privacy_unit.strip() or len(self.privacy_unit) > 200 or (
-            "\n" in self.privacy_unit
-        ):
-            raise PrivacyConfigError(
-                f"privacy_unit must be a one-line description of what one training row is (at most 200 characters), "
-                f"e.g. 'example' or '1024-token block of the concatenated corpus'; got {self.privacy_unit!r}."
-            )
+        """Check every field's value (not their combination, which the trainer checks with the data).
+
+        The checks are those of :mod:`hf_ewtune.checks`, which the accountants, calibration and the clipping
+        engine also use.
+        """
+        validate_privacy_fields(self)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -168,8 +147,26 @@ class PrivacyArguments:
         return dataclasses.asdict(self)
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def validate_privacy_fields(settings: Any) -> None:
+    """Check the privacy fields of ``settings`` (a ``PrivacyArguments`` or ``DPTrainingArguments``).
+
+    Raises:
+        PrivacyConfigError: naming the first field with a bad value.
+    """
+    if settings.target_epsilon is not None:
+        check_target_epsilon(settings.target_epsilon)
+    if settings.noise_multiplier is not None:
+        check_noise_multiplier(settings.noise_multiplier)
+    if settings.target_delta is not None:
+        check_delta(settings.target_delta, name="target_delta")
+    check_max_grad_norm(settings.max_grad_norm)
+    check_choice(settings.accountant, ACCOUNTANTS, name="accountant")
+    check_choice(settings.clipping, CLIPPING_STYLES, name="clipping")
+    check_bool(settings.poisson_sampling, name="poisson_sampling")
+    check_bool(settings.certify_calibration, name="certify_calibration")
+    check_optional_int(settings.noise_seed, name="noise_seed")
+    check_optional_int(settings.max_physical_batch_size, name="max_physical_batch_size", minimum=1)
+    check_privacy_unit(settings.privacy_unit)
 
 
 # ---- command line: PrivacyArguments beside TrainingArguments ------------------------------------------
@@ -180,18 +177,27 @@ CLI_RENAMES = {"max_grad_norm": "per_example_max_grad_norm"}
 
 def privacy_cli_dataclass() -> type:
     """A dataclass with :class:`PrivacyArguments`' fields, renamed per :data:`CLI_RENAMES` so that it can share
-    one ``HfArgumentParser`` with ``TrainingArguments`` (whose ``--max_grad_norm`` would otherwise clash)."""
+    one ``HfArgumentParser`` with ``TrainingArguments`` (whose ``--max_grad_norm`` would otherwise clash).
+
+    ``--per_example_max_grad_norm`` defaults to ``None`` here (meaning C = 1.0) so that an unset flag can be told
+    apart from an explicit one."""
     import typing
 
     hints = typing.get_type_hints(PrivacyArguments)
     specs = []
     for f in dataclasses.fields(PrivacyArguments):
-        specs.append((CLI_RENAMES.get(f.name, f.name), hints[f.name], field(default=f.default, metadata=dict(f.metadata))))
+        name, kind, default = CLI_RENAMES.get(f.name, f.name), hints[f.name], f.default
+        if f.name in CLI_RENAMES:
+            kind, default = Optional[kind], None
+        specs.append((name, kind, field(default=default, metadata=dict(f.metadata))))
     return dataclasses.make_dataclass("PrivacyCLIArguments", specs, kw_only=True)
 
 
 def parse_args_with_privacy(*dataclass_types: type, args: list[str] | None = None) -> tuple[Any, ...]:
     """Parse the command line into ``dataclass_types`` (e.g. ``TrainingArguments``) plus a ``PrivacyArguments``.
+
+    Prefer ``HfArgumentParser(DPTrainingArguments)`` (see docs/configuration.md), where ``--max_grad_norm`` is
+    the per-example clipping norm and JSON configs work; this function is kept for existing scripts.
 
     The clipping norm is given as ``--per_example_max_grad_norm`` (``--max_grad_norm`` belongs to
     ``TrainingArguments``). ``PrivacyArguments`` alone can also be parsed with a plain
@@ -203,6 +209,10 @@ def parse_args_with_privacy(*dataclass_types: type, args: list[str] | None = Non
 
     Returns:
         The parsed instances, in order, followed by the :class:`PrivacyArguments`.
+
+    Raises:
+        PrivacyConfigError: ``--max_grad_norm`` was set without ``--per_example_max_grad_norm`` (it would be
+            silently ignored: DPTrainer turns the Trainer's batch clipping off).
 
     Example:
         >>> from transformers import TrainingArguments
@@ -216,7 +226,18 @@ def parse_args_with_privacy(*dataclass_types: type, args: list[str] | None = Non
 
     types = tuple(dataclass_types) or (TrainingArguments,)
     parsed = HfArgumentParser((*types, privacy_cli_dataclass())).parse_args_into_dataclasses(args=args)
-    cli = parsed[-1]
+    values = dataclasses.asdict(parsed[-1])
+    if values["per_example_max_grad_norm"] is None:
+        batch_norm = [getattr(p, "max_grad_norm", None) for p in parsed[:-1]]
+        set_norms = [v for v in batch_norm if v not in (None, 0, 0.0, 1.0)]
+        if set_norms:
+            raise PrivacyConfigError(
+                f"--max_grad_norm {set_norms[0]:g} sets the Trainer's clipping of the batch gradient, which DPTrainer "
+                f"turns off; the per-example clipping norm would silently stay at 1.0. Pass --per_example_max_grad_norm "
+                f"{set_norms[0]:g} instead (or parse with HfArgumentParser(DPTrainingArguments), where --max_grad_norm "
+                "IS the per-example norm)."
+            )
+        values["per_example_max_grad_norm"] = 1.0
     inverse = {v: k for k, v in CLI_RENAMES.items()}
-    privacy = PrivacyArguments(**{inverse.get(k, k): v for k, v in dataclasses.asdict(cli).items()})
+    privacy = PrivacyArguments(**{inverse.get(k, k): v for k, v in values.items()})
     return (*parsed[:-1], privacy)

@@ -56,6 +56,12 @@ from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, PrivacySt
 from hf_ewtune.losses import TASKS, infer_task, per_example_loss
 from hf_ewtune.noise import DPOptimizer
 from hf_ewtune.privacy_state import load_privacy_state, save_privacy_state
+from hf_ewtune.training_arguments import (
+    check_training_arguments,
+    reject_sharded_training,
+    resolve_privacy_settings,
+    trainer_facing_copy,
+)
 from hf_ewtune.sampling import (
     DPDataLoader,
     EmptyAwareCollator,
@@ -90,6 +96,15 @@ _ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDic
 _SAMPLING_STREAM = 1
 
 
+def _with_trainer_facing_args(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of ``DPTrainer.__init__`` with the training arguments replaced by a trainer-facing copy."""
+    if "args" in kwargs:
+        return args, {**kwargs, "args": trainer_facing_copy(kwargs["args"])}
+    if len(args) > 1:
+        return (args[0], trainer_facing_copy(args[1]), *args[2:]), kwargs
+    return args, kwargs
+
+
 class DPTrainer(Trainer):
     """``transformers.Trainer`` with differentially private training (DP-SGD, Poisson sampling).
 
@@ -121,17 +136,10 @@ class DPTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         privacy_kwargs = {k: kwargs.pop(k) for k in PrivacyArguments.field_names() if k in kwargs}
-        if privacy_args is not None and privacy_kwargs:
-            raise PrivacyConfigError(
-                f"pass the privacy settings either as privacy_args= or as keyword arguments, not both "
-                f"(got privacy_args and {sorted(privacy_kwargs)})."
-            )
-        if privacy_args is None:
-            privacy_args = PrivacyArguments(**privacy_kwargs)
-        elif not isinstance(privacy_args, PrivacyArguments):
-            raise PrivacyConfigError(f"privacy_args must be a PrivacyArguments, got {type(privacy_args).__name__}.")
-        else:
-            privacy_args.validate()
+        given_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        privacy_args = resolve_privacy_settings(given_args, privacy_args, privacy_kwargs)
+        check_training_arguments(given_args)  # before the Trainer is built (its __init__ may act on them)
+        args, kwargs = _with_trainer_facing_args(args, kwargs)
         if per_example_loss_task is not None and per_example_loss_task not in TASKS:
             raise PrivacyConfigError(f"per_example_loss_task must be one of {TASKS} or None, got {per_example_loss_task!r}.")
         if kwargs.get("model_init") is not None:
@@ -143,7 +151,6 @@ class DPTrainer(Trainer):
         self.per_example_loss_task = per_example_loss_task
         self.privacy_callback: PrivacyCallback | None = None
         self._engine = None
-        self._reject_sharded_training(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         self._reject_sharded_training(self.args)
         if self.model is None:
@@ -153,74 +160,36 @@ class DPTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------- set-up
     def _reject_sharded_training(self, args: Any) -> None:
-        """Raise for FSDP, DeepSpeed or Megatron-LM (from ``TrainingArguments``, the accelerate config or env).
-
-        Multi-process DP training is supported with DDP only (``accelerate launch --multi_gpu``): see
-        docs/distributed.md for what sharded training would need.
-        """
-        used = []
-        if args is not None and getattr(args, "fsdp", None):
-            used.append("FSDP (TrainingArguments.fsdp)")
-        if args is not None and getattr(args, "deepspeed", None):
-            used.append("DeepSpeed (TrainingArguments.deepspeed)")
-        for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-                          ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
-            if os.environ.get(var, "").lower() in ("1", "true", "yes"):
-                used.append(f"{name} (accelerate config, {var})")
-        if getattr(self, "is_fsdp_enabled", False):
-            used.append("FSDP (accelerate plugin)")
-        if getattr(self, "is_deepspeed_enabled", False):
-            used.append("DeepSpeed (accelerate plugin)")
-        if used:
-            raise PrivacyConfigError(
-                f"DPTrainer does not support sharded training: {', '.join(dict.fromkeys(used))}. Missing: per-example "
-                "clipping across sharded parameters (each example's gradient norm must be summed over all shards "
-                "before clipping, and nothing may reduce unclipped gradients; FSDP and ZeRO reduce-scatter them "
-                "inside backward). Use DDP instead: `accelerate launch --multi_gpu --num_processes N ...` with a "
-                "config without fsdp/deepspeed (see docs/distributed.md)."
-            )
+        """Raise for FSDP, DeepSpeed or Megatron-LM (arguments, accelerate config or plugins): DDP only."""
+        plugins = tuple(name for flag, name in (("is_fsdp_enabled", "FSDP (accelerate plugin)"),
+                                                ("is_deepspeed_enabled", "DeepSpeed (accelerate plugin)"))
+                        if getattr(self, flag, False))
+        reject_sharded_training(args, plugins=plugins)
 
     def _setup_privacy(self) -> None:
-        pa = self.privacy_args
-        args = self.args
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            logger.info(
-                "DPTrainer: setting TrainingArguments.max_grad_norm=%s to 0; per-example clipping at "
-                "PrivacyArguments.max_grad_norm=%s replaces the Trainer's clipping of the batch gradient.",
-                args.max_grad_norm, pa.max_grad_norm,
-            )
-            args.max_grad_norm = 0.0
-        if getattr(args, "average_tokens_across_devices", False):
-            args.average_tokens_across_devices = False
-        if args.n_gpu > 1:
+        """Check everything and build the privacy machinery, in named steps (all before training)."""
+        self._check_environment()
+        n = self._training_set_size()
+        self._plan_sampling(n)
+        self.delta = self._resolve_delta(n)
+        self.noise_multiplier, budget_steps, calibration = self._resolve_noise_and_budget()
+        seed = self.privacy_args.noise_seed
+        self._base_noise_seed = derive_seed(seed, _NOISE_STREAM) if seed is not None else None
+        self._attach_clipping_engine()
+        self.privacy_callback = self._build_privacy_callback(budget_steps=budget_steps, calibration=calibration)
+        self.add_callback(self.privacy_callback)
+        self._tag_model()
+
+    def _check_environment(self) -> None:
+        """The process layout and the Trainer overrides that DP-SGD cannot honour."""
+        if self.args.max_grad_norm:  # args=None: the Trainer built its own arguments (with batch clipping)
+            self.args = trainer_facing_copy(self.args)
+        check_training_arguments(self.args)
+        if self.args.n_gpu > 1:
             raise PrivacyConfigError(
-                f"DPTrainer does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one process); launch one "
-                "process per GPU with torchrun or accelerate launch instead."
+                f"DPTrainer does not support torch.nn.DataParallel ({self.args.n_gpu} GPUs in one process); launch "
+                "one process per GPU with torchrun or accelerate launch instead."
             )
-        if args.fp16:
-            raise PrivacyConfigError(
-                "fp16=True is not supported: the GradScaler would rescale the clipped, noised gradient and change "
-                "the effective clipping norm. Use bf16=True (or full precision)."
-            )
-        if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
-            raise PrivacyConfigError(
-                "activation/gradient checkpointing is not supported with per-example clipping yet (the recomputed "
-                "forward re-fires the clipping hooks); turn it off or lower the batch size."
-            )
-        if getattr(args, "auto_find_batch_size", False):
-            raise PrivacyConfigError(
-                "auto_find_batch_size=True is not supported: it changes the batch size, hence the sample rate q, "
-                "after the noise was calibrated. Set per_device_train_batch_size, and cap memory with "
-                "PrivacyArguments.max_physical_batch_size instead."
-            )
-        strategy = getattr(args, "train_sampling_strategy", "random")
-        if strategy not in ("random", None):
-            raise PrivacyConfigError(
-                f"train_sampling_strategy={strategy!r} is not supported: DPTrainer draws every batch by Poisson "
-                "sampling (which the privacy accounting assumes). Leave it at 'random'."
-            )
-        if getattr(args, "group_by_length", False):
-            raise PrivacyConfigError("group_by_length=True is not supported by DPTrainer (it replaces the sampler).")
         if type(self)._get_train_sampler is not Trainer._get_train_sampler or (
             type(self).get_train_dataloader is not DPTrainer.get_train_dataloader
         ):
@@ -228,6 +197,15 @@ class DPTrainer(Trainer):
                 "custom training samplers/dataloaders are rejected: the privacy accounting requires DPTrainer's "
                 "Poisson sampler (a custom or weighted sampler silently changes the sampling rate)."
             )
+        world = int(self.args.world_size)
+        num_processes = getattr(self.accelerator, "num_processes", world)
+        if num_processes != world:
+            raise PrivacyConfigError(
+                f"world size mismatch: TrainingArguments.world_size={world} but accelerate runs {num_processes} processes."
+            )
+
+    def _training_set_size(self) -> int:
+        """N, the size of the (map-style, non-empty) private training set."""
         ds = self.train_dataset
         if ds is None:
             raise PrivacyConfigError("DPTrainer needs train_dataset= (the private training data).")
@@ -238,12 +216,12 @@ class DPTrainer(Trainer):
         n = len(ds)
         if n == 0:
             raise PrivacyConfigError("train_dataset is empty.")
+        return n
+
+    def _plan_sampling(self, n: int) -> None:
+        """Sample rate q, expected batch, steps per epoch and planned steps (set on ``self``)."""
+        args = self.args
         world = int(args.world_size)
-        num_processes = getattr(self.accelerator, "num_processes", world)
-        if num_processes != world:
-            raise PrivacyConfigError(
-                f"world size mismatch: TrainingArguments.world_size={world} but accelerate runs {num_processes} processes."
-            )
         ga = int(args.gradient_accumulation_steps)
         per_device = int(args.per_device_train_batch_size)
         if ga < 1 or per_device < 1:
@@ -260,44 +238,38 @@ class DPTrainer(Trainer):
         planned = int(args.max_steps) if args.max_steps and args.max_steps > 0 else int(math.ceil(args.num_train_epochs * spe))
         if planned < 1:
             raise PrivacyConfigError(f"the run plans {planned} optimizer steps; set max_steps or num_train_epochs > 0.")
+        self.num_train_examples = n
+        self.sample_rate = q
+        self.expected_batch_size = expected
+        self.steps_per_epoch = spe
+        self.planned_steps = planned
+
+    def _resolve_delta(self, n: int) -> float:
+        """``target_delta``, or the default ``min(1e-5, 1/(10 N))`` rounded down to a power of 10."""
+        pa = self.privacy_args
         if pa.target_delta is None:
-            delta = default_delta(n)
-            logger.info("DPTrainer: target_delta not set; using the default min(1e-5, 1/(10 N)) rounded down to a power of 10 = %.3g (N=%d).", delta, n)
-        else:
-            delta = float(pa.target_delta)
-            if delta >= 1.0 / n:
-                warnings.warn(
-                    f"target_delta={delta:g} is not below 1/N = {1.0 / n:g}: such a delta permits releasing a whole "
-                    "record. Use a delta well below 1/N (the default is min(1e-5, 1/(10 N)) rounded down to a power of 10).",
-                    UserWarning,
-                    stacklevel=3,
-                )
+            return default_delta(n)
+        delta = float(pa.target_delta)
+        if delta >= 1.0 / n:
+            warnings.warn(
+                f"target_delta={delta:g} is not below 1/N = {1.0 / n:g}: such a delta permits releasing a whole "
+                "record. Use a delta well below 1/N (the default is min(1e-5, 1/(10 N)) rounded down to a power of 10).",
+                UserWarning,
+                stacklevel=4,
+            )
+        return delta
 
-        from hf_ewtune.accounting import calibrate, make_accountant, steps_within_budget
-
-        calibration: dict[str, Any] | None = None
-        budget_steps: int | None = None
+    def _resolve_noise_and_budget(self) -> tuple[float, int | None, dict[str, Any] | None]:
+        """``(sigma, budget_steps, calibration)``: calibrated or fixed noise and the steps the budget allows."""
+        pa = self.privacy_args
         if pa.target_epsilon is None and pa.noise_multiplier is None:
             raise PrivacyConfigError(
                 "set target_epsilon (the noise is calibrated for the planned run), noise_multiplier (fixed noise), "
                 "or both (fixed noise, training stops before exceeding the budget)."
             )
         if pa.noise_multiplier is None:
-            result = calibrate(
-                target_epsilon=pa.target_epsilon, delta=delta, sample_rate=q, steps=planned,
-                accountant=pa.accountant, certify=pa.certify_calibration,
-            )
-            sigma = float(result.noise_multiplier)
-            calibration = result.to_dict()
-            if result.certified:
-                budget_steps = planned
-            logger.info(
-                "DPTrainer: calibrated noise_multiplier=%.4g for target_epsilon=%g, delta=%.3g, q=%.4g, %d steps "
-                "(certified epsilon %.4g; Edgeworth sigma %.4g).",
-                sigma, pa.target_epsilon, delta, q, planned, result.epsilon, result.sigma_edgeworth,
-            )
-        else:
-            sigma = float(pa.noise_multiplier)
+            return self._calibrate_noise()
+        sigma = float(pa.noise_multiplier)
         if sigma == 0.0:
             if pa.target_epsilon is not None:
                 raise BudgetExhaustedError(
@@ -306,58 +278,78 @@ class DPTrainer(Trainer):
             warnings.warn(
                 "noise_multiplier=0: NO differential privacy (epsilon = inf). Use only for debugging.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        accountant = make_accountant(pa.accountant)
-        if pa.target_epsilon is not None and budget_steps is None:
-            budget_steps = steps_within_budget(
-                noise_multiplier=sigma, sample_rate=q, target_epsilon=pa.target_epsilon, delta=delta,
-                accountant=pa.accountant, max_steps=planned,
-            )
-            if budget_steps == 0:
-                raise BudgetExhaustedError(
-                    f"with noise_multiplier={sigma:g}, sample rate q={q:.4g} and delta={delta:.3g}, even one step "
-                    f"exceeds target_epsilon={pa.target_epsilon:g}. Raise noise_multiplier or target_epsilon, or "
-                    "leave noise_multiplier unset to calibrate it."
-                )
-            if budget_steps < planned:
-                logger.warning(
-                    "DPTrainer: the privacy budget target_epsilon=%g allows %d of the %d planned steps with "
-                    "noise_multiplier=%g; training will stop after step %d.",
-                    pa.target_epsilon, budget_steps, planned, sigma, budget_steps,
-                )
+        budget_steps = self._steps_within_budget(sigma) if pa.target_epsilon is not None else None
+        return sigma, budget_steps, None
 
+    def _calibrate_noise(self) -> tuple[float, int | None, dict[str, Any]]:
+        """Calibrate sigma to ``target_epsilon`` over the planned steps (certified unless told otherwise)."""
+        from hf_ewtune.accounting import calibrate
+
+        pa = self.privacy_args
+        result = calibrate(
+            target_epsilon=pa.target_epsilon, delta=self.delta, sample_rate=self.sample_rate, steps=self.planned_steps,
+            accountant=pa.accountant, certify=pa.certify_calibration,
+        )
+        sigma = float(result.noise_multiplier)
+        budget_steps = self.planned_steps if result.certified else self._steps_within_budget(sigma)
+        return sigma, budget_steps, result.to_dict()
+
+    def _steps_within_budget(self, sigma: float) -> int:
+        """Steps (at most the planned ones) whose certified epsilon stays within ``target_epsilon``."""
+        from hf_ewtune.accounting import steps_within_budget
+
+        pa, q, planned = self.privacy_args, self.sample_rate, self.planned_steps
+        budget_steps = steps_within_budget(
+            noise_multiplier=sigma, sample_rate=q, target_epsilon=pa.target_epsilon, delta=self.delta,
+            accountant=pa.accountant, max_steps=planned,
+        )
+        if budget_steps == 0:
+            raise BudgetExhaustedError(
+                f"with noise_multiplier={sigma:g}, sample rate q={q:.4g} and delta={self.delta:.3g}, even one step "
+                f"exceeds target_epsilon={pa.target_epsilon:g}. Raise noise_multiplier or target_epsilon, or "
+                "leave noise_multiplier unset to calibrate it."
+            )
+        if budget_steps < planned:
+            logger.warning(
+                "DPTrainer: the privacy budget target_epsilon=%g allows %d of the %d planned steps with "
+                "noise_multiplier=%g; training will stop after step %d.",
+                pa.target_epsilon, budget_steps, planned, sigma, budget_steps,
+            )
+        return budget_steps
+
+    def _attach_clipping_engine(self) -> None:
+        """Hook per-example clipping into the model (replacing the hooks of an earlier DPTrainer on it)."""
         from hf_ewtune.clipping import ClippingEngine
 
+        pa = self.privacy_args
         previous = _ENGINES.pop(self.model, None)
         if previous is not None:  # a DPTrainer built earlier on the same model: drop its hooks
             previous.remove()
         self._engine = ClippingEngine(self.model, max_grad_norm=pa.max_grad_norm, clipping=pa.clipping)
         _ENGINES[self.model] = self._engine
 
-        self.num_train_examples = n
-        self.sample_rate = q
-        self.expected_batch_size = expected
-        self.steps_per_epoch = spe
-        self.planned_steps = planned
-        self.delta = delta
-        self.noise_multiplier = sigma
-        self._base_noise_seed = derive_seed(pa.noise_seed, _NOISE_STREAM) if pa.noise_seed is not None else None
+    def _build_privacy_callback(self, *, budget_steps: int | None, calibration: dict[str, Any] | None) -> PrivacyCallback:
+        """The callback that accounts every step, enforces the budget and saves the privacy state."""
+        from hf_ewtune.accounting import make_accountant
+
+        pa, args = self.privacy_args, self.args
         config = {
             "max_grad_norm": pa.max_grad_norm,
             "clipping": pa.clipping,
             "sensitivity": self._engine.sensitivity,
-            "expected_batch_size": expected,
+            "expected_batch_size": self.expected_batch_size,
             "poisson_sampling": pa.poisson_sampling,
             "sampling_assumed_by_accounting": "poisson",
             "sampling_note": None
             if pa.poisson_sampling
             else "Batches were shuffled fixed-size batches; the reported epsilon ASSUMES Poisson sampling.",
-            "world_size": world,
-            "gradient_accumulation_steps": ga,
-            "per_device_train_batch_size": per_device,
-            "planned_steps": planned,
-            "steps_per_epoch": spe,
+            "world_size": int(args.world_size),
+            "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+            "per_device_train_batch_size": int(args.per_device_train_batch_size),
+            "planned_steps": self.planned_steps,
+            "steps_per_epoch": self.steps_per_epoch,
             "calibration": calibration,
             "certify_calibration": pa.certify_calibration,
             "delta_default": pa.target_delta is None,
@@ -366,12 +358,15 @@ class DPTrainer(Trainer):
             else "torch generators seeded from OS entropy via secrets (unpredictable, not a CSPRNG)",
             "privacy_unit": pa.privacy_unit.strip(),
         }
-        self.privacy_callback = PrivacyCallback(
-            accountant=accountant, accountant_name=pa.accountant, noise_multiplier=sigma, sample_rate=q,
-            delta=delta, target_epsilon=pa.target_epsilon, budget_steps=budget_steps, config=config,
+        return PrivacyCallback(
+            accountant=make_accountant(pa.accountant), accountant_name=pa.accountant,
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, delta=self.delta,
+            target_epsilon=pa.target_epsilon, budget_steps=budget_steps, config=config,
         )
-        self.add_callback(self.privacy_callback)
-        try:  # tags that Trainer.push_to_hub and PEFT's card writer carry over
+
+    def _tag_model(self) -> None:
+        """Tags that ``Trainer.push_to_hub`` and PEFT's card writer carry over (best effort)."""
+        try:
             from hf_ewtune.model_card import add_privacy_tags
 
             add_privacy_tags(self.model)

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from ..errors import PrivacyConfigError, UnsupportedModuleError
+from ..checks import CLIPPING_STYLES, check_choice, check_max_grad_norm
+from ..errors import UnsupportedModuleError
 from ._base import Record, Rule, factor_inner
 from .functorch_fallback import direct_trainable
 from .validation import check_model, choose_rule, is_checkpointing
 
-CLIPPING_STYLES = ("flat", "per_layer", "automatic")
 FLAT_EPS = 1e-6
 AUTO_GAMMA = 0.01
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "attention_mask")
@@ -67,10 +67,8 @@ class ClippingEngine:
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, clipping: str = "flat") -> None:
-        if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
-            raise PrivacyConfigError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}.")
-        if clipping not in CLIPPING_STYLES:
-            raise PrivacyConfigError(f"clipping must be one of {CLIPPING_STYLES}, got {clipping!r}.")
+        check_max_grad_norm(max_grad_norm)
+        check_choice(clipping, CLIPPING_STYLES, name="clipping")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.clipping = clipping

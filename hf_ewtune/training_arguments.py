@@ -1,0 +1,194 @@
+"""``DPTrainingArguments``: ``transformers.TrainingArguments`` with the privacy fields, checked while parsing.
+
+Like TRL's ``SFTConfig``, it extends ``TrainingArguments``, so one ``HfArgumentParser`` reads every flag
+(``--target_epsilon 3 --max_grad_norm 0.5 --learning_rate 1e-3 ...``), also from a JSON file
+(``parse_json_file``) or a dict (``parse_dict``). The privacy fields and their checks are those of
+:class:`~hf_ewtune.PrivacyArguments` (one definition).
+
+``max_grad_norm`` here IS the per-example clipping norm C of DP-SGD: clipping each example's gradient is the
+only clipping that makes sense under DP. ``DPTrainer`` turns the Trainer's clipping of the batch gradient off
+on its own copy of the arguments (``trainer.args.max_grad_norm == 0``); the object you pass is never changed.
+
+Settings that DP-SGD cannot honour (fp16, ``auto_find_batch_size``, ``group_by_length``, a non-random
+``train_sampling_strategy``, FSDP/DeepSpeed, ``torch_compile``, gradient checkpointing) raise
+:class:`~hf_ewtune.errors.PrivacyConfigError` in ``__post_init__``, so a bad command line fails while parsing.
+
+Example:
+    >>> from transformers import HfArgumentParser
+    >>> from hf_ewtune import DPTrainingArguments
+    >>> (args,) = HfArgumentParser(DPTrainingArguments).parse_args_into_dataclasses(
+    ...     ["--output_dir", "/tmp/dp-args", "--target_epsilon", "3", "--max_grad_norm", "0.5", "--use_cpu"])
+    >>> args.target_epsilon, args.max_grad_norm, args.privacy_args.max_grad_norm
+    (3.0, 0.5, 0.5)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from hf_ewtune.arguments import PrivacyArguments, validate_privacy_fields
+from hf_ewtune.errors import PrivacyConfigError
+
+#: ``TrainingArguments.max_grad_norm``'s own default (the value of an unset flag).
+HF_DEFAULT_MAX_GRAD_NORM = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "max_grad_norm")
+
+
+@dataclass(kw_only=True)
+class DPTrainingArguments(TrainingArguments, PrivacyArguments):
+    """``TrainingArguments`` plus the privacy fields of :class:`~hf_ewtune.PrivacyArguments`.
+
+    Every ``TrainingArguments`` field keeps its meaning except ``max_grad_norm``, which is the per-example
+    clipping norm C (> 0). The privacy fields (``target_epsilon``, ``noise_multiplier``, ``target_delta``,
+    ``accountant``, ``clipping``, ``poisson_sampling``, ``noise_seed``, ``certify_calibration``,
+    ``max_physical_batch_size``) are documented on :class:`~hf_ewtune.PrivacyArguments`.
+
+    Raises:
+        PrivacyConfigError: a privacy field with a bad value, or a training setting DP-SGD cannot honour.
+    """
+
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "Per-example clipping norm C of DP-SGD (> 0). The batch-gradient clipping of Trainer is off."},
+    )
+
+    def __post_init__(self) -> None:
+        validate_privacy_fields(self)
+        reject_sharded_training(self)  # before TrainingArguments.__post_init__ imports deepspeed
+        TrainingArguments.__post_init__(self)
+        check_training_arguments(self)
+
+    @property
+    def privacy_args(self) -> PrivacyArguments:
+        """The privacy fields as a :class:`~hf_ewtune.PrivacyArguments` (a new object)."""
+        return PrivacyArguments(**{name: getattr(self, name) for name in PrivacyArguments.field_names()})
+
+
+def check_training_arguments(args: Any) -> None:
+    """Refuse the ``TrainingArguments`` settings that DP-SGD cannot honour (they need no model or data).
+
+    Called by :class:`DPTrainingArguments` while parsing and by ``DPTrainer`` for a plain ``TrainingArguments``.
+
+    Raises:
+        PrivacyConfigError: naming the setting, why, and what to use instead.
+    """
+    reject_sharded_training(args)
+    if getattr(args, "fp16", False):
+        raise PrivacyConfigError(
+            "fp16=True is not supported: the GradScaler would rescale the clipped, noised gradient and change "
+            "the effective clipping norm. Use bf16=True (or full precision)."
+        )
+    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+        raise PrivacyConfigError(
+            "activation/gradient checkpointing is not supported with per-example clipping yet (the recomputed "
+            "forward re-fires the clipping hooks); turn it off or lower the batch size."
+        )
+    if getattr(args, "auto_find_batch_size", False):
+        raise PrivacyConfigError(
+            "auto_find_batch_size=True is not supported: it changes the batch size, hence the sample rate q, "
+            "after the noise was calibrated. Set per_device_train_batch_size, and cap memory with "
+            "max_physical_batch_size instead."
+        )
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if strategy not in ("random", None):
+        raise PrivacyConfigError(
+            f"train_sampling_strategy={strategy!r} is not supported: DPTrainer draws every batch by Poisson "
+            "sampling (which the privacy accounting assumes). Leave it at 'random'."
+        )
+    if getattr(args, "group_by_length", False):
+        raise PrivacyConfigError("group_by_length=True is not supported by DPTrainer (it replaces the sampler).")
+    if getattr(args, "torch_compile", False):
+        raise PrivacyConfigError(
+            "torch_compile=True is not supported: Poisson sampling gives every step a different batch size, so the "
+            "compiled model recompiles at each new size until torch's recompile limit (slower, not faster). Leave "
+            "torch_compile (and torch_compile_backend/torch_compile_mode) unset."
+        )
+
+
+def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None:
+    """Raise for FSDP, DeepSpeed or Megatron-LM (from the arguments, the accelerate config's environment or ``plugins``).
+
+    Multi-process DP training is supported with DDP only (``accelerate launch --multi_gpu``): see
+    docs/distributed.md for what sharded training would need.
+    """
+    used = list(plugins)
+    if args is not None and getattr(args, "fsdp", None):
+        used.append("FSDP (TrainingArguments.fsdp)")
+    if args is not None and getattr(args, "deepspeed", None):
+        used.append("DeepSpeed (TrainingArguments.deepspeed)")
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                      ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            used.append(f"{name} (accelerate config, {var})")
+    if used:
+        raise PrivacyConfigError(
+            f"DPTrainer does not support sharded training: {', '.join(dict.fromkeys(used))}. Missing: per-example "
+            "clipping across sharded parameters (each example's gradient norm must be summed over all shards "
+            "before clipping, and nothing may reduce unclipped gradients; FSDP and ZeRO reduce-scatter them "
+            "inside backward). Use DDP instead: `accelerate launch --multi_gpu --num_processes N ...` with a "
+            "config without fsdp/deepspeed (see docs/distributed.md)."
+        )
+
+
+def resolve_privacy_settings(args: Any, privacy_args: PrivacyArguments | None, privacy_kwargs: dict[str, Any]) -> PrivacyArguments:
+    """The one :class:`~hf_ewtune.PrivacyArguments` of a ``DPTrainer``, from whichever of the three forms was used.
+
+    Args:
+        args: The ``args=`` given to ``DPTrainer`` (a ``DPTrainingArguments``, a ``TrainingArguments`` or ``None``).
+        privacy_args: The ``privacy_args=`` given, if any.
+        privacy_kwargs: Privacy fields given as keyword arguments.
+
+    Raises:
+        PrivacyConfigError: the settings are given in two places, or ``TrainingArguments.max_grad_norm`` was set
+            to a value that is not the per-example clipping norm (it would otherwise be silently ignored).
+    """
+    if privacy_args is not None and privacy_kwargs:
+        raise PrivacyConfigError(
+            f"pass the privacy settings either as privacy_args= or as keyword arguments, not both "
+            f"(got privacy_args and {sorted(privacy_kwargs)})."
+        )
+    if isinstance(args, DPTrainingArguments):
+        if privacy_args is not None or privacy_kwargs:
+            given = "privacy_args" if privacy_args is not None else ", ".join(sorted(privacy_kwargs))
+            raise PrivacyConfigError(
+                f"args is a DPTrainingArguments, which already holds the privacy settings; set them there instead "
+                f"of passing {given} to DPTrainer."
+            )
+        return args.privacy_args
+    if privacy_args is None:
+        privacy_args = PrivacyArguments(**privacy_kwargs)
+    elif not isinstance(privacy_args, PrivacyArguments):
+        raise PrivacyConfigError(f"privacy_args must be a PrivacyArguments, got {type(privacy_args).__name__}.")
+    else:
+        privacy_args.validate()
+    batch_norm = getattr(args, "max_grad_norm", None)
+    if batch_norm and batch_norm != HF_DEFAULT_MAX_GRAD_NORM and batch_norm != privacy_args.max_grad_norm:
+        raise PrivacyConfigError(
+            f"TrainingArguments.max_grad_norm={batch_norm:g} is the Trainer's clipping of the batch gradient, which "
+            f"DPTrainer turns off; the per-example clipping norm is max_grad_norm={privacy_args.max_grad_norm:g} of the "
+            f"privacy settings. If you meant C = {batch_norm:g}, pass max_grad_norm={batch_norm:g} to DPTrainer (or "
+            "use DPTrainingArguments, where --max_grad_norm IS the per-example norm); otherwise leave "
+            "TrainingArguments.max_grad_norm at its default or 0."
+        )
+    return privacy_args
+
+
+def trainer_facing_copy(args: Any) -> Any:
+    """A shallow copy of ``args`` with the Trainer's batch-gradient clipping and token averaging turned off.
+
+    ``DPTrainer`` trains with this copy: the caller's object is never changed. ``max_grad_norm=0`` because
+    per-example clipping replaces the Trainer's clipping of the batch gradient; ``average_tokens_across_devices
+    =False`` because the per-example losses are not token-averaged across ranks.
+    """
+    if args is None:
+        return None
+    trainer_args = copy.copy(args)
+    trainer_args.max_grad_norm = 0.0
+    if getattr(trainer_args, "average_tokens_across_devices", False):
+        trainer_args.average_tokens_across_devices = False
+    return trainer_args
