@@ -56,6 +56,7 @@ from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, PrivacySt
 from hf_ewtune.losses import TASKS, infer_task, per_example_loss
 from hf_ewtune.noise import DPOptimizer
 from hf_ewtune.privacy_state import load_privacy_state, save_privacy_state
+from hf_ewtune.run_plan import privacy_plan_line
 from hf_ewtune.training_arguments import (
     check_training_arguments,
     reject_sharded_training,
@@ -172,11 +173,11 @@ class DPTrainer(Trainer):
         n = self._training_set_size()
         self._plan_sampling(n)
         self.delta = self._resolve_delta(n)
-        self.noise_multiplier, budget_steps, calibration = self._resolve_noise_and_budget()
+        self.noise_multiplier, budget_steps, self.calibration = self._resolve_noise_and_budget()
         seed = self.privacy_args.noise_seed
         self._base_noise_seed = derive_seed(seed, _NOISE_STREAM) if seed is not None else None
         self._attach_clipping_engine()
-        self.privacy_callback = self._build_privacy_callback(budget_steps=budget_steps, calibration=calibration)
+        self.privacy_callback = self._build_privacy_callback(budget_steps=budget_steps, calibration=self.calibration)
         self.add_callback(self.privacy_callback)
         self._tag_model()
 
@@ -413,9 +414,19 @@ class DPTrainer(Trainer):
         elif callback.steps > 0:
             # A second train() call on the same trainer trains on the same data again: keep composing.
             self._refresh_budget()
+        self._announce_privacy()
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
+
+    def _announce_privacy(self) -> None:
+        """Print sigma, delta, q, the planned steps and the certified target once, where scripts show it.
+
+        Logged at WARNING level (the level ``transformers``' example scripts show by default) on the main
+        process only.
+        """
+        if self.is_world_process_zero() and self.privacy_callback is not None:
+            logger.warning("%s", privacy_plan_line(self))
 
     def _check_resumed_state(self, state: dict[str, Any]) -> None:
         for key, mine in (
@@ -603,10 +614,19 @@ class DPTrainer(Trainer):
         return self.privacy_callback.state_dict(getattr(self, "state", None))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model`` plus ``_privacy_state.json`` in the same folder."""
+        """``Trainer.save_model`` plus ``_privacy_state.json`` and the privacy block of the card, in the same folder.
+
+        The card (``README.md``) gets the guarantee whatever the model type: a PEFT model's own card is
+        completed, a folder without a card gets a minimal one. (The Trainer's internal saves, checkpoints and
+        ``push_to_hub``, leave the card to :meth:`create_model_card`.)
+        """
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save and self.privacy_callback is not None:
-            save_privacy_state(output_dir if output_dir is not None else self.args.output_dir, self.privacy_state())
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            state = self.privacy_state()
+            save_privacy_state(folder, state)
+            if not _internal_call:
+                self._add_privacy_card(state, folder)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Intermediate pushes upload output_dir: refresh its privacy state and card first.
@@ -616,13 +636,13 @@ class DPTrainer(Trainer):
             self._add_privacy_card(state)
         super()._push_from_checkpoint(checkpoint_folder)
 
-    def _add_privacy_card(self, state: dict[str, Any]) -> None:
+    def _add_privacy_card(self, state: dict[str, Any], folder: str | None = None) -> None:
         try:
             from hf_ewtune.model_card import add_privacy_to_model_card
         except ImportError:  # pragma: no cover - until the model-card module lands
             logger.warning("hf_ewtune.model_card is unavailable: the model card has no privacy section.")
             return
-        add_privacy_to_model_card(self.args.output_dir, state)
+        add_privacy_to_model_card(folder if folder is not None else self.args.output_dir, state)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.push_to_hub``, warning first when ``output_dir`` holds training logs it would upload.

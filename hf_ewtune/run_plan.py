@@ -1,0 +1,49 @@
+"""The one line a script user sees at the start of ``DPTrainer.train()``: the noise, delta, q, steps and target.
+
+Example:
+    >>> from types import SimpleNamespace
+    >>> from hf_ewtune import PrivacyArguments
+    >>> from hf_ewtune.accounting import PLDAccountant
+    >>> trainer = SimpleNamespace(
+    ...     privacy_args=PrivacyArguments(target_epsilon=3.0), noise_multiplier=1.1234, delta=1e-5, sample_rate=0.01,
+    ...     planned_steps=300, expected_batch_size=64, calibration={"certified": True},
+    ...     privacy_callback=SimpleNamespace(budget_steps=300, steps=0))
+    >>> print(privacy_plan_line(trainer))  # doctest: +NORMALIZE_WHITESPACE
+    DPTrainer: DP-SGD with noise_multiplier sigma = 1.123 (calibrated to the target, certified), delta = 1e-05
+    (default: below 1/N), sample rate q = 0.01 (expected batch 64), 300 planned steps, per-example clipping norm
+    C = 1 (flat); target epsilon = 3 (certified upper bound, PLD; Edgeworth estimate shown beside it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def privacy_plan_line(trainer: Any) -> str:
+    """The privacy plan of ``trainer`` (a built ``DPTrainer``) in one line, for the start of ``train()``."""
+    pa = trainer.privacy_args
+    callback = trainer.privacy_callback
+    calibration = getattr(trainer, "calibration", None)
+    if pa.noise_multiplier is None:
+        certified = bool((calibration or {}).get("certified", pa.certify_calibration))
+        origin = "calibrated to the target, " + ("certified" if certified else "Edgeworth estimate only, NOT certified")
+    else:
+        origin = "fixed"
+    delta_origin = "default: below 1/N" if pa.target_delta is None else "set"
+    certifier = "RDP" if pa.accountant == "rdp" else "PLD"
+    if pa.target_epsilon is None:
+        target = f"no target epsilon: the certified epsilon ({certifier}) is logged as it grows"
+    else:
+        target = f"target epsilon = {pa.target_epsilon:g} (certified upper bound, {certifier}"
+        target += "; Edgeworth estimate shown beside it)" if pa.accountant == "edgeworth" else ")"
+    budget = callback.budget_steps
+    stop = (f"; the budget stops training after step {budget}"
+            if budget is not None and budget < trainer.planned_steps else "")
+    resumed = f"; {callback.steps} steps already taken (resumed)" if callback.steps else ""
+    noise = "sigma = 0: NO privacy" if trainer.noise_multiplier == 0 else f"sigma = {trainer.noise_multiplier:.4g} ({origin})"
+    return (
+        f"DPTrainer: DP-SGD with noise_multiplier {noise}, delta = {trainer.delta:.3g} ({delta_origin}), "
+        f"sample rate q = {trainer.sample_rate:.4g} (expected batch {trainer.expected_batch_size}), "
+        f"{trainer.planned_steps} planned steps, per-example clipping norm C = {pa.max_grad_norm:g} ({pa.clipping}); "
+        f"{target}{stop}{resumed}."
+    )
