@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hf_ewtune.cli_options import non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +44,15 @@ class LoraSettings:
     parameters.
     """
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-    last_layers: int | None = None
+    r: int = field(default=8, metadata={"help": "LoRA rank", "cli": {"type": positive_int}})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)", "cli": {"type": positive_int}})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (adds nothing under DP noise)"})
+    target_modules: list[str] | None = field(default=None, metadata={
+        "help": "comma-separated module names for LoRA (default: guessed)",
+        "cli": {"flag": "target", "type": str, "convert": lambda text: text.split(",")}})
+    last_layers: int | None = field(default=None, metadata={
+        "help": "adapt only the top N transformer layers; 0 = all",
+        "cli": {"type": non_negative_int, "convert": lambda n: n or None}})
 
 
 def lora_targets(model: Any) -> tuple[list[str], list[str]]:

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from hf_ewtune.cli_options import positive_float, positive_int
 from hf_ewtune.data import hub_id
 from hf_ewtune.recipes.metrics import accuracy_metrics
-from hf_ewtune.recipes.heads import add_load_section, head_optimizer, load_classifier, write_head_settings
+from hf_ewtune.recipes.heads import HEAD_CHOICES, add_load_section, head_optimizer, load_classifier, write_head_settings
 from hf_ewtune.recipes.models import LoraSettings, apply_lora
 from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_outputs, training_arguments
 
@@ -62,31 +63,48 @@ class TextClassificationConfig:
             :func:`hf_ewtune.recipes.hub.publish_run`).
     """
 
-    output_dir: str = "runs/minilm-rt"
-    model: str = DEFAULT_MODEL
-    dataset: str = DEFAULT_DATASET
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    max_length: int = 64
-    epochs: float = 2.0
-    batch_size: int = 256
-    micro_batch_size: int = 32
-    learning_rate: float = 1e-2
-    head_learning_rate: float | None = None
-    pooling: str = "auto"
-    use_lora: bool = True
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(last_layers=2))
-    privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    max_steps: int | None = None
-    smoke: bool = False
-    seed: int = 0
-    progress: bool = True
-    push_to_hub: str | None = None
-    save_steps: int | None = None
-    resume: bool = False
+    output_dir: str = field(default="runs/minilm-rt", metadata={"help": "output folder"})
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "model: an offline name (all-MiniLM-L6-v2), a local folder or a Hub id"})
+    dataset: str = field(default=DEFAULT_DATASET, metadata={
+        "help": "dataset: rotten_tomatoes_offline, glue/sst2 or a Hub id with text/label columns"})
+    text_column: str = field(default="text", metadata={"help": "text column"})
+    text_pair_column: str | None = field(default=None, metadata={"help": "second text column for sentence-pair tasks"})
+    label_column: str = field(default="label", metadata={"help": "label column"})
+    max_length: int = field(default=64, metadata={"help": "truncation length in tokens", "cli": {"type": positive_int}})
+    epochs: float = field(default=2.0, metadata={"help": "training epochs", "cli": {"type": positive_float}})
+    batch_size: int = field(default=256, metadata={
+        "help": "expected logical batch size (--smoke: 32 unless set)", "cli": {"type": positive_int}})
+    micro_batch_size: int = field(default=32, metadata={
+        "help": "physical batch size; gradient accumulation = batch-size / micro-batch-size", "cli": {"type": positive_int}})
+    learning_rate: float = field(default=1e-2, metadata={
+        "help": "AdamW learning rate (default: 1e-2 LoRA, 5e-5 full)", "cli": {"type": positive_float, "default": None}})
+    head_learning_rate: float | None = field(default=None, metadata={
+        "help": "learning rate of the classification head (default: 5e-2 for a pooled head, else --learning-rate)",
+        "cli": {"type": positive_float}})
+    pooling: str = field(default="auto", metadata={
+        "help": "classifier head: auto = the pooling a sentence-transformers checkpoint declares (mean for "
+                "all-MiniLM-L6-v2), else the model's own head", "cli": {"choices": HEAD_CHOICES}})
+    use_lora: bool = field(default=True, metadata={
+        "help": "fine-tune every weight instead of LoRA adapters", "cli": {"negate": "no-lora"}})
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(last_layers=2), metadata={"cli": {"skip": True}})
+    privacy: PrivacySettings = field(default_factory=PrivacySettings, metadata={"cli": {"skip": True}})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "subsample the training set", "cli": {"type": positive_int}})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "subsample the test set", "cli": {"type": positive_int}})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop after this many optimizer steps (default: from --epochs)", "cli": {"type": positive_int}})
+    smoke: bool = field(default=False, metadata={"help": "tiny offline model and data, a few seconds (tests)"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation and data split (the DP noise uses OS entropy)"})
+    progress: bool = field(default=True, metadata={"help": "hide the progress bar", "cli": {"negate": "no-progress"}})
+    push_to_hub: str | None = field(default=None, metadata={
+        "help": "upload the finished run (model, tokenizer, privacy card, plot) to this Hub repo",
+        "cli": {"metavar": "REPO_ID"}})
+    save_steps: int | None = field(default=None, metadata={
+        "help": "write a checkpoint (with the privacy spent so far) every N optimizer steps", "cli": {"type": positive_int}})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the last checkpoint in --output-dir; its spent privacy counts"})
 
 
 def _smoke_parts(config: TextClassificationConfig, dataset: Any) -> tuple[Any, Any, Any]:

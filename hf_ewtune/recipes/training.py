@@ -15,7 +15,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from hf_ewtune.arguments import ACCOUNTANTS
+from hf_ewtune.checks import check_delta, check_max_grad_norm, check_noise_multiplier, check_target_epsilon
+
 logger = logging.getLogger(__name__)
+
+
+def check_target_delta(delta: float) -> float:
+    """:func:`~hf_ewtune.checks.check_delta` under the name ``target_delta``."""
+    return check_delta(delta, name="target_delta")
+
+
+def _privacy_option(name: str, check: Callable[[Any], Any] | None = None, *, help: str | None = None,
+                    choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Field metadata for the command line: the help of :class:`~hf_ewtune.PrivacyArguments` and its value check."""
+    from hf_ewtune.arguments import PrivacyArguments
+    from hf_ewtune.cli_options import checked
+
+    cli: dict[str, Any] = {}
+    if check is not None:
+        cli["type"] = checked(check)
+    if choices is not None:
+        cli["choices"] = choices
+    meta = PrivacyArguments.__dataclass_fields__[name].metadata
+    return {"help": help or meta.get("help"), "cli": cli}
 
 
 @dataclass
@@ -32,12 +55,16 @@ class PrivacySettings:
         private: ``False`` runs the non-private baseline with the same optimisation settings.
     """
 
-    target_epsilon: float | None = 3.0
-    noise_multiplier: float | None = None
-    target_delta: float | None = None
-    max_grad_norm: float = 1.0
-    accountant: str = "edgeworth"
-    private: bool = True
+    target_epsilon: float | None = field(default=3.0, metadata=_privacy_option("target_epsilon", check_target_epsilon))
+    noise_multiplier: float | None = field(
+        default=None, metadata=_privacy_option("noise_multiplier", check_noise_multiplier,
+                                               help="fixed noise multiplier sigma instead of calibrating to --target-epsilon"))
+    target_delta: float | None = field(default=None, metadata=_privacy_option("target_delta", check_target_delta))
+    max_grad_norm: float = field(default=1.0, metadata=_privacy_option("max_grad_norm", check_max_grad_norm))
+    accountant: str = field(default="edgeworth", metadata=_privacy_option("accountant", choices=ACCOUNTANTS))
+    private: bool = field(default=True, metadata={
+        "help": "baseline: plain transformers.Trainer with the same settings, no privacy",
+        "cli": {"negate": "non-private"}})
 
 
 @dataclass
