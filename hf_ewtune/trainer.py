@@ -14,9 +14,11 @@ Per optimizer step ("logical batch"):
    ``_privacy_state.json`` into every checkpoint and into ``output_dir`` on ``save_model``.
 
 ``q = per_device_train_batch_size * gradient_accumulation_steps * world_size / N``; an epoch is
-``round(1/q)`` steps. ``TrainingArguments.max_grad_norm`` is set to 0 (per-example clipping replaces it),
-``average_tokens_across_devices`` to False, and the Trainer's pre-step ``grad_norm`` (a statistic of the
-un-noised gradient) is not logged.
+``round(1/q)`` steps. The trainer works on its own copy of the training arguments (the caller's object is
+never changed), with ``max_grad_norm=0`` (per-example clipping at C replaces the Trainer's batch clipping) and
+``average_tokens_across_devices=False``; the Trainer's pre-step ``grad_norm`` (a statistic of the un-noised
+gradient) is not logged. ``train()`` logs the privacy plan (sigma, delta, q, planned steps, target) once at
+WARNING level. See docs/configuration.md for the three ways to pass the privacy settings.
 
 Example:
     >>> from transformers import TrainingArguments
@@ -109,8 +111,9 @@ def _with_trainer_facing_args(args: tuple, kwargs: dict[str, Any]) -> tuple[tupl
 class DPTrainer(Trainer):
     """``transformers.Trainer`` with differentially private training (DP-SGD, Poisson sampling).
 
-    Accepts every ``Trainer`` argument plus the privacy settings, either as ``privacy_args=
-    PrivacyArguments(...)`` or as the same fields as keyword arguments (``target_epsilon=3.0, ...``).
+    Accepts every ``Trainer`` argument plus the privacy settings, in one of three forms: ``args=
+    DPTrainingArguments(...)`` (the privacy fields inside the training arguments; ``max_grad_norm`` is C),
+    ``privacy_args=PrivacyArguments(...)``, or the same fields as keyword arguments (``target_epsilon=3.0, ...``).
     Everything is validated here, before training: a missing or unsized ``train_dataset``, an expected
     batch larger than the dataset, an invalid rate, neither ``target_epsilon`` nor ``noise_multiplier``,
     a budget that cannot afford one step, DataParallel, custom samplers, unsupported modules (BatchNorm,
