@@ -148,3 +148,14 @@ def test_torch_compile_is_refused_before_training(tmp_path):
     with pytest.raises(PrivacyConfigError, match="torch_compile"):
         DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path, torch_compile=True), train_dataset=_data(),
                   noise_multiplier=1.0)
+
+
+def test_every_privacy_field_is_a_dp_training_arguments_flag():
+    """One definition: a field added to PrivacyArguments (e.g. privacy_unit) is a DPTrainingArguments flag too."""
+    import dataclasses
+
+    dp_fields = {f.name for f in dataclasses.fields(DPTrainingArguments)}
+    assert set(PrivacyArguments.field_names()) <= dp_fields
+    help_text = HfArgumentParser(DPTrainingArguments).format_help()
+    for name in PrivacyArguments.field_names():
+        assert f"--{name}" in help_text, name
