@@ -17,14 +17,18 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hf_ewtune.privacy_state import save_privacy_state
+from hf_ewtune.dp_settings import DPSettings, read_only_setting
+from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
+from hf_ewtune.privacy_state import PrivacyState, as_privacy_state
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +51,35 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
+def _dp_optimizer(optimizer: Any) -> Any:
+    """The :class:`~hf_ewtune.noise.DPOptimizer` inside ``optimizer`` (accelerate wraps it), or ``None``."""
+    from hf_ewtune.noise import DPOptimizer
+
+    for _ in range(4):
+        if optimizer is None or isinstance(optimizer, DPOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
 class PrivacyCallback(TrainerCallback):
     """Steps the accountant, logs epsilon, enforces the budget and checkpoints the privacy state.
+
+    sigma, q and delta are read from ``settings``, the same frozen
+    :class:`~hf_ewtune.dp_settings.DPSettings` the optimizer adds noise with; at every step the callback
+    also checks that the optimizer's last step used exactly these settings
+    (:class:`~hf_ewtune.errors.PrivacyStateError` otherwise), so the accountant composes the noise that
+    was really added.
 
     Args:
         accountant: An ``hf_ewtune.accounting`` accountant (fresh, or restored from a checkpoint).
         accountant_name: ``"edgeworth"``, ``"pld"`` or ``"rdp"`` (recorded).
-        noise_multiplier: sigma used at every step.
-        sample_rate: q used at every step.
-        delta: delta of the reported (epsilon, delta).
+        settings: The run's frozen sigma, q, expected batch size, C and delta.
         target_epsilon: Budget to enforce (``None``: report only).
         budget_steps: Total accountant steps allowed within ``target_epsilon`` (``None``: unlimited).
-        config: Extra, static fields of the privacy state (clipping, C, expected batch size, calibration, ...).
+        record: The static part of the privacy state written at set-up (clipping, calibration, batch
+            sizes, ...): a :class:`~hf_ewtune.privacy_state.PrivacyState` whose accounting fields
+            :meth:`privacy_state` fills in.
     """
 
     def __init__(
@@ -66,24 +87,34 @@ class PrivacyCallback(TrainerCallback):
         *,
         accountant: Any,
         accountant_name: str,
-        noise_multiplier: float,
-        sample_rate: float,
-        delta: float,
+        settings: DPSettings,
         target_epsilon: float | None = None,
         budget_steps: int | None = None,
-        config: dict[str, Any] | None = None,
+        record: PrivacyState | None = None,
     ) -> None:
+        if not isinstance(settings, DPSettings) or settings.sample_rate is None or settings.delta is None:
+            raise PrivacyConfigError("PrivacyCallback needs settings=DPSettings(...) with sample_rate and delta.")
         self.accountant = accountant
         self.accountant_name = accountant_name
-        self.noise_multiplier = float(noise_multiplier)
-        self.sample_rate = float(sample_rate)
-        self.delta = float(delta)
+        self._settings = settings
         self.target_epsilon = target_epsilon
         self.budget_steps = budget_steps
-        self.config = dict(config or {})
+        self.record = record if record is not None else PrivacyState(
+            accountant=accountant_name, accountant_state=accountant.state_dict(), steps=accountant.steps)
+        # [sigma, q] of earlier sessions whose steps a resumed history holds (see PrivacyState.sessions).
+        self._earlier_sessions: list[list[float]] = []
         self.stopped_early = False
         self._report_cache: tuple[int, Any] | None = None
         self._last_state: TrainerState | None = None
+
+    @property
+    def settings(self) -> DPSettings:
+        """The frozen settings shared with the optimizer (read-only)."""
+        return self._settings
+
+    noise_multiplier = read_only_setting("noise_multiplier", holder="_settings", owner="PrivacyCallback")
+    sample_rate = read_only_setting("sample_rate", holder="_settings", owner="PrivacyCallback")
+    delta = read_only_setting("delta", holder="_settings", owner="PrivacyCallback")
 
     # ---- accounting -------------------------------------------------------------------------------
     @property
@@ -109,38 +140,75 @@ class PrivacyCallback(TrainerCallback):
             out["epsilon_edgeworth"] = float(edgeworth)
         return out
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Restore the accountant history (and the stop flag) from a saved privacy state."""
-        self.accountant.load_state_dict(state["accountant_state"])
+    def load_state(self, state: PrivacyState | Mapping[str, Any]) -> None:
+        """Restore the accountant history, the stop flag and the earlier sessions from a saved state.
+
+        Raises:
+            PrivacyStateError: ``state`` fails :meth:`PrivacyState.from_dict`'s checks.
+        """
+        state = as_privacy_state(state)
+        self.accountant.load_state_dict(state.accountant_state)
+        self.stopped_early = bool(state.stopped_early)
+        self._earlier_sessions = [list(pair) for pair in state.sessions]
         self._report_cache = None
 
-    def state_dict(self, trainer_state: TrainerState | None = None) -> dict[str, Any]:
-        """The JSON-ready privacy state: accountant history, settings, epsilon so far. No RNG state."""
+    def _sessions(self) -> list[list[float]]:
+        sessions = [list(pair) for pair in self._earlier_sessions]
+        mine = [self.noise_multiplier, self.sample_rate]
+        if not sessions or sessions[-1] != mine:
+            sessions.append(mine)
+        return sessions
+
+    def privacy_state(self, trainer_state: TrainerState | None = None) -> PrivacyState:
+        """The typed privacy state: accountant history, settings, epsilon so far. No RNG state."""
         trainer_state = trainer_state or self._last_state
         report = self.privacy_spent() if self.steps > 0 else None
-        epsilon = float(report.epsilon) if report is not None else 0.0
         edgeworth = getattr(report, "edgeworth_epsilon", None) if report is not None else None
-        state = {
-            "accountant": self.accountant_name,
-            "accountant_state": self.accountant.state_dict(),
-            "steps": self.steps,
-            "delta": self.delta,
-            "target_epsilon": self.target_epsilon,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "budget_steps": self.budget_steps,
-            "epsilon": epsilon,
-            "epsilon_certified_by": getattr(report, "certified_by", None)
-            or getattr(self.accountant, "certified_by", None),
-            "epsilon_edgeworth": None if edgeworth is None else float(edgeworth),
-            "stopped_early": self.stopped_early,
-            "global_step": None if trainer_state is None else trainer_state.global_step,
-            "epochs": None if trainer_state is None else trainer_state.epoch,
-            "versions": _library_versions(),
-            "library_version": _library_versions().get("hf_ewtune"),
-        }
-        state.update(self.config)
-        return state
+        versions = _library_versions()
+        return dataclasses.replace(
+            self.record,
+            accountant=self.accountant_name,
+            accountant_state=self.accountant.state_dict(),
+            steps=self.steps,
+            delta=self.delta,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            sessions=self._sessions(),
+            target_epsilon=self.target_epsilon,
+            budget_steps=self.budget_steps,
+            epsilon=float(report.epsilon) if report is not None else 0.0,
+            epsilon_certified_by=getattr(report, "certified_by", None) or getattr(self.accountant, "certified_by", None),
+            epsilon_edgeworth=None if edgeworth is None else float(edgeworth),
+            stopped_early=self.stopped_early,
+            global_step=None if trainer_state is None else trainer_state.global_step,
+            epochs=None if trainer_state is None else trainer_state.epoch,
+            versions=versions,
+            library_version=versions.get("hf_ewtune"),
+        )
+
+    def state_dict(self, trainer_state: TrainerState | None = None) -> dict[str, Any]:
+        """The JSON-ready privacy state (:meth:`privacy_state` as the dict written to ``_privacy_state.json``)."""
+        return self.privacy_state(trainer_state).to_dict()
+
+    def _check_optimizer(self, optimizer: Any) -> None:
+        dp = _dp_optimizer(optimizer)
+        if optimizer is not None and dp is None:
+            raise PrivacyStateError(
+                f"the training optimizer ({type(optimizer).__name__}) is not a DPOptimizer: the step took no noise, "
+                "so it cannot be accounted. Let DPTrainer.create_optimizer wrap the optimizer.")
+        used = getattr(dp, "last_step_settings", None)
+        if used is None or used is self._settings:
+            return
+        mine = self._settings
+        if (used.noise_multiplier, used.sensitivity, used.expected_batch_size) != (
+                mine.noise_multiplier, mine.sensitivity, mine.expected_batch_size):
+            raise PrivacyStateError(
+                f"the optimizer's last step added noise with noise_multiplier={used.noise_multiplier}, sensitivity="
+                f"{used.sensitivity}, expected_batch_size={used.expected_batch_size}, but the accountant composes "
+                f"noise_multiplier={mine.noise_multiplier}, sensitivity={mine.sensitivity}, expected_batch_size="
+                f"{mine.expected_batch_size}. The optimizer was replaced or modified after set-up; build a new "
+                "DPTrainer instead."
+            )
 
     # ---- TrainerCallback hooks --------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
@@ -149,6 +217,7 @@ class PrivacyCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._last_state = state
+        self._check_optimizer(kwargs.get("optimizer"))
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, num_steps=1)
         if self.budget_steps is not None and self.steps >= self.budget_steps and not control.should_training_stop:
             self.stopped_early = True
@@ -180,7 +249,7 @@ class PrivacyCallback(TrainerCallback):
         if args.should_save:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                save_privacy_state(folder, self.state_dict(state))
+                self.privacy_state(state).save(folder)
         return control
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):

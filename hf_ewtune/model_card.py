@@ -40,7 +40,9 @@ from string import Template
 from typing import Any, Mapping
 
 from hf_ewtune.errors import PrivacyStateError
+from hf_ewtune.json_safe import json_safe
 from hf_ewtune.privacy_state import PRIVACY_STATE_NAME as PRIVACY_STATE_FILE
+from hf_ewtune.privacy_state import PrivacyState, as_privacy_state
 
 logger = logging.getLogger(__name__)
 
@@ -69,56 +71,33 @@ _CALIBRATION_SKIP = frozenset({"seconds", "certified_by", "delta", "sample_rate"
 def load_state(output_dir: str | os.PathLike) -> dict[str, Any]:
     """Load the privacy state saved in ``output_dir`` (a training output folder or a checkpoint).
 
-    Uses :func:`hf_ewtune.privacy_state.load_privacy_state` when available, else reads
-    ``_privacy_state.json`` directly.
+    The state is validated and cross-checked with the folder's ``trainer_state.json``
+    (:meth:`hf_ewtune.privacy_state.PrivacyState.load`), so no card or report is built from an edited or
+    stale history.
 
     Raises:
-        PrivacyStateError: no (or an unreadable) privacy state in ``output_dir``.
+        PrivacyStateError: no, an unreadable, or an inconsistent privacy state in ``output_dir``.
     """
     try:
-        from hf_ewtune.privacy_state import load_privacy_state
-    except ImportError:
-        load_privacy_state = None
-    if load_privacy_state is not None:
-        try:
-            return load_privacy_state(str(output_dir))
-        except PrivacyStateError:
-            raise
-        except (OSError, ValueError) as exc:
-            raise PrivacyStateError(f"cannot read the privacy state in {output_dir}: {exc}") from exc
-    path = Path(output_dir) / PRIVACY_STATE_FILE
-    if not path.is_file():
-        raise PrivacyStateError(
-            f"no {PRIVACY_STATE_FILE} in {output_dir}: pass the output_dir (or a checkpoint folder) of a "
-            "DPTrainer run, which saves its privacy state there."
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return PrivacyState.load(output_dir).to_dict()
+    except PrivacyStateError:
+        raise
     except (OSError, ValueError) as exc:
-        raise PrivacyStateError(f"cannot read {path}: {exc}") from exc
+        raise PrivacyStateError(f"cannot read the privacy state in {output_dir}: {exc}") from exc
 
 
-def privacy_report(privacy_state: Mapping[str, Any]):
-    """Rebuild the accountant from ``privacy_state`` and return its ``PrivacyReport`` at the state's δ.
+def privacy_report(privacy_state: PrivacyState | Mapping[str, Any]):
+    """Validate ``privacy_state``, rebuild its accountant and return its ``PrivacyReport`` at the state's δ.
 
     Raises:
-        PrivacyStateError: the state lacks the accountant or δ.
+        PrivacyStateError: the state lacks the accountant or δ, or fails
+            :meth:`~hf_ewtune.privacy_state.PrivacyState.from_dict`'s consistency checks.
     """
-    from hf_ewtune.accounting import accountant_from_state
-
-    _, accountant_state = _accountant_entry(privacy_state)
-    if not isinstance(accountant_state, Mapping):
-        raise PrivacyStateError(
-            "privacy state has no accountant state ('accountant': {'name', 'state'}); it cannot be certified. "
-            "Use the _privacy_state.json written by DPTrainer.")
-    delta = privacy_state.get("delta")
-    if delta is None:
+    state = as_privacy_state(privacy_state)
+    if state.delta is None:
         raise PrivacyStateError("privacy state has no 'delta'; it cannot be certified.")
-    try:
-        key = json.dumps(accountant_state, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError):  # not JSON-able: no caching
-        return accountant_from_state(dict(accountant_state)).get_privacy_spent(delta=float(delta))
-    return copy.deepcopy(_cached_report(key, float(delta)))
+    key = json.dumps(state.accountant_state, sort_keys=True, allow_nan=False)
+    return copy.deepcopy(_cached_report(key, float(state.delta)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -129,25 +108,8 @@ def _cached_report(accountant_state_json: str, delta: float):
     return accountant_from_state(json.loads(accountant_state_json)).get_privacy_spent(delta=delta)
 
 
-def _accountant_entry(privacy_state: Mapping[str, Any]) -> tuple[str | None, Any]:
-    """(name, state_dict) from ``{"accountant": {"name", "state"}}`` or the flat
-    ``{"accountant": name, "accountant_state": state_dict}`` layout."""
-    entry = privacy_state.get("accountant")
-    if isinstance(entry, Mapping):
-        state = entry.get("state")
-        name = entry.get("name") or (state.get("accountant") if isinstance(state, Mapping) else None)
-        return name, state
-    state = privacy_state.get("accountant_state")
-    name = entry if isinstance(entry, str) else (state.get("accountant") if isinstance(state, Mapping) else None)
-    return name, state
-
-
 # -------------------------------------------------------------------------------------------- metadata
-def _finite_or_str(value: Any) -> Any:
-    """Strict-JSON-safe number: the Hub stores card metadata as JSON, which has no inf/nan."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
+_finite_or_str = json_safe  # strict-JSON-safe number: the Hub stores card metadata as JSON (no inf/nan)
 
 
 def _as_float(value: Any) -> float | None:
@@ -215,11 +177,11 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
         >>> meta["sampling"], meta["covers"]
         ('Poisson', 'all released checkpoints')
     """
+    state = as_privacy_state(privacy_state).to_dict()
     if report is None:
-        report = privacy_report(privacy_state)
-    state = privacy_state
+        report = privacy_report(state)
     poisson = state.get("poisson_sampling")
-    accountant_name, _ = _accountant_entry(state)
+    accountant_name = state["accountant"]
     library_version = state.get("library_version")
     if library_version is None:
         from hf_ewtune import __version__ as library_version

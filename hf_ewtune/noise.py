@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from hf_ewtune.dp_settings import DPSettings, read_only_setting
+from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
 from hf_ewtune.sampling import derive_seed, new_seed
 
 logger = logging.getLogger(__name__)
@@ -50,38 +52,57 @@ class DPOptimizer(torch.optim.Optimizer):
     ``param_groups``, ``state``, ``defaults``, ``state_dict`` and ``load_state_dict`` are those of the
     inner optimizer, so LR schedulers and HF checkpointing work unchanged (no noise state is saved).
 
+    sigma, the sensitivity and the expected batch size are read from one frozen
+    :class:`~hf_ewtune.dp_settings.DPSettings` (pass ``settings=`` to share it with the accountant, as
+    ``DPTrainer`` does, or the three numbers); they are read-only afterwards.
+
     Args:
         optimizer: The optimizer to wrap.
-        noise_multiplier: sigma (>= 0).
-        sensitivity: L2 sensitivity of one example's clipped contribution (C for flat clipping).
-        expected_batch_size: The public constant q N that the noisy sum is divided by.
+        noise_multiplier: sigma (>= 0), unless ``settings`` is given.
+        sensitivity: L2 sensitivity of one example's clipped contribution (C for flat clipping), unless
+            ``settings`` is given.
+        expected_batch_size: The public constant q N that the noisy sum is divided by, unless ``settings``
+            is given.
+        settings: The run's frozen settings (instead of the three numbers above).
         noise_seed: Base seed; ``None`` draws one from OS entropy.
         step_index_fn: Returns the index of the step being taken (to derive each step's noise seed);
             default: an internal counter.
         distributed: ``None`` (auto: use ``torch.distributed`` if initialised with world size > 1),
             ``True`` or ``False``.
+        clipping_norm_fn: Returns the clipping norm the per-example gradients were clipped at; checked
+            against ``settings.sensitivity`` before every step (:class:`~hf_ewtune.errors.PrivacyStateError`
+            if they differ, before any update).
     """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         *,
-        noise_multiplier: float,
-        sensitivity: float,
-        expected_batch_size: float,
+        noise_multiplier: float | None = None,
+        sensitivity: float | None = None,
+        expected_batch_size: float | None = None,
+        settings: DPSettings | None = None,
         noise_seed: int | None = None,
         step_index_fn: Callable[[], int] | None = None,
         distributed: bool | None = None,
+        clipping_norm_fn: Callable[[], float] | None = None,
     ) -> None:
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
-        if expected_batch_size <= 0:
-            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}.")
+        loose = {"noise_multiplier": noise_multiplier, "sensitivity": sensitivity,
+                 "expected_batch_size": expected_batch_size}
+        if settings is None:
+            missing = [k for k, v in loose.items() if v is None]
+            if missing:
+                raise PrivacyConfigError(f"DPOptimizer needs settings= or all of {sorted(loose)} (missing {missing}).")
+            settings = DPSettings(**loose)
+        elif not isinstance(settings, DPSettings):
+            raise PrivacyConfigError(f"settings must be a DPSettings, got {type(settings).__name__}.")
+        elif any(v is not None for v in loose.values()):
+            raise PrivacyConfigError(
+                f"pass either settings= or {sorted(loose)}, not both: the noise must come from one source.")
         # Deliberately no Optimizer.__init__: every attribute below is delegated to the inner optimizer.
         self.original_optimizer = optimizer
-        self.noise_multiplier = float(noise_multiplier)
-        self.sensitivity = float(sensitivity)
-        self.expected_batch_size = float(expected_batch_size)
+        self._settings = settings
+        self._clipping_norm_fn = clipping_norm_fn
         self._base_seed = int(noise_seed) if noise_seed is not None else new_seed()
         self._seeded_by_user = noise_seed is not None
         self._step_index_fn = step_index_fn
@@ -91,6 +112,17 @@ class DPOptimizer(torch.optim.Optimizer):
         self._optimizer_step_pre_hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {})
         self._optimizer_step_post_hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
         self.steps_taken = 0
+        #: The frozen settings the last ``step()`` added noise with (``None`` before the first step).
+        self.last_step_settings: DPSettings | None = None
+
+    @property
+    def settings(self) -> DPSettings:
+        """The frozen :class:`~hf_ewtune.dp_settings.DPSettings` every step reads (shared with the accountant)."""
+        return self._settings
+
+    noise_multiplier = read_only_setting("noise_multiplier", holder="_settings", owner="DPOptimizer")
+    sensitivity = read_only_setting("sensitivity", holder="_settings", owner="DPOptimizer")
+    expected_batch_size = read_only_setting("expected_batch_size", holder="_settings", owner="DPOptimizer")
 
     # ---- delegation -------------------------------------------------------------------------------
     @property
@@ -163,10 +195,18 @@ class DPOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def add_noise_and_scale(self) -> None:
         """Turn the accumulated clipped sums in ``p.grad`` into the noisy mean gradient (in place)."""
+        settings = self._settings
+        if self._clipping_norm_fn is not None:
+            clipping_norm = float(self._clipping_norm_fn())
+            if clipping_norm != settings.sensitivity:
+                raise PrivacyStateError(
+                    f"the clipping norm changed after set-up: the per-example gradients were clipped at C = "
+                    f"{clipping_norm:g} but the noise is calibrated for sensitivity {settings.sensitivity:g}. "
+                    "Do not modify the clipping engine; build a new DPTrainer with the max_grad_norm you want.")
         step_index = self._step_index_fn() if self._step_index_fn is not None else self._counter
         rank, _ = _dist_info()
         distributed = self._use_distributed()
-        std = self.noise_multiplier * self.sensitivity
+        std = settings.noise_std
         gens: dict[str, torch.Generator] = {}
         for p in self._params():
             if p.grad is None:
@@ -181,7 +221,8 @@ class DPOptimizer(torch.optim.Optimizer):
                 p.grad.add_(noise.to(p.grad.dtype))
             if distributed:
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-            p.grad.div_(self.expected_batch_size)
+            p.grad.div_(settings.expected_batch_size)
+        self.last_step_settings = settings
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
         """Noise, (all-reduce), scale by ``1/expected_batch_size``, then the inner optimizer's step."""

@@ -54,10 +54,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_ewtune.arguments import PrivacyArguments, default_delta
 from hf_ewtune.batch_checks import check_micro_batch, check_training_data
 from hf_ewtune.callbacks import PrivacyCallback
-from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, PrivacyStateError
+from hf_ewtune.dp_settings import DPSettings, read_only_setting
+from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError
 from hf_ewtune.losses import TASKS, infer_task, per_example_loss
 from hf_ewtune.noise import DPOptimizer
-from hf_ewtune.privacy_state import load_privacy_state, save_privacy_state
+from hf_ewtune.privacy_record import setup_record
+from hf_ewtune.privacy_state import PrivacyState, save_privacy_state
 from hf_ewtune.run_plan import privacy_plan_line
 from hf_ewtune.training_arguments import (
     check_training_arguments,
@@ -170,6 +172,12 @@ class DPTrainer(Trainer):
                         if getattr(self, flag, False))
         reject_sharded_training(args, plugins=plugins)
 
+    # One frozen DPSettings feeds the optimizer's noise and the accountant: these are read-only after set-up.
+    noise_multiplier = read_only_setting("noise_multiplier", draft_until_frozen=True)
+    sample_rate = read_only_setting("sample_rate", draft_until_frozen=True)
+    expected_batch_size = read_only_setting("expected_batch_size", draft_until_frozen=True)
+    delta = read_only_setting("delta", draft_until_frozen=True)
+
     def _setup_privacy(self) -> None:
         """Check everything and build the privacy machinery, in named steps (all before training)."""
         self._check_environment()
@@ -180,6 +188,7 @@ class DPTrainer(Trainer):
         seed = self.privacy_args.noise_seed
         self._base_noise_seed = derive_seed(seed, _NOISE_STREAM) if seed is not None else None
         self._attach_clipping_engine()
+        self._freeze_dp_settings()
         self.privacy_callback = self._build_privacy_callback(budget_steps=budget_steps, calibration=self.calibration)
         self.add_callback(self.privacy_callback)
         self._tag_model()
@@ -334,38 +343,30 @@ class DPTrainer(Trainer):
         self._engine = ClippingEngine(self.model, max_grad_norm=pa.max_grad_norm, clipping=pa.clipping)
         _ENGINES[self.model] = self._engine
 
+    def _freeze_dp_settings(self) -> None:
+        """Freeze sigma, q, qN, C and delta into the one :class:`DPSettings` the optimizer and accountant read."""
+        self._dp_settings = DPSettings(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+            expected_batch_size=self.expected_batch_size, max_grad_norm=self.privacy_args.max_grad_norm,
+            sensitivity=self._engine.sensitivity, delta=self.delta,
+        )
+        self.__dict__.pop("_dp_settings_draft", None)
+
     def _build_privacy_callback(self, *, budget_steps: int | None, calibration: dict[str, Any] | None) -> PrivacyCallback:
         """The callback that accounts every step, enforces the budget and saves the privacy state."""
         from hf_ewtune.accounting import make_accountant
 
         pa, args = self.privacy_args, self.args
-        config = {
-            "max_grad_norm": pa.max_grad_norm,
-            "clipping": pa.clipping,
-            "sensitivity": self._engine.sensitivity,
-            "expected_batch_size": self.expected_batch_size,
-            "poisson_sampling": pa.poisson_sampling,
-            "sampling_assumed_by_accounting": "poisson",
-            "sampling_note": None
-            if pa.poisson_sampling
-            else "Batches were shuffled fixed-size batches; the reported epsilon ASSUMES Poisson sampling.",
-            "world_size": int(args.world_size),
-            "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
-            "per_device_train_batch_size": int(args.per_device_train_batch_size),
-            "planned_steps": self.planned_steps,
-            "steps_per_epoch": self.steps_per_epoch,
-            "calibration": calibration,
-            "certify_calibration": pa.certify_calibration,
-            "delta_default": pa.target_delta is None,
-            "randomness": "user-provided noise_seed (reproducible, NOT private)"
-            if pa.noise_seed is not None
-            else "torch generators seeded from OS entropy via secrets (unpredictable, not a CSPRNG)",
-            "privacy_unit": pa.privacy_unit.strip(),
-        }
+        accountant = make_accountant(pa.accountant)
+        record = setup_record(
+            pa, accountant=accountant, settings=self._dp_settings, world_size=int(args.world_size),
+            gradient_accumulation_steps=int(args.gradient_accumulation_steps),
+            per_device_train_batch_size=int(args.per_device_train_batch_size), planned_steps=self.planned_steps,
+            steps_per_epoch=self.steps_per_epoch, calibration=calibration,
+        )
         return PrivacyCallback(
-            accountant=make_accountant(pa.accountant), accountant_name=pa.accountant,
-            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, delta=self.delta,
-            target_epsilon=pa.target_epsilon, budget_steps=budget_steps, config=config,
+            accountant=accountant, accountant_name=pa.accountant, settings=self._dp_settings,
+            target_epsilon=pa.target_epsilon, budget_steps=budget_steps, record=record,
         )
 
     def _tag_model(self) -> None:
@@ -402,12 +403,8 @@ class DPTrainer(Trainer):
         callback = self.privacy_callback
         assert callback is not None
         if resume_from_checkpoint is not None:
-            state = load_privacy_state(resume_from_checkpoint)
-            try:
-                callback.load_state(state)
-            except KeyError as exc:
-                raise PrivacyStateError(f"{resume_from_checkpoint!r}: privacy state lacks {exc}.") from exc
-            callback.stopped_early = bool(state.get("stopped_early", False))
+            state = PrivacyState.load(resume_from_checkpoint)  # validated, cross-checked with trainer_state.json
+            callback.load_state(state)
             self._check_resumed_state(state)
             self._refresh_budget()
             logger.info(
@@ -431,20 +428,20 @@ class DPTrainer(Trainer):
         if self.is_world_process_zero() and self.privacy_callback is not None:
             logger.warning("%s", privacy_plan_line(self))
 
-    def _check_resumed_state(self, state: dict[str, Any]) -> None:
+    def _check_resumed_state(self, state: PrivacyState) -> None:
         for key, mine in (
             ("noise_multiplier", self.noise_multiplier),
             ("sample_rate", self.sample_rate),
-            ("max_grad_norm", self.privacy_args.max_grad_norm),
+            ("max_grad_norm", self._dp_settings.max_grad_norm),
             ("delta", self.delta),
         ):
-            theirs = state.get(key)
+            theirs = getattr(state, key)
             if theirs is not None and not math.isclose(float(theirs), float(mine), rel_tol=1e-9):
                 logger.warning(
                     "DPTrainer: resuming with %s=%s, the checkpoint used %s; the accountant composes both.", key, mine, theirs
                 )
-        if state.get("clipping") not in (None, self.privacy_args.clipping):
-            logger.warning("DPTrainer: resuming with clipping=%s, the checkpoint used %s.", self.privacy_args.clipping, state.get("clipping"))
+        if state.clipping not in (None, self.privacy_args.clipping):
+            logger.warning("DPTrainer: resuming with clipping=%s, the checkpoint used %s.", self.privacy_args.clipping, state.clipping)
 
     def _refresh_budget(self) -> None:
         """Recompute the total steps allowed by ``target_epsilon`` given the accountant history."""
@@ -523,13 +520,13 @@ class DPTrainer(Trainer):
         if isinstance(optimizer, DPOptimizer) or isinstance(inner, DPOptimizer):
             return optimizer
         callback = self.privacy_callback
+        engine = self._engine
         self.optimizer = DPOptimizer(
             optimizer,
-            noise_multiplier=self.noise_multiplier,
-            sensitivity=self._engine.sensitivity,
-            expected_batch_size=self.expected_batch_size,
+            settings=self._dp_settings,  # the same frozen object the accountant's callback reads
             noise_seed=self._base_noise_seed,
             step_index_fn=(lambda: callback.steps) if callback is not None else None,
+            clipping_norm_fn=lambda: engine.sensitivity,
         )
         return self.optimizer
 

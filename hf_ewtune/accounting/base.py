@@ -5,14 +5,31 @@ from __future__ import annotations
 import abc
 import copy
 import math
+from numbers import Integral, Real
 from typing import Any
 
-from hf_ewtune.errors import PrivacyStateError
+from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
 
 from ._validation import check_delta, check_noise_multiplier, check_sample_rate, check_steps
 from .report import PrivacyReport
 
 STATE_VERSION = 1
+
+
+def _checked_segment(segment: Any) -> tuple[float, float, int]:
+    """One saved ``[sigma, q, steps]`` segment, validated: a step count must be a whole JSON integer."""
+    sigma, q, n = segment
+    if isinstance(n, bool) or not isinstance(n, Integral) or int(n) < 1:
+        raise PrivacyStateError(
+            f"corrupt accountant state_dict: segment {list(segment)!r} has step count {n!r}; it must be an integer "
+            ">= 1 (boolean or fractional counts are refused, not truncated).")
+    for value, label in ((sigma, "noise_multiplier"), (q, "sample_rate")):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise PrivacyStateError(f"corrupt accountant state_dict: segment {list(segment)!r} has {label} {value!r}.")
+    try:
+        return check_noise_multiplier(sigma), check_sample_rate(q), int(n)
+    except PrivacyConfigError as exc:
+        raise PrivacyStateError(f"corrupt accountant state_dict: segment {list(segment)!r}: {exc}") from exc
 
 
 class Accountant(abc.ABC):
@@ -143,10 +160,15 @@ class Accountant(abc.ABC):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the history from :meth:`state_dict` (the accountant name must match)."""
+        """Restore the history from :meth:`state_dict` (the accountant name must match).
+
+        Raises:
+            PrivacyStateError: a missing key, a segment that is not ``[sigma, q, steps]``, a boolean or
+                fractional step count (never truncated), or an invalid sigma / q.
+        """
         try:
             name = state_dict["accountant"]
-            history = [(float(s), float(q), int(n)) for s, q, n in state_dict["history"]]
+            history = [_checked_segment(segment) for segment in state_dict["history"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyStateError(f"corrupt accountant state_dict: {exc!r}") from exc
         if name != self.name:

@@ -6,16 +6,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hf_ewtune.json_safe import json_safe
 
-def _json_safe(value: Any) -> Any:
-    """Replace non-finite floats by the strings ``"inf"``, ``"-inf"``, ``"nan"`` (recursively)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+_json_safe = json_safe  # the package's one JSON-safe conversion (kept under its old name for importers)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
