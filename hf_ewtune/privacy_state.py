@@ -244,6 +244,12 @@ class PrivacyState:
         return state
 
     def _check_sessions(self, history: list[tuple[float, float, int]]) -> None:
+        calibration = self.calibration or {}
+        for key in ("noise_multiplier", "sample_rate"):
+            planned, mine = calibration.get(key), getattr(self, key)
+            if (isinstance(planned, Real) and not isinstance(planned, bool) and mine is not None
+                    and not _same(float(planned), mine)):
+                raise _fail(f"the privacy state records {key}={mine} but its calibration record says {planned}")
         recorded = list(self.sessions)
         if self.noise_multiplier is not None and self.sample_rate is not None:
             mine = [self.noise_multiplier, self.sample_rate]

@@ -46,6 +46,7 @@ def test_nested_accountant_layout_is_normalised():
     ({"sessions": [[2.0, 0.1]], "noise_multiplier": 2.0}, "never used"),
     ({"sessions": [[1.0, 0.1]], "noise_multiplier": 2.0}, "sessions end with"),
     ({"budget_steps": 2.5}, "'budget_steps' must be a non-negative integer"),
+    ({"calibration": {"noise_multiplier": 0.8, "sample_rate": 0.1}}, "calibration record says 0.8"),
 ])
 def test_invalid_fields_are_refused(edit, match):
     with pytest.raises(PrivacyStateError, match=match):
