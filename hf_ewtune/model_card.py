@@ -96,7 +96,12 @@ def privacy_report(privacy_state: PrivacyState | Mapping[str, Any]):
     state = as_privacy_state(privacy_state)
     if state.delta is None:
         raise PrivacyStateError("privacy state has no 'delta'; it cannot be certified.")
-    key = json.dumps(state.accountant_state, sort_keys=True, allow_nan=False)
+    try:
+        key = json.dumps(state.accountant_state, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):  # not JSON-able options: no caching
+        from hf_ewtune.accounting import accountant_from_state
+
+        return accountant_from_state(dict(state.accountant_state)).get_privacy_spent(delta=float(state.delta))
     return copy.deepcopy(_cached_report(key, float(state.delta)))
 
 

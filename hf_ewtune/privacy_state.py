@@ -94,6 +94,15 @@ def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _opt_mapping(data: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _fail(f"privacy state field {key!r} must be a JSON object, got {value!r}")
+    return dict(value)
+
+
 def _same(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
 
@@ -227,14 +236,14 @@ class PrivacyState:
             per_device_train_batch_size=_opt_int(data, "per_device_train_batch_size"),
             planned_steps=_opt_int(data, "planned_steps"),
             steps_per_epoch=_opt_int(data, "steps_per_epoch"),
-            calibration=dict(data["calibration"]) if isinstance(data.get("calibration"), Mapping) else None,
+            calibration=_opt_mapping(data, "calibration"),
             certify_calibration=_opt_bool(data, "certify_calibration"),
             delta_default=_opt_bool(data, "delta_default"),
             randomness=_opt_str(data, "randomness"),
             privacy_unit=_opt_str(data, "privacy_unit"),
             library=_opt_str(data, "library"),
             library_version=_opt_str(data, "library_version"),
-            versions=dict(data.get("versions") or {}),
+            versions=_opt_mapping(data, "versions") or {},
             format_version=int(version),
             extra={str(k): v for k, v in data.items() if k not in known},
         )
