@@ -103,7 +103,7 @@ def test_dp_optimizer_takes_settings_or_numbers_not_both():
         DPOptimizer(torch.optim.SGD([p], lr=1.0), settings=settings, noise_multiplier=0.0)
     with pytest.raises(PrivacyConfigError, match="missing"):
         DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=1.0)
-    with pytest.raises(PrivacyConfigError, match="noise_multiplier must be >= 0"):
+    with pytest.raises(PrivacyConfigError, match="noise_multiplier must be finite and >= 0"):
         DPSettings(noise_multiplier=-1.0, sensitivity=1.0, expected_batch_size=2)
     opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), settings=settings)
     assert opt.noise_multiplier == 1.0 and opt.settings is settings
