@@ -79,6 +79,7 @@ def per_example_loss(
     task: str,
     attention_mask: torch.Tensor | None = None,
     ignore_index: int = -100,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Loss of every example in the batch, shape ``[B]``, each depending on that example only.
 
@@ -90,6 +91,14 @@ def per_example_loss(
         task: One of :data:`TASKS`.
         attention_mask: ``[B, T]``; for token tasks, positions with mask 0 are ignored too (padding).
         ignore_index: Label value to ignore (token tasks).
+        label_smoothing: ``TrainingArguments.label_smoothing_factor``: per example, exactly what
+            ``transformers``' ``LabelSmoother`` gives for a batch of that one example,
+            ``(1 - eps) * nll + eps * mean_c(-log p_c)`` (averaged over the example's valid tokens for token
+            tasks). Only for classification and token tasks.
+
+    Raises:
+        PrivacyConfigError: unknown ``task``, or ``label_smoothing`` outside [0, 1) or with a regression /
+            multi-label task.
 
     Example:
         >>> import torch
@@ -99,8 +108,17 @@ def per_example_loss(
         tensor([1.6094, 0.0000])
     """
     logits = logits.float()
+    if label_smoothing:
+        if not 0.0 <= label_smoothing < 1.0:
+            raise PrivacyConfigError(f"label_smoothing_factor must be in [0, 1), got {label_smoothing!r}.")
+        if task not in ("classification", "causal_lm", "token"):
+            raise PrivacyConfigError(
+                f"label_smoothing_factor={label_smoothing:g} applies to class labels; the per-example loss task is "
+                f"{task!r}. Set TrainingArguments.label_smoothing_factor=0."
+            )
     if task == "classification":
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1).long(), reduction="none")
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1).long(), reduction="none",
+                               label_smoothing=label_smoothing)
     if task == "regression":
         pred = logits.squeeze(-1) if logits.shape[-1] == 1 else logits
         err = (pred - labels.to(pred.dtype)) ** 2
@@ -119,7 +137,8 @@ def per_example_loss(
         if mask is not None:
             valid = valid & mask.to(torch.bool)
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
-        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe_labels.reshape(-1), reduction="none")
+        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe_labels.reshape(-1), reduction="none",
+                              label_smoothing=label_smoothing)
         tok = tok.view(labels.shape) * valid.to(tok.dtype)
         counts = valid.sum(dim=1).clamp(min=1).to(tok.dtype)
         return tok.sum(dim=1) / counts

@@ -43,8 +43,6 @@ import logging
 import math
 import os
 import warnings
-import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -55,8 +53,10 @@ from hf_ewtune.arguments import PrivacyArguments, default_delta
 from hf_ewtune.batch_checks import check_micro_batch, check_training_data
 from hf_ewtune.callbacks import PrivacyCallback
 from hf_ewtune.dp_settings import DPSettings, read_only_setting
+from hf_ewtune.engine_lifecycle import require_attached
 from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError
-from hf_ewtune.losses import TASKS, infer_task, per_example_loss
+from hf_ewtune.loss_contract import batch_size_of, check_loss_settings, check_per_example_losses, default_per_example_loss
+from hf_ewtune.losses import TASKS
 from hf_ewtune.noise import DPOptimizer
 from hf_ewtune.privacy_record import setup_record
 from hf_ewtune.privacy_state import PrivacyState, save_privacy_state
@@ -96,8 +96,6 @@ def non_private_logs(output_dir: str) -> list[str]:
     return sorted(found)
 
 _NOISE_STREAM = 0
-# One clipping engine (set of hooks) per model: a new DPTrainer on the same model replaces the old hooks.
-_ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 _SAMPLING_STREAM = 1
 
 
@@ -161,6 +159,7 @@ class DPTrainer(Trainer):
         self._reject_sharded_training(self.args)
         if self.model is None:
             raise PrivacyConfigError("DPTrainer needs model=.")
+        check_loss_settings(self)
         self._setup_privacy()
         check_training_data(self)  # packed rows, token ids, labels: refused before training (batch_checks.py)
 
@@ -333,15 +332,15 @@ class DPTrainer(Trainer):
         return budget_steps
 
     def _attach_clipping_engine(self) -> None:
-        """Hook per-example clipping into the model (replacing the hooks of an earlier DPTrainer on it)."""
-        from hf_ewtune.clipping import ClippingEngine
+        """Hook per-example clipping into the model; the hooks belong to this trainer (engine_lifecycle.py).
+
+        Hooks of an earlier DPTrainer still on the model are detached explicitly (with a warning); that trainer
+        then refuses to train.
+        """
+        from hf_ewtune.engine_lifecycle import attach_engine
 
         pa = self.privacy_args
-        previous = _ENGINES.pop(self.model, None)
-        if previous is not None:  # a DPTrainer built earlier on the same model: drop its hooks
-            previous.remove()
-        self._engine = ClippingEngine(self.model, max_grad_norm=pa.max_grad_norm, clipping=pa.clipping)
-        _ENGINES[self.model] = self._engine
+        self._engine = attach_engine(self, self.model, max_grad_norm=pa.max_grad_norm, clipping=pa.clipping)
 
     def _freeze_dp_settings(self) -> None:
         """Freeze sigma, q, qN, C and delta into the one :class:`DPSettings` the optimizer and accountant read."""
@@ -377,6 +376,17 @@ class DPTrainer(Trainer):
             add_privacy_tags(self.model)
         except Exception as exc:  # pragma: no cover - tagging is best effort
             logger.debug("could not tag the model: %s", exc)
+
+    def remove_hooks(self) -> None:
+        """Take this trainer's clipping hooks off the model (idempotent); the trainer cannot train afterwards.
+
+        Call it to use the model without per-example clipping (plain inference, a non-private trainer).
+        The hooks are also removed when the trainer is garbage-collected, and when a newer ``DPTrainer``
+        is built on the same model (it detaches this one's hooks and logs a warning; training with this
+        trainer afterwards raises :class:`~hf_ewtune.errors.PrivacyStateError`).
+        """
+        if self._engine is not None:
+            self._engine.remove()
 
     # ------------------------------------------------------------------------------- training
     def train(
@@ -564,18 +574,11 @@ class DPTrainer(Trainer):
         norm = float(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
         if is_empty_batch(inputs):
             return torch.zeros((), device=self.args.device)
+        require_attached(self._engine)
         inputs = self._prepare_inputs(inputs)
         check_micro_batch(inputs, model=self.model, task=self.per_example_loss_task)
         inputs = dict(inputs)
-        labels = inputs.pop("labels", None)
-        if labels is None:
-            labels = inputs.pop("label", None)
-        if labels is None:
-            raise PrivacyConfigError(
-                "the training batch has no 'labels': DPTrainer computes per-example losses from the logits and "
-                "the labels (for causal LM, set labels = input_ids with padding as -100)."
-            )
-        batch_size = labels.shape[0]
+        batch_size = batch_size_of(inputs)
         limit = self.privacy_args.max_physical_batch_size or batch_size
         total = torch.zeros((), device=self.args.device)
         # Forward through the unwrapped module: DDP must neither sync gradients (we all-reduce the noisy
@@ -586,15 +589,30 @@ class DPTrainer(Trainer):
             sl = slice(start, start + limit)
             chunk = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
                      for k, v in inputs.items()}
-            chunk_labels = labels[sl]
-            with self.compute_loss_context_manager():
-                outputs = model(**chunk)
-                logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-            task = self.per_example_loss_task or infer_task(self.model, logits, chunk_labels)
-            losses = per_example_loss(logits, chunk_labels, task=task, attention_mask=chunk.get("attention_mask"))
+            losses = check_per_example_losses(self.compute_per_example_loss(model, chunk), len(range(batch_size)[sl]))
             self._engine.backward(losses)
             total = total + losses.detach().sum().to(total.device)
         return total / norm
+
+    def compute_per_example_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """The loss of every example of ``inputs``, ``Tensor[B]``, example ``i``'s depending on example ``i`` only.
+
+        ``training_step`` calls this on each (physical) micro-batch and clips each example's gradient of it.
+        The default runs the forward and computes the loss from the logits and ``labels``
+        (:func:`hf_ewtune.losses.per_example_loss`, task from ``per_example_loss_task`` or inferred), honouring
+        ``TrainingArguments.label_smoothing_factor`` per example and a ``compute_loss_func=`` (called once per
+        example on that example's slice of the outputs). Override it for a custom objective; run the forward
+        inside ``self.compute_loss_context_manager()`` as the default does. Mixing examples here (a batch
+        mean, a contrastive loss over the batch) voids the privacy guarantee.
+
+        Args:
+            model: The (unwrapped) model to run.
+            inputs: The micro-batch, ``labels`` included.
+
+        Returns:
+            ``Tensor[B]`` of per-example losses that requires grad.
+        """
+        return default_per_example_loss(self, model, inputs)
 
     # ------------------------------------------------------------------------------ reporting
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -16,7 +16,10 @@ Coverage (one rule per module type, chosen when the engine is built; anything un
 * Tied / reused parameters (GPT-2 ``lm_head`` = ``wte``, a module called twice): the norm of the *sum* over
   uses, cross terms by ghost identities for Linear/Conv1D/Embedding, instantiated otherwise.
 
-Rejected: BatchNorm, recurrent layers, gradient checkpointing, parameters in modules without a forward.
+Your own layer: :func:`register_clipping_rule` (a :class:`Rule` for its type, checked against
+:func:`hf_ewtune.testing.check_per_example_gradients`).
+
+Rejected (one :class:`~hf_ewtune.errors.UnsupportedModuleError` lists every offending module): BatchNorm, recurrent layers, gradient checkpointing, parameters in modules without a forward.
 ``Embedding(scale_grad_by_freq=True)``, and (at every backward, by a graph walk) parameters used outside their module's
 forward.
 
@@ -32,6 +35,16 @@ Example:
 
 from __future__ import annotations
 
-from .engine import CLIPPING_STYLES, ClippingEngine
+from ._base import Record, Rule
+from .engine import CLIPPING_STYLES, ClippingEngine, attached_engine
+from .validation import register_clipping_rule, unregister_clipping_rule
 
-__all__ = ["ClippingEngine", "CLIPPING_STYLES"]
+__all__ = [
+    "CLIPPING_STYLES",
+    "ClippingEngine",
+    "Record",
+    "Rule",
+    "attached_engine",
+    "register_clipping_rule",
+    "unregister_clipping_rule",
+]

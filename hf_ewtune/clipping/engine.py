@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Iterator
 
 import torch
@@ -32,11 +33,34 @@ from ..checks import CLIPPING_STYLES, check_choice, check_max_grad_norm
 from ..errors import UnsupportedModuleError
 from ._base import Record, Rule, factor_inner
 from .functorch_fallback import direct_trainable
-from .validation import check_model, choose_rule, is_checkpointing
+from .validation import choose_rule, is_checkpointing, model_problems, raise_problems
 
 FLAT_EPS = 1e-6
 AUTO_GAMMA = 0.01
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "attention_mask")
+# Attribute on the model: a weak reference to the engine whose hooks are on it (no module-level registry, so
+# nothing here keeps a model or an engine alive; the hooks themselves hold the engine while attached).
+_ATTACHED = "_hf_ewtune_clipping_engine"
+
+
+def attached_engine(model: nn.Module) -> "ClippingEngine | None":
+    """The :class:`ClippingEngine` whose hooks are currently on ``model`` (``None`` if there is none).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> attached_engine(model) is None
+        True
+        >>> engine = ClippingEngine(model, max_grad_norm=1.0)
+        >>> attached_engine(model) is engine
+        True
+        >>> engine.remove()
+        >>> attached_engine(model) is None
+        True
+    """
+    ref = model.__dict__.get(_ATTACHED)
+    engine = ref() if ref is not None else None
+    return engine if engine is not None and engine.attached else None
 
 
 class ClippingEngine:
@@ -72,7 +96,7 @@ class ClippingEngine:
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.clipping = clipping
-        check_model(model)
+        problems = model_problems(model)
 
         self._params: dict[str, nn.Parameter] = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self._params:
@@ -89,8 +113,13 @@ class ClippingEngine:
             roles = direct_trainable(module)
             if not roles:
                 continue
-            self._rules[module] = choose_rule(name, module)
+            try:
+                self._rules[module] = choose_rule(name, module)
+            except UnsupportedModuleError as exc:  # collect them all: one error lists every unsupported module
+                problems.append(str(exc))
+                continue
             covered.update(id(getattr(module, r)) for r in roles)
+        raise_problems(list(dict.fromkeys(problems)))
         missing = [n for n, p in self._params.items() if id(p) not in covered]
         if missing:  # pragma: no cover - every parameter is owned by some module
             raise UnsupportedModuleError(f"Trainable parameters {missing} are not covered; freeze them.")
@@ -100,6 +129,7 @@ class ClippingEngine:
         self.current_batch_size: int | None = None
         self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self._rules]
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        model.__dict__[_ATTACHED] = weakref.ref(self)
 
     # -- public API --------------------------------------------------------------------------------
     @property
@@ -107,12 +137,20 @@ class ClippingEngine:
         """L2 sensitivity of one example's clipped contribution (``C`` for every clipping style)."""
         return self.max_grad_norm
 
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are on the model (``False`` after :meth:`remove`)."""
+        return bool(self._handles)
+
     def remove(self) -> None:
-        """Remove all hooks and drop any recorded activations."""
+        """Remove all hooks and drop any recorded activations (idempotent)."""
         for h in self._handles:
             h.remove()
         self._handles = []
         self._records = []
+        ref = self.model.__dict__.get(_ATTACHED)
+        if ref is not None and ref() is self:
+            del self.model.__dict__[_ATTACHED]
 
     def clear(self) -> None:
         """Drop activations recorded by forwards that will not be followed by ``backward``."""

@@ -1,6 +1,12 @@
-"""Model checks done before training and the choice of a per-example gradient rule for each module."""
+"""Model checks done before training and the choice of a per-example gradient rule for each module.
+
+User rules: :func:`register_clipping_rule` adds a rule for a module type (your own layer); it is used for
+that type and its subclasses in preference to the built-in rules and the ``torch.func`` fallback.
+"""
 
 from __future__ import annotations
+
+from typing import Callable, Union
 
 from torch import nn
 
@@ -15,6 +21,68 @@ _LINEAR = LinearRule()
 _CONV1D = LinearRule(transposed=True)
 _EMBEDDING = EmbeddingRule()
 _LAYER_NORM = LayerNormRule()
+
+
+RuleOrFactory = Union[Rule, Callable[[nn.Module], Rule]]
+_USER_RULES: dict[type, RuleOrFactory] = {}
+
+
+def register_clipping_rule(module_type: type, rule: RuleOrFactory) -> None:
+    """Use ``rule`` for the per-example gradients of every ``module_type`` (and subclass) instance.
+
+    A rule subclasses :class:`hf_ewtune.clipping.Rule` and implements ``capture`` (what to record in the
+    forward) and ``per_example`` (``Tensor[B, *param.shape]`` for one of the module's own trainable
+    parameters); ``norm_sq``/``clipped_sum`` may be overridden with cheaper closed forms. Check a new rule
+    against :func:`hf_ewtune.testing.check_per_example_gradients` before training with it: the privacy
+    guarantee is only as good as the rule. Registering again for the same type replaces the rule.
+
+    Args:
+        module_type: An ``nn.Module`` subclass.
+        rule: A :class:`Rule` instance, or a callable ``module -> Rule`` (called once per module).
+
+    Raises:
+        TypeError: ``module_type`` is not an ``nn.Module`` subclass, or ``rule`` is neither a Rule nor callable.
+        UnsupportedModuleError: ``module_type`` is a BatchNorm or recurrent layer (they mix examples / are
+            rejected whatever the rule).
+
+    Example:
+        >>> import torch
+        >>> from hf_ewtune.clipping import ClippingEngine, register_clipping_rule, unregister_clipping_rule
+        >>> from hf_ewtune.clipping.linear import LinearRule
+        >>> class MyLinear(torch.nn.Linear):
+        ...     def forward(self, x):  # same maths as nn.Linear, written by hand
+        ...         return x @ self.weight.t() + self.bias
+        >>> register_clipping_rule(MyLinear, LinearRule())
+        >>> engine = ClippingEngine(MyLinear(3, 1), max_grad_norm=1.0)
+        >>> type(engine._rules[engine.model]).__name__
+        'LinearRule'
+        >>> engine.remove(); unregister_clipping_rule(MyLinear)
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}.")
+    if issubclass(module_type, (nn.modules.batchnorm._BatchNorm, nn.RNNBase)):
+        raise UnsupportedModuleError(
+            f"cannot register a clipping rule for {module_type.__name__}: batch-norm and recurrent layers are "
+            "rejected whatever the rule (they mix examples or are not supported).")
+    if not isinstance(rule, Rule) and not callable(rule):
+        raise TypeError(f"rule must be a hf_ewtune.clipping.Rule instance or a callable module -> Rule, got {rule!r}.")
+    _USER_RULES[module_type] = rule
+
+
+def unregister_clipping_rule(module_type: type) -> None:
+    """Remove the rule registered for ``module_type`` (no error if there is none)."""
+    _USER_RULES.pop(module_type, None)
+
+
+def _user_rule(module: nn.Module) -> Rule | None:
+    for cls in type(module).__mro__:  # most specific registered type first
+        if cls in _USER_RULES:
+            rule = _USER_RULES[cls]
+            made = rule if isinstance(rule, Rule) else rule(module)
+            if not isinstance(made, Rule):
+                raise TypeError(f"the rule factory registered for {cls.__name__} returned {made!r}, not a Rule.")
+            return made
+    return None
 
 
 def _has_forward(module: nn.Module) -> bool:
@@ -35,6 +103,9 @@ def choose_rule(name: str, module: nn.Module) -> Rule:
                                      "Replace it with GroupNorm/LayerNorm.")
     if isinstance(module, nn.RNNBase):
         raise UnsupportedModuleError(f"Trainable recurrent module {label} is not supported by the clipping engine. {fix}")
+    user = _user_rule(module)
+    if user is not None:
+        return user
     if not _has_forward(module):
         raise UnsupportedModuleError(
             f"Trainable parameters {roles} of {label} belong to a module without its own forward "
@@ -101,6 +172,28 @@ def batch_mixing_problem(name: str, module: nn.Module) -> str | None:
     return None
 
 
+def model_problems(model: nn.Module) -> list[str]:
+    """Every whole-model property the engine cannot handle: modules that mix the examples of a batch (see
+    :func:`batch_mixing_problem`; wherever they are, whatever their mode or ``requires_grad``) and gradient
+    checkpointing."""
+    problems = [p for name, m in model.named_modules() if (p := batch_mixing_problem(name, m)) is not None]
+    if is_checkpointing(model):
+        problems.append(
+            "Gradient checkpointing is enabled on the model; the recomputed forward is not supported by the "
+            "clipping engine. Call model.gradient_checkpointing_disable() before private training.")
+    return problems
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one :class:`UnsupportedModuleError` listing every problem (the message alone if there is one)."""
+    if len(problems) == 1:
+        raise UnsupportedModuleError(problems[0])
+    if problems:
+        raise UnsupportedModuleError(
+            f"{len(problems)} problems prevent per-example clipping of this model (fix all of them):\n"
+            + "\n".join(f"  - {m}" for m in problems))
+
+
 def check_model(model: nn.Module) -> None:
     """Reject whole-model properties the engine cannot handle (batch statistics, gradient checkpointing).
 
@@ -109,16 +202,9 @@ def check_model(model: nn.Module) -> None:
     the trainable layers before it depend on the other examples.
 
     Raises:
-        UnsupportedModuleError: naming the module and the fix.
+        UnsupportedModuleError: naming every such module and the fix (one error for all of them).
     """
-    for name, m in model.named_modules():
-        problem = batch_mixing_problem(name, m)
-        if problem is not None:
-            raise UnsupportedModuleError(problem)
-    if is_checkpointing(model):
-        raise UnsupportedModuleError(
-            "Gradient checkpointing is enabled on the model; the recomputed forward is not supported by the "
-            "clipping engine. Call model.gradient_checkpointing_disable() before private training.")
+    raise_problems(model_problems(model))
 
 
 def is_checkpointing(model: nn.Module) -> bool:
