@@ -404,6 +404,7 @@ class DPTrainer(Trainer):
         those replayed draws are never accounted (the accountant only steps on real optimizer steps) and,
         the sampler being seeded afresh, the resumed run continues with fresh Poisson draws.
         """
+        require_attached(self._engine)
         if resume_from_checkpoint is False:
             resume_from_checkpoint = None
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
