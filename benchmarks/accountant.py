@@ -41,7 +41,7 @@ from hf_ewtune.accounting import calibrate
 from hf_ewtune.accounting.certified import dp_accounting_version, pld_epsilon, rdp_epsilon
 from hf_ewtune.accounting.cumulants import step_cumulants
 from hf_ewtune.accounting.edgeworth import epsilon_estimate, sum_cumulants
-from hf_ewtune.accounting.edgeworth_accountant import edgeworth_error_bound
+from hf_ewtune.accounting.edgeworth_report import edgeworth_error_bound
 
 DELTA = 1e-5
 QUERY_SETTINGS = [

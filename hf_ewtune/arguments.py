@@ -33,7 +33,6 @@ from hf_ewtune.checks import (
 )
 from hf_ewtune.errors import PrivacyConfigError
 
-ACCOUNTANTS = ("edgeworth", "pld", "rdp")
 
 
 def default_delta(num_examples: int) -> float:
@@ -160,7 +159,9 @@ def validate_privacy_fields(settings: Any) -> None:
     if settings.target_delta is not None:
         check_delta(settings.target_delta, name="target_delta")
     check_max_grad_norm(settings.max_grad_norm)
-    check_choice(settings.accountant, ACCOUNTANTS, name="accountant")
+    from hf_ewtune.accounting.registry import check_accountant_name  # the registry is the one list of names
+
+    check_accountant_name(settings.accountant)
     check_choice(settings.clipping, CLIPPING_STYLES, name="clipping")
     check_bool(settings.poisson_sampling, name="poisson_sampling")
     check_bool(settings.certify_calibration, name="certify_calibration")

@@ -18,7 +18,15 @@ from .base import Accountant
 from .calibration import CalibrationResult, calibrate, calibrate_noise_multiplier, edgeworth_sigma, steps_within_budget
 from .certified import PLDAccountant, RDPAccountant
 from .edgeworth_accountant import EdgeworthAccountant
-from .registry import ACCOUNTANTS, accountant_from_state, make_accountant
+from .registry import (
+    ACCOUNTANTS,
+    accountant_class,
+    accountant_from_state,
+    accountant_names,
+    make_accountant,
+    register_accountant,
+    unregister_accountant,
+)
 from .report import PrivacyReport
 
 __all__ = [
@@ -29,10 +37,14 @@ __all__ = [
     "PLDAccountant",
     "PrivacyReport",
     "RDPAccountant",
+    "accountant_class",
     "accountant_from_state",
+    "accountant_names",
     "calibrate",
     "calibrate_noise_multiplier",
     "edgeworth_sigma",
     "make_accountant",
+    "register_accountant",
+    "unregister_accountant",
     "steps_within_budget",
 ]

@@ -6,7 +6,7 @@ import abc
 import copy
 import math
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, Callable
 
 from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
 
@@ -48,8 +48,11 @@ class Accountant(abc.ABC):
         [(1.0, 0.01, 11)]
     """
 
-    #: registry name ("edgeworth", "pld", "rdp")
+    #: registry name ("edgeworth", "pld", "rdp", or the name given to ``register_accountant``)
     name: str = "base"
+    #: whether ``calibrate(certify=False)`` may return EW-Tune's noise from the Edgeworth ESTIMATE alone for
+    #: this accountant (only accountants built around that estimate set it; the result is flagged uncertified)
+    uncertified_calibration: bool = False
 
     def __init__(self) -> None:
         self._history: list[tuple[float, float, int]] = []
@@ -87,6 +90,14 @@ class Accountant(abc.ABC):
     def options(self) -> dict[str, Any]:
         """Constructor options (stored in :meth:`state_dict`)."""
         return {}
+
+    def search_epsilon_fn(self) -> Callable[[tuple, float], float] | None:
+        """A cheaper epsilon ``f(history, delta)`` used only to bracket noise/step searches, or ``None``.
+
+        Searches (``calibrate``, ``steps_within_budget``) start from it and always finish with
+        :meth:`get_epsilon`, so it is never published; ``None`` (default) searches with :meth:`get_epsilon`.
+        """
+        return None
 
     def copy(self) -> "Accountant":
         """Independent copy (same options and history)."""
@@ -126,7 +137,7 @@ class Accountant(abc.ABC):
 
     def get_privacy_spent(self, delta: float = 1e-5) -> PrivacyReport:
         """Full :class:`PrivacyReport`: certified epsilon plus the Edgeworth estimates and error bound."""
-        from .edgeworth_accountant import edgeworth_summary  # local: avoids an import cycle
+        from .edgeworth_report import edgeworth_summary  # the estimate shown beside every certified epsilon
 
         epsilon = self.get_epsilon(delta)
         history = tuple(self._history)

@@ -18,11 +18,10 @@ from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError
 
 from ._validation import check_delta, check_noise_multiplier, check_sample_rate, check_steps, check_target_epsilon
 from .base import Accountant
-from .certified import pld_epsilon
+from .certified import COARSE_VDI  # noqa: F401 - re-exported (defined here before)
 from .edgeworth import epsilon_estimate, sum_cumulants
 from .registry import make_accountant
 
-COARSE_VDI = 1e-3
 SEARCH_RTOL = 0.0025  # coarse bisection tolerance: half of the promised 0.5%
 SIGMA_MIN = 1e-2
 SIGMA_MAX = 1e4
@@ -142,10 +141,6 @@ def _fresh(accountant: str | Accountant) -> Accountant:
     return make_accountant(accountant)
 
 
-def _uses_pld(acc: Accountant) -> bool:
-    return acc.name == "pld" or (acc.name == "edgeworth" and getattr(acc, "certifier", "pld") == "pld")
-
-
 def calibrate(
     *,
     target_epsilon: float,
@@ -201,7 +196,7 @@ def calibrate(
             edgeworth_epsilon=ew_at(sigma),
         )
 
-    if not certify and acc.name == "edgeworth":
+    if not certify and acc.uncertified_calibration:
         warnings.warn(
             "calibrate(certify=False) returns EW-Tune's noise multiplier from the Edgeworth ESTIMATE; "
             "it is not a privacy guarantee (the certified epsilon at this sigma is in result.epsilon).",
@@ -211,8 +206,9 @@ def calibrate(
         return result(sigma_ew, certified_eps(sigma_ew))
 
     fine = _memo(certified_eps)
-    if _uses_pld(template):
-        coarse = _memo(lambda s: pld_epsilon([(s, q, steps)], delta, value_discretization_interval=COARSE_VDI))
+    search = template.search_epsilon_fn()
+    if search is not None:
+        coarse = _memo(lambda s: search(((s, q, steps),), delta))
     else:
         coarse = fine
     lo, hi = _smallest_sigma(coarse, target, sigma_ew, 1.3 * sigma_ew, SEARCH_RTOL)
@@ -306,10 +302,9 @@ def steps_within_budget(
     fine = _memo(fine_eps)
     fine.cache[0] = spent  # type: ignore[attr-defined]
     hard_cap = cap if cap is not None else 10**9
-    if _uses_pld(base):
-        coarse = _memo(
-            lambda n: pld_epsilon(prefix + ((sigma, q, n),), delta, value_discretization_interval=COARSE_VDI)
-        )
+    search = base.search_epsilon_fn()
+    if search is not None:
+        coarse = _memo(lambda n: search(prefix + ((sigma, q, n),), delta))
         coarse.cache[0] = spent  # type: ignore[attr-defined]
     else:
         coarse = fine

@@ -13,7 +13,7 @@ from ._validation import check_delta, check_noise_multiplier, check_sample_rate,
 from .certified import pld_description, pld_epsilon, rdp_description, rdp_epsilon
 from .cumulants import step_cumulants
 from .edgeworth import epsilon_estimate, sum_cumulants
-from .edgeworth_accountant import edgeworth_error_bound
+from .edgeworth_report import edgeworth_error_bound
 
 #: EW-Tune's SST-2 setting (B = 2000, N = 67349, 20 epochs) and the noise multiplier its Edgeworth
 #: accountant picked for epsilon = 8.

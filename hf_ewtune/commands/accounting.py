@@ -18,7 +18,8 @@ import math
 import sys
 import warnings
 
-ACCOUNTANT_CHOICES = ("edgeworth", "pld", "rdp")
+from hf_ewtune.accounting.registry import accountant_class, accountant_names
+
 SST2 = {"noise_multiplier": 0.7865, "sample_rate": 0.029696, "steps": 660, "delta": 1e-5}
 
 
@@ -90,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("epsilon", help="certified epsilon (and the Edgeworth estimate) of a DP-SGD run",
                               formatter_class=fmt)
     _add_setting(p)
-    p.add_argument("--accountant", choices=ACCOUNTANT_CHOICES, default="edgeworth")
+    p.add_argument("--accountant", choices=accountant_names(), default="edgeworth")
     p.add_argument("--json", action="store_true", help="print the privacy report as JSON (inf as \"inf\")")
     p.set_defaults(func=run_epsilon)
 
@@ -98,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=fmt)
     p.add_argument("--target-epsilon", type=_positive, required=True, help="privacy budget epsilon")
     _add_setting(p, noise=False, defaults=None)
-    p.add_argument("--accountant", choices=ACCOUNTANT_CHOICES, default="edgeworth")
+    p.add_argument("--accountant", choices=accountant_names(), default="edgeworth")
     p.add_argument("--no-certify", action="store_true",
                    help="reproduce EW-Tune: sigma from the Edgeworth ESTIMATE only (not a guarantee)")
     p.add_argument("--json", action="store_true")
@@ -141,7 +142,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    if args.no_certify and args.accountant == "edgeworth":
+    if args.no_certify and accountant_class(args.accountant).uncertified_calibration:
         print(f"noise multiplier: {result.noise_multiplier:.4f}  (EW-Tune: Edgeworth ESTIMATE only, NOT a guarantee)")
         verdict = "meets" if result.certified else "EXCEEDS"
         print(f"  certified epsilon at this sigma: {result.epsilon:.4f} ({verdict} the target {args.target_epsilon:g}"

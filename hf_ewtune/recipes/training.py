@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hf_ewtune.arguments import ACCOUNTANTS
+from hf_ewtune.accounting.registry import accountant_names
 from hf_ewtune.checks import check_delta, check_max_grad_norm, check_noise_multiplier, check_target_epsilon
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class PrivacySettings:
                                                help="fixed noise multiplier sigma instead of calibrating to --target-epsilon"))
     target_delta: float | None = field(default=None, metadata=_privacy_option("target_delta", check_target_delta))
     max_grad_norm: float = field(default=1.0, metadata=_privacy_option("max_grad_norm", check_max_grad_norm))
-    accountant: str = field(default="edgeworth", metadata=_privacy_option("accountant", choices=ACCOUNTANTS))
+    accountant: str = field(default="edgeworth", metadata=_privacy_option("accountant", choices=accountant_names()))
     private: bool = field(default=True, metadata={
         "help": "baseline: plain transformers.Trainer with the same settings, no privacy",
         "cli": {"negate": "non-private"}})
