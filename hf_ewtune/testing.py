@@ -3,6 +3,9 @@
 Nothing here touches the Hugging Face Hub: tokenizers are trained in code and models are built
 from a config with random weights.
 
+:func:`check_per_example_gradients` is the library's oracle, for your own architectures: the clipping
+engine's per-example gradients against one backward per example, in float64.
+
 Example:
     >>> from hf_ewtune.testing import tiny_bert, tiny_tokenizer
     >>> tok = tiny_tokenizer()
@@ -13,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 SAMPLE_TEXTS: tuple[str, ...] = (
     "a gripping, beautifully acted film",
@@ -26,6 +29,25 @@ SAMPLE_TEXTS: tuple[str, ...] = (
     "i wanted my two hours back",
 )
 SAMPLE_LABELS: tuple[int, ...] = (1, 0, 1, 0, 1, 0, 1, 0)
+
+
+def check_per_example_gradients(model: Any, batch: Any, loss_fn: Any = None, **kwargs: Any) -> Any:
+    """Check the clipping engine on ``model`` against one backward per example (float64).
+
+    See :func:`hf_ewtune.gradient_check.check_per_example_gradients` for the arguments.
+
+    Example:
+        >>> import torch
+        >>> from hf_ewtune.testing import check_per_example_gradients, tiny_bert
+        >>> batch = {"input_ids": torch.randint(5, 200, (3, 8)), "attention_mask": torch.ones(3, 8, dtype=torch.long),
+        ...          "labels": torch.tensor([0, 1, 1])}
+        >>> report = check_per_example_gradients(tiny_bert(), batch)
+        >>> report.ok, report.max_abs_error < 1e-10
+        (True, True)
+    """
+    from hf_ewtune.gradient_check import check_per_example_gradients as check
+
+    return check(model, batch, loss_fn, **kwargs)
 
 
 def tiny_tokenizer(texts: Iterable[str] = SAMPLE_TEXTS, *, vocab_size: int = 200, kind: str = "wordpiece"):

@@ -77,16 +77,13 @@ def slice_batch(batch: dict, i: int) -> dict:
 
 
 def loop_grads(model, batch: dict, loss_fn) -> dict[str, torch.Tensor]:
-    """Ground truth: one backward per example. Returns {name: Tensor[B, *shape]} for trainable params."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    b = next(iter(batch.values())).shape[0]
-    out = {n: [] for n in params}
-    for i in range(b):
-        loss = loss_fn(model, slice_batch(batch, i)).sum()
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for (n, p), g in zip(params.items(), grads):
-            out[n].append(torch.zeros_like(p) if g is None else g)
-    return {n: torch.stack(v) for n, v in out.items()}
+    """Ground truth: one backward per example. Returns {name: Tensor[B, *shape]} for trainable params.
+
+    The library's public oracle loop (``hf_ewtune.gradient_check``), shipped for users' own architectures.
+    """
+    from hf_ewtune.gradient_check import loop_per_example_gradients
+
+    return loop_per_example_gradients(model, batch, loss_fn)
 
 
 def group_names(names) -> list[str]:
