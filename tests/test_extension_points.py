@@ -181,3 +181,20 @@ def test_no_accountant_name_string_checks_left_in_the_package():
     offenders = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == []
+
+
+def test_docs_extending_examples_run():
+    import hf_ewtune.accounting as accounting
+    from hf_ewtune import DPTrainer
+
+    text = (PACKAGE.parent / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 3
+    namespace = {"torch": torch, "DPTrainer": DPTrainer}
+    try:
+        for block in blocks:
+            exec(compile(block, "docs/extending.md", "exec"), namespace)
+        assert "my_rdp" in accounting.accountant_names() and namespace["report"].ok
+    finally:
+        unregister_clipping_rule(namespace.get("Gate", Gate))
+        unregister_accountant("my_rdp")
