@@ -4,9 +4,11 @@ Per optimizer step ("logical batch"):
 
 1. one Poisson(q) draw over the training set, identical on all ranks, split into exactly
    ``gradient_accumulation_steps`` micro-batches per rank (some possibly empty) — :mod:`hf_ewtune.sampling`;
-2. per micro-batch: forward, per-example losses from the logits (:mod:`hf_ewtune.losses`; HF's
-   ``num_items_in_batch`` is ignored), one backward through the :class:`~hf_ewtune.clipping.ClippingEngine`
-   that adds ``sum_i c_i g_i`` into ``p.grad`` (no DDP gradient sync);
+2. per micro-batch: :meth:`DPTrainer.compute_per_example_loss` (overridable; default: forward, per-example
+   losses from the logits, :mod:`hf_ewtune.losses`, honouring ``label_smoothing_factor`` and
+   ``compute_loss_func`` per example; HF's ``num_items_in_batch`` is ignored), one backward through the
+   :class:`~hf_ewtune.clipping.ClippingEngine` that adds ``sum_i c_i g_i`` into ``p.grad`` (no DDP gradient
+   sync). The engine's hooks belong to this trainer (:mod:`hf_ewtune.engine_lifecycle`, ``remove_hooks()``);
 3. at the optimizer step: Gaussian noise ``N(0, (sigma C)^2)`` once (rank 0), all-reduce SUM, division by
    the public expected batch size ``q N`` (:mod:`hf_ewtune.noise`), then the wrapped optimizer's step;
 4. the :class:`~hf_ewtune.callbacks.PrivacyCallback` steps the accountant (empty batches included), logs
@@ -117,7 +119,8 @@ class DPTrainer(Trainer):
     Everything is validated here, before training: a missing or unsized ``train_dataset``, an expected
     batch larger than the dataset, an invalid rate, neither ``target_epsilon`` nor ``noise_multiplier``,
     a budget that cannot afford one step, DataParallel, custom samplers, unsupported modules (BatchNorm,
-    uncovered trainable parameters) all raise :class:`~hf_ewtune.errors.PrivacyConfigError` (or a subclass).
+    uncovered trainable parameters; all listed in one error), a ``compute_loss`` override without
+    ``compute_per_example_loss`` all raise :class:`~hf_ewtune.errors.PrivacyConfigError` (or a subclass).
 
     Args:
         *args: Positional ``Trainer`` arguments (``model``, ``args``, ...).

@@ -33,7 +33,7 @@ from ..checks import CLIPPING_STYLES, check_choice, check_max_grad_norm
 from ..errors import UnsupportedModuleError
 from ._base import Record, Rule, factor_inner
 from .functorch_fallback import direct_trainable
-from .validation import choose_rule, is_checkpointing, model_problems, raise_problems
+from .validation import batch_mixing_problem, choose_rule, is_checkpointing, model_problems, raise_problems
 
 FLAT_EPS = 1e-6
 AUTO_GAMMA = 0.01
@@ -111,8 +111,8 @@ class ClippingEngine:
         covered: set[int] = set()
         for name, module in model.named_modules():
             roles = direct_trainable(module)
-            if not roles:
-                continue
+            if not roles or batch_mixing_problem(name, module) is not None:
+                continue  # no parameters of its own, or already reported by model_problems
             try:
                 self._rules[module] = choose_rule(name, module)
             except UnsupportedModuleError as exc:  # collect them all: one error lists every unsupported module
