@@ -86,7 +86,7 @@ def losses_one_at_a_time(func: Callable[..., torch.Tensor], outputs: Any, labels
     b = labels.shape[0]
     losses = []
     for i in range(b):
-        loss = func(slice_example(outputs, i, b), labels[i:i + 1], num_items_in_batch=None)
+        loss = func(slice_example(outputs, i, b, batch_level=None), labels[i:i + 1], num_items_in_batch=None)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise PrivacyConfigError(
                 f"compute_loss_func must return a scalar loss tensor for one example, got "
@@ -96,18 +96,28 @@ def losses_one_at_a_time(func: Callable[..., torch.Tensor], outputs: Any, labels
     return torch.stack(losses)
 
 
-def slice_example(value: Any, i: int, batch_size: int) -> Any:
-    """``value`` restricted to example ``i``: every tensor with leading dimension ``batch_size`` becomes ``[1, ...]``."""
+_KEEP = object()
+
+
+def slice_example(value: Any, i: int, batch_size: int, *, batch_level: Any = _KEEP) -> Any:
+    """``value`` restricted to example ``i``: every tensor with leading dimension ``batch_size`` becomes ``[1, ...]``.
+
+    Other tensors (scalars, ``[1, T]`` broadcasts) are kept as they are, or replaced by ``batch_level`` when
+    given: model *outputs* sliced for a ``compute_loss_func`` pass ``batch_level=None``, since a batch-level
+    output (a router auxiliary loss, a batch loss) would make example ``i``'s loss depend on other examples.
+    """
     if isinstance(value, torch.Tensor):
-        return value[i:i + 1] if value.dim() >= 1 and value.shape[0] == batch_size else value
+        if value.dim() >= 1 and value.shape[0] == batch_size:
+            return value[i:i + 1]
+        return value if batch_level is _KEEP else batch_level
     if isinstance(value, Mapping):
-        items = {k: slice_example(v, i, batch_size) for k, v in value.items()}
+        items = {k: slice_example(v, i, batch_size, batch_level=batch_level) for k, v in value.items()}
         try:
             return type(value)(**items)
         except TypeError:
             return items
     if isinstance(value, (tuple, list)):
-        return type(value)(slice_example(v, i, batch_size) for v in value)
+        return type(value)(slice_example(v, i, batch_size, batch_level=batch_level) for v in value)
     return value
 
 

@@ -106,3 +106,20 @@ def test_a_batch_loss_from_compute_per_example_loss_is_rejected(tmp_path):
                           noise_multiplier=1.0, noise_seed=0)
     with pytest.raises(PrivacyConfigError, match=r"compute_per_example_loss must return one loss per example"):
         trainer.train()
+
+
+def test_compute_loss_func_never_sees_batch_level_outputs():
+    from hf_ewtune.loss_contract import losses_one_at_a_time
+
+    seen = []
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        seen.append(outputs["aux_loss"])
+        return F.cross_entropy(outputs["logits"], labels)
+
+    logits = torch.randn(3, 2, requires_grad=True)
+    outputs = {"logits": logits, "aux_loss": logits.sum()}  # a batch-level value mixes examples
+    losses = losses_one_at_a_time(loss_func, outputs, torch.tensor([0, 1, 1]))
+    assert losses.shape == (3,) and seen == [None, None, None]
+    grads = torch.autograd.grad(losses[0], logits)[0]
+    assert grads[1:].abs().sum() == 0  # example 0's loss depends on example 0 only
