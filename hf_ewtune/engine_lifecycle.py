@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from hf_ewtune.errors import PrivacyStateError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from hf_ewtune.clipping import ClippingEngine
+
 logger = logging.getLogger(__name__)
 
 
-def attach_engine(owner: Any, model: nn.Module, *, max_grad_norm: float, clipping: str):
+def attach_engine(owner: Any, model: nn.Module, *, max_grad_norm: float, clipping: str) -> "ClippingEngine":
     """Build a :class:`~hf_ewtune.clipping.ClippingEngine` on ``model`` for ``owner`` (a trainer).
 
     Hooks left on ``model`` by an earlier engine are removed first, with a warning. The new engine's hooks
@@ -43,7 +46,7 @@ def attach_engine(owner: Any, model: nn.Module, *, max_grad_norm: float, clippin
     return engine
 
 
-def require_attached(engine: Any) -> None:
+def require_attached(engine: "ClippingEngine | None") -> None:
     """Raise :class:`PrivacyStateError` if ``engine`` is missing or its hooks were removed."""
     if engine is None or not engine.attached:
         raise PrivacyStateError(
