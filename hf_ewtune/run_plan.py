@@ -30,12 +30,15 @@ def privacy_plan_line(trainer: Any) -> str:
     else:
         origin = "fixed"
     delta_origin = "default: below 1/N" if pa.target_delta is None else "set"
-    certifier = "RDP" if pa.accountant == "rdp" else "PLD"
+    from hf_ewtune.accounting import make_accountant
+
+    accountant = getattr(callback, "accountant", None) or make_accountant(pa.accountant)
+    certifier = accountant.certifier_label
     if pa.target_epsilon is None:
         target = f"no target epsilon: the certified epsilon ({certifier}) is logged as it grows"
     else:
         target = f"target epsilon = {pa.target_epsilon:g} (certified upper bound, {certifier}"
-        target += "; Edgeworth estimate shown beside it)" if pa.accountant == "edgeworth" else ")"
+        target += "; Edgeworth estimate shown beside it)" if accountant.edgeworth_based else ")"
     budget = callback.budget_steps
     stop = (f"; the budget stops training after step {budget}"
             if budget is not None and budget < trainer.planned_steps else "")

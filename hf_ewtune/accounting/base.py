@@ -50,9 +50,10 @@ class Accountant(abc.ABC):
 
     #: registry name ("edgeworth", "pld", "rdp", or the name given to ``register_accountant``)
     name: str = "base"
-    #: whether ``calibrate(certify=False)`` may return EW-Tune's noise from the Edgeworth ESTIMATE alone for
-    #: this accountant (only accountants built around that estimate set it; the result is flagged uncertified)
-    uncertified_calibration: bool = False
+    #: whether this accountant is built around the Edgeworth estimate (EW-Tune): ``calibrate(certify=False)``
+    #: may then return the noise from that ESTIMATE alone (flagged uncertified), and one-line logs name the
+    #: estimate beside the certified epsilon
+    edgeworth_based: bool = False
 
     def __init__(self) -> None:
         self._history: list[tuple[float, float, int]] = []
@@ -90,6 +91,11 @@ class Accountant(abc.ABC):
     def options(self) -> dict[str, Any]:
         """Constructor options (stored in :meth:`state_dict`)."""
         return {}
+
+    @property
+    def certifier_label(self) -> str:
+        """Short name of what certifies :meth:`get_epsilon` (``"PLD"``, ``"RDP"``), for one-line logs."""
+        return self.name
 
     def search_epsilon_fn(self) -> Callable[[tuple, float], float] | None:
         """A cheaper epsilon ``f(history, delta)`` used only to bracket noise/step searches, or ``None``.

@@ -196,7 +196,7 @@ def calibrate(
             edgeworth_epsilon=ew_at(sigma),
         )
 
-    if not certify and acc.uncertified_calibration:
+    if not certify and acc.edgeworth_based:
         warnings.warn(
             "calibrate(certify=False) returns EW-Tune's noise multiplier from the Edgeworth ESTIMATE; "
             "it is not a privacy guarantee (the certified epsilon at this sigma is in result.epsilon).",

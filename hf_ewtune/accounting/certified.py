@@ -106,6 +106,7 @@ class PLDAccountant(Accountant):
     """
 
     name = "pld"
+    certifier_label = "PLD"
 
     def search_epsilon_fn(self):
         """PLD on the coarse grid ``COARSE_VDI`` (an upper bound too, looser and ~10x faster)."""
@@ -148,6 +149,7 @@ class RDPAccountant(Accountant):
     """
 
     name = "rdp"
+    certifier_label = "RDP"
 
     def __init__(self, *, orders: Sequence[float] | None = None) -> None:
         super().__init__()

@@ -45,7 +45,7 @@ class EdgeworthAccountant(Accountant):
     """
 
     name = "edgeworth"
-    uncertified_calibration = True
+    edgeworth_based = True
 
     def __init__(self, order: int = 1, *, certifier: str = "pld", value_discretization_interval: float = DEFAULT_VDI) -> None:
         super().__init__()
@@ -67,6 +67,10 @@ class EdgeworthAccountant(Accountant):
             "certifier": self.certifier,
             "value_discretization_interval": self.value_discretization_interval,
         }
+
+    @property
+    def certifier_label(self) -> str:
+        return "RDP" if self.certifier == "rdp" else "PLD"
 
     def search_epsilon_fn(self):
         return coarse_pld_epsilon if self.certifier == "pld" else None

@@ -142,7 +142,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    if args.no_certify and accountant_class(args.accountant).uncertified_calibration:
+    if args.no_certify and accountant_class(args.accountant).edgeworth_based:
         print(f"noise multiplier: {result.noise_multiplier:.4f}  (EW-Tune: Edgeworth ESTIMATE only, NOT a guarantee)")
         verdict = "meets" if result.certified else "EXCEEDS"
         print(f"  certified epsilon at this sigma: {result.epsilon:.4f} ({verdict} the target {args.target_epsilon:g}"
