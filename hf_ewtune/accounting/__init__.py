@@ -28,6 +28,7 @@ from .registry import (
     unregister_accountant,
 )
 from .report import PrivacyReport
+from .saddle_point_accountant import SaddlePointAccountant
 
 __all__ = [
     "ACCOUNTANTS",
@@ -37,6 +38,7 @@ __all__ = [
     "PLDAccountant",
     "PrivacyReport",
     "RDPAccountant",
+    "SaddlePointAccountant",
     "accountant_class",
     "accountant_from_state",
     "accountant_names",

@@ -14,13 +14,14 @@ from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
 from .base import Accountant
 from .certified import PLDAccountant, RDPAccountant
 from .edgeworth_accountant import EdgeworthAccountant
+from .saddle_point_accountant import SaddlePointAccountant
 
 ACCOUNTANTS: dict[str, type[Accountant]] = {
     "edgeworth": EdgeworthAccountant,
     "pld": PLDAccountant,
     "rdp": RDPAccountant,
 }
-_ALIASES = {"ew": "edgeworth"}
+_ALIASES = {"ew": "edgeworth", "spa": "saddle_point", "saddle-point": "saddle_point"}
 _BUILTIN = frozenset(ACCOUNTANTS)
 
 
@@ -106,8 +107,11 @@ def unregister_accountant(name: str) -> None:
     ACCOUNTANTS.pop(name, None)
 
 
+register_accountant(SaddlePointAccountant)
+
+
 def make_accountant(name: str = "edgeworth", **options: Any) -> Accountant:
-    """Create an accountant by name: ``"edgeworth"`` (default), ``"pld"`` or ``"rdp"``.
+    """Create an accountant by name: ``"edgeworth"`` (default), ``"pld"``, ``"rdp"`` or ``"saddle_point"``.
 
     Example:
         >>> make_accountant("pld").name

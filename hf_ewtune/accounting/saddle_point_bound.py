@@ -125,7 +125,7 @@ class SaddlePointBound:
         return {"epsilon": self.epsilon, "directions": self.directions}
 
 
-TILT_FACTORS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0)
+TILT_FACTORS = (0.7, 0.85, 1.0, 1.2, 1.45)
 FALLBACK_TILTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
@@ -149,7 +149,7 @@ def spa_bound(history: Sequence[Sequence[float]], delta: float) -> SaddlePointBo
     out: dict[str, dict[str, float]] = {}
     worst = 0.0
     for direction in DIRECTIONS:
-        t0 = saddle_point_tilt(history, delta, direction)
+        t0 = saddle_point_tilt(history, delta, direction, log_tol=0.02)
         tilts = FALLBACK_TILTS if t0 is None else tuple(t0 * f for f in TILT_FACTORS)
         best = {"epsilon": math.inf, "tilt": math.nan, "beta": math.nan}
         for t in tilts:
@@ -158,10 +158,10 @@ def spa_bound(history: Sequence[Sequence[float]], delta: float) -> SaddlePointBo
                 continue
             eps = _epsilon_at_tilt(c, delta)
             if eps < best["epsilon"]:
-                best = {"epsilon": eps, "tilt": t, "beta": kolmogorov_beta(c)}
+                best = {"epsilon": float(eps), "tilt": float(t), "beta": float(kolmogorov_beta(c))}
         out[direction] = best
         worst = max(worst, best["epsilon"])
-    return SaddlePointBound(worst, out)
+    return SaddlePointBound(float(worst), out)
 
 
 def spa_epsilon_upper(history: Sequence[Sequence[float]], delta: float) -> float:

@@ -105,7 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_calibrate)
 
-    p = subparsers.add_parser("compare", help="one table: Edgeworth (orders 1, 2, error bound), PLD, RDP, with times "
+    p = subparsers.add_parser("compare", help="one table: Edgeworth (orders 1, 2, error bound), PLD, RDP, saddle-point (SPA-CLT, "
+                              "SPA-MSD, its bound), with times "
                               "(default: EW-Tune's SST-2 setting)", formatter_class=fmt)
     _add_setting(p, defaults=SST2)
     p.add_argument("--json", action="store_true")
