@@ -41,15 +41,15 @@ from scipy.special import erfcx, log_ndtr
 
 from .cumulants import pllr
 
-#: Half-width (in units of the unit-variance noise) of the integration window around each mode of the
-#: tilted density; outside it the density is below exp(-HALF_WIDTH^2 / 2) ~ 1e-314 of its peak.
-HALF_WIDTH = 38.0
+#: Margin (in units of the unit-variance noise) of the integration window beyond the extreme modes of the
+#: tilted density; the tails outside it are bounded explicitly (see :func:`_window`), ~exp(-200) relative.
+HALF_WIDTH = 20.0
 #: Trapezoid step; every integral is also computed at STEP / 2 and the difference, times SAFETY, is
 #: its error radius.
-STEP = 0.04
+STEP = 0.06
 SAFETY = 10.0
 #: Relative allowance added to every integral's error radius: floating-point rounding of sums of
-#: ~4,000 terms (< 4e3 * 1.1e-16) and the truncated tails (< 1e-300 relative) are far below it.
+#: ~10,000 terms (< 1e4 * 1.1e-16 relative) is far below it.
 REL_FLOOR = 1e-11
 #: Largest tilt for which moments are computed (the grid grows like t / sigma).
 MAX_POINTS = 400_000
@@ -89,12 +89,17 @@ def _trapezoid(values: np.ndarray, z: np.ndarray) -> float:
 
 
 def _window(sample_rate: float, noise_multiplier: float, t: float, direction: str) -> tuple[float, float]:
-    """Integration window: the tilted density is ``phi(z) exp(c ell(z))`` with ``c = 1 + t`` (remove) or
-    ``-t`` (add); ``ell <= max(0, a)`` puts its modes in ``[0, c mu]`` (remove) or near 0 (add)."""
+    """Integration window ``[lo, hi]`` for the tilted density ``w(z) = phi(z) exp(c ell(z))``, ``c = 1 + t``
+    (remove) or ``-t`` (add).
+
+    Since ``0 <= ell' <= mu``, ``(log w)' = -z + c ell'(z)`` is ``<= -HALF_WIDTH`` right of ``hi`` and
+    ``>= HALF_WIDTH`` left of ``lo``; so each tail integral is at most ``w(end) / HALF_WIDTH`` (see
+    :func:`tilted_moments` for the allowance that adds).
+    """
     mu = 1.0 / noise_multiplier
     if direction == "remove":
         return -HALF_WIDTH, (1.0 + t) * mu + HALF_WIDTH
-    return -HALF_WIDTH, HALF_WIDTH
+    return -t * mu - HALF_WIDTH, HALF_WIDTH
 
 
 def _log_weight(z: np.ndarray, ell: np.ndarray, t: float, direction: str) -> np.ndarray:
@@ -135,7 +140,8 @@ def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direct
     """CGF ``K(t)``, ``K'(t)``, ``K''(t)`` and the tilted third absolute moment of one step, with error radii.
 
     Numerics: the tilted density ``phi(z) exp(c ell(z))`` is integrated with the trapezoid rule on a
-    uniform grid over its window (modes +- 38; the truncated tails are below 1e-300 of the peak). The
+    uniform grid over its window (:func:`_window`: 20 beyond the extreme modes; the truncated tails are
+    bounded by ``w(end) (|L(end) - c| + 2)^3 / (20 - 3 mu)`` and added to every error radius). The
     integrands of ``K, K', K''`` are analytic with Gaussian tails, where the trapezoid rule converges
     geometrically; ``|L - c|^3`` (``c`` a first estimate of the tilted mean) has one kink, at the unique
     ``z`` with ``L(z) = c`` (``ell`` is strictly increasing), and the grid is anchored there so the kink is
@@ -144,7 +150,8 @@ def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direct
     is ``SAFETY * |I_h - I_{h/2}| + REL_FLOOR * |I|``. Radii are then propagated through the ratios
     (interval arithmetic) into the radii of ``K, K', K''`` and into an upper bound on the third
     absolute moment about the true mean (Minkowski: ``rho^(1/3) <= rho_c^(1/3) + |K' - c|``).
-    The radii are estimates from the step-halving difference (with a 10x margin), not a proof.
+    The quadrature radii are estimates from the step-halving difference (with a 10x margin), not a proof;
+    the tail allowance and everything after it are rigorous.
 
     Returns None where the grid would exceed ``MAX_POINTS`` (very large tilts).
 
@@ -155,8 +162,8 @@ def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direct
     """
     q, sigma, t = float(sample_rate), float(noise_multiplier), float(t)
     lo, hi = _window(q, sigma, t, direction)
-    if (hi - lo) / STEP * 2 > MAX_POINTS:
-        return None
+    if (hi - lo) / STEP * 2 > MAX_POINTS or HALF_WIDTH - 3.0 / sigma < 1.0:
+        return None  # grid too large, or sigma < 0.081: the tail allowance below needs HALF_WIDTH > 3 mu
     # Pass 1: a centre close to the tilted mean (analytic integrands, coarse grid).
     z = _grid(lo, hi, 4 * STEP)
     _, first = _raw_integrals(z, q, sigma, t, direction, 0.0)
@@ -179,7 +186,12 @@ def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direct
     integrands = (w, w * loss, wd2, wd2 * np.abs(d))
     an = np.array([_trapezoid(f, zf) for f in integrands])
     an_h = np.array([_trapezoid(f[::2], zf[::2]) for f in integrands])
-    err = SAFETY * np.abs(an - an_h) + REL_FLOOR * np.abs(an)
+    # Tails outside the window: log w falls at rate >= HALF_WIDTH there and |L - centre| grows at rate
+    # <= mu, so each tail of w |L - centre|^k is at most w(end) (|d(end)| + 1)^k / (HALF_WIDTH - k mu)
+    # (for HALF_WIDTH > 3 mu + 1); a generous allowance covering all four integrands:
+    ends = [(float(w[0]), abs(float(d[0]))), (float(w[-1]), abs(float(d[-1])))]
+    tail = sum(we * (de + 2.0) ** 3 for we, de in ends) / (HALF_WIDTH - 3.0 / sigma)
+    err = SAFETY * np.abs(an - an_h) + REL_FLOOR * np.abs(an) + tail
     m0, m1, m2, abs3 = an
     e0, e1, e2, err3 = err
     # K(t) = log(M0) + peak - log sqrt(2 pi)  (P = N(0,1)-based weight; the mixture is phi * exp(ell)).
