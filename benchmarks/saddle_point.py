@@ -28,7 +28,7 @@ import time
 
 from hf_ewtune.accounting.certified import dp_accounting_version, pld_epsilon
 from hf_ewtune.accounting.pld_lower import optimistic_pld_epsilon
-from hf_ewtune.accounting.saddle_point import spa_epsilon, tilted_moments
+from hf_ewtune.accounting.saddle_point import clear_caches, spa_epsilon
 from hf_ewtune.accounting.saddle_point_bound import spa_bound
 
 STEPS = (10, 100, 1000, 10_000, 50_000)
@@ -57,9 +57,9 @@ def measure(sigma: float, q: float, n: int, delta: float) -> dict:
     history = [(sigma, q, n)]
     pld, t_pld = _timed(lambda: pld_epsilon(history, delta))
     lower = optimistic_pld_epsilon(history, delta, value_discretization_interval=1e-4)
-    tilted_moments.cache_clear()
+    clear_caches()
     estimate = spa_epsilon(history, delta)
-    tilted_moments.cache_clear()
+    clear_caches()
     bound, t_bound = _timed(lambda: spa_bound(history, delta).epsilon)
     return dict(sigma=sigma, q=q, steps=n, delta=delta, pld=pld, t_pld=t_pld, lower=lower, spa_clt=estimate,
                 spa_bound=bound, t_bound=t_bound, ratio=bound / pld if pld > 0 else math.nan,

@@ -194,6 +194,8 @@ def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direct
     err = SAFETY * np.abs(an - an_h) + REL_FLOOR * np.abs(an) + tail
     m0, m1, m2, abs3 = an
     e0, e1, e2, err3 = err
+    if not (np.all(np.isfinite(an)) and np.all(np.isfinite(err)) and 0.0 < e0 < 0.5 * m0):
+        return None  # unusable numerics: the caller skips this tilt (any tilt gives a valid bound)
     # K(t) = log(M0) + peak - log sqrt(2 pi)  (P = N(0,1)-based weight; the mixture is phi * exp(ell)).
     log_mgf = math.log(m0) + peak - 0.5 * math.log(2.0 * math.pi)
     log_mgf_err = -math.log1p(-e0 / m0) + 1e-15 * (abs(log_mgf) + 1.0)
@@ -206,6 +208,12 @@ def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direct
     rho_centre = (abs3 + err3) / (m0 - e0)
     abs3_upper = (rho_centre ** (1.0 / 3.0) + abs(delta) + mean_err) ** 3 * (1.0 + 1e-12)
     return TiltedMoments(*(float(x) for x in (log_mgf, log_mgf_err, mean, mean_err, var, var_err, abs3_upper)))
+
+
+def clear_caches() -> None:
+    """Forget every cached tilted moment and saddle point (for cold timings)."""
+    tilted_moments.cache_clear()
+    saddle_point_tilt.cache_clear()
 
 
 # --------------------------------------------------------------------------- composed CGF of a history
@@ -293,13 +301,13 @@ def _saddle_log_delta(history, t: float, direction: str, method: str) -> tuple[f
 T_MIN, T_MAX = 1e-3, 5e3
 
 
-def saddle_point_tilt(
-    history, delta: float, direction: str, method: str = "clt", *, log_tol: float = 1e-6
-) -> float | None:
+@lru_cache(maxsize=1024)
+def saddle_point_tilt(history: tuple, delta: float, direction: str, method: str = "clt") -> float | None:
     """The saddle point ``t0`` at which the SPA estimate of delta equals ``delta`` (None if outside range).
 
-    ``log_tol`` is the tolerance on ``log t0`` (the bound only needs a rough tilt).
+    ``history`` is a tuple of ``(sigma, q, n)`` tuples (cached: the estimate and the bound share it).
     """
+    log_tol = 1e-6
     target = math.log(delta)
 
     def f(log_t: float) -> float:
@@ -333,7 +341,7 @@ def spa_epsilon(history: Sequence[Sequence[float]], delta: float, *, method: str
         >>> round(spa_epsilon([(2.0, 0.01, 3000)], 1e-5), 3)   # PLD (certified): 1.120
         1.12
     """
-    history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    history = tuple((float(s), float(q), int(n)) for s, q, n in history if int(n) > 0)
     if not history:
         return 0.0
     if any(s == 0.0 for s, _, _ in history):

@@ -141,7 +141,7 @@ def spa_bound(history: Sequence[Sequence[float]], delta: float) -> SaddlePointBo
         >>> 1.1196 < b.epsilon < 1.25   # PLD (certified): 1.1196
         True
     """
-    history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    history = tuple((float(s), float(q), int(n)) for s, q, n in history if int(n) > 0)
     if not history:
         return SaddlePointBound(0.0, {})
     if any(s == 0.0 for s, _, _ in history):
@@ -149,7 +149,7 @@ def spa_bound(history: Sequence[Sequence[float]], delta: float) -> SaddlePointBo
     out: dict[str, dict[str, float]] = {}
     worst = 0.0
     for direction in DIRECTIONS:
-        t0 = saddle_point_tilt(history, delta, direction, log_tol=0.02)
+        t0 = saddle_point_tilt(history, delta, direction)
         tilts = FALLBACK_TILTS if t0 is None else tuple(t0 * f for f in TILT_FACTORS)
         best = {"epsilon": math.inf, "tilt": math.nan, "beta": math.nan}
         for t in tilts:
