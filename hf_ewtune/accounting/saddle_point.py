@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.special import erfcx, log_ndtr
+from scipy.special import log_ndtr
 
 from .cumulants import pllr
 
