@@ -186,10 +186,12 @@ def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direct
     integrands = (w, w * loss, wd2, wd2 * np.abs(d))
     an = np.array([_trapezoid(f, zf) for f in integrands])
     an_h = np.array([_trapezoid(f[::2], zf[::2]) for f in integrands])
-    # Tails outside the window: log w falls at rate >= HALF_WIDTH there and |L - centre| grows at rate
-    # <= mu, so each tail of w |L - centre|^k is at most w(end) (|d(end)| + 1)^k / (HALF_WIDTH - k mu)
-    # (for HALF_WIDTH > 3 mu + 1); a generous allowance covering all four integrands:
-    ends = [(float(w[0]), abs(float(d[0]))), (float(w[-1]), abs(float(d[-1])))]
+    # Tails outside the window: log w falls at rate >= HALF_WIDTH there and |L|, |L - centre| grow at
+    # rate <= mu, so the tail of w |f|^k (f = L or L - centre, k <= 3) is at most
+    # w(end) (|f(end)| + 1)^k / (HALF_WIDTH - k mu); one allowance covering all four integrands:
+    ends = [
+        (float(w[i]), max(abs(float(d[i])), abs(float(loss[i])))) for i in (0, -1)
+    ]
     tail = sum(we * (de + 2.0) ** 3 for we, de in ends) / (HALF_WIDTH - 3.0 / sigma)
     err = SAFETY * np.abs(an - an_h) + REL_FLOOR * np.abs(an) + tail
     m0, m1, m2, abs3 = an
