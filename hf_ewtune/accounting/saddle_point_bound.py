@@ -43,7 +43,7 @@ _ROUND = 1e-12
 
 BOUND_DESCRIPTION = (
     "saddle-point accountant upper bound (exponential tilting + Berry-Esseen, Alghamdi et al. 2023; "
-    "numerical errors bounded, see docs/accounting.md)"
+    "quadrature errors estimated by step halving with a 10x margin, not proven; see docs/accounting.md)"
 )
 
 
