@@ -117,7 +117,7 @@ def saddle_point_rows(history, delta: float, *, cold: bool = True) -> list[Compa
             "certified" if math.isfinite(bound.epsilon) else "bound",
             bound.epsilon,
             tb,
-            "tilted Berry-Esseen upper bound (numerical errors bounded)" + detail
+            "tilted Berry-Esseen upper bound (quadrature errors estimated, 10x margin)" + detail
             if math.isfinite(bound.epsilon)
             else "not certifiable here (vacuous bound)",
         ),
