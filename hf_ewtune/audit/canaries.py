@@ -10,9 +10,11 @@ Each of ``m`` canaries is included in the training set independently with probab
 ``z = canary(x_j)``, ``x_j = s e_j``: the logits' VALUE is always zero, so the cross-entropy gradient
 w.r.t. the logits is constant, and the example's whole gradient is the fixed Dirac direction ``-e_j`` of the
 canary weight with norm ``gradient_norm`` (>= C; 10 C by default), zero on every other parameter. A correct
-DP-SGD step therefore moves coordinate ``j`` by exactly the clipped ``C`` (times the learning rate and the
-public ``1/(qN)``) each time the canary is sampled, plus noise; the score is the final-minus-initial
-coordinate ``j``. Ordinary rows are unaffected: their logits are the wrapped model's.
+DP-SGD step therefore puts exactly the clipped ``C`` (divided by the public ``qN``) into the gradient's
+coordinate ``j`` each time the canary is sampled, plus noise; the score is minus the sum over the steps of the
+released noisy gradients' coordinate ``j`` (what DP-SGD's accounting covers: every step's noisy
+gradient; with plain SGD it is the final-minus-initial weight over the learning rate, but unlike the weights it
+does not depend on the optimizer). Ordinary rows are unaffected: their logits are the wrapped model's.
 
 **Input canaries** (black-box, as a user's data is seen): real examples given a wrong label (uniform over
 the other classes), scored by minus their loss under the final model.
@@ -72,6 +74,7 @@ class GradientCanaryModel(nn.Module):
         self.gradient_norm = float(gradient_multiple) * float(max_grad_norm)
         self.canary = nn.Linear(self.num_canaries, 1, bias=False)
         nn.init.zeros_(self.canary.weight)
+        self.gradient_sum: torch.Tensor | None = None
         config = getattr(model, "config", None)
         if config is not None:
             self.config = config
@@ -109,8 +112,14 @@ class GradientCanaryModel(nn.Module):
         return {"logits": torch.where(is_canary.unsqueeze(-1), canary_logits, logits)}
 
     def canary_scores(self) -> np.ndarray:
-        """Final-minus-initial canary weights (initial = 0): coordinate ``j`` grows when canary ``j`` trained."""
-        return self.canary.weight.detach().float().cpu().numpy().reshape(-1).astype(np.float64)
+        """Minus the sum, over the optimizer steps, of the released (noisy, clipped) canary-weight gradients.
+
+        Canary ``j``'s gradient points along ``-e_j``, so coordinate ``j`` of the score grows by about ``C / (qN)``
+        each time canary ``j`` is sampled, plus noise. Recorded by :class:`CanaryGradientRecorder`.
+        """
+        if self.gradient_sum is None:
+            return np.zeros(self.num_canaries, dtype=np.float64)
+        return (-self.gradient_sum).double().cpu().numpy().reshape(-1)
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
         """Refused: an audited model carries canaries and must not be released."""
@@ -190,3 +199,22 @@ def input_canary_scores(model: nn.Module, canaries: Any, *, collator: Any, batch
     finally:
         model.train(was_training)
     return np.asarray(scores, dtype=np.float64)
+
+
+def canary_gradient_recorder(model: GradientCanaryModel) -> Any:
+    """A ``TrainerCallback`` that adds the canary weight's released gradient to ``model.gradient_sum`` per step.
+
+    It runs in ``on_optimizer_step``, after the DP optimizer noised, reduced and scaled the gradient (the
+    Trainer zeroes gradients only afterwards).
+    """
+    from transformers import TrainerCallback
+
+    class CanaryGradientRecorder(TrainerCallback):
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            grad = model.canary.weight.grad
+            if grad is None:
+                return
+            grad = grad.detach().float().reshape(-1).clone()
+            model.gradient_sum = grad if model.gradient_sum is None else model.gradient_sum + grad
+
+    return CanaryGradientRecorder()

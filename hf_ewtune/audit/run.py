@@ -36,6 +36,7 @@ from hf_ewtune.arguments import PrivacyArguments
 from hf_ewtune.audit.canaries import (
     GradientCanaryModel,
     add_gradient_canaries,
+    canary_gradient_recorder,
     draw_inclusion,
     input_canary_scores,
     make_input_canaries,
@@ -148,6 +149,8 @@ def run_audit(
     if optimizer_factory is not None:
         kwargs["optimizers"] = (optimizer_factory(trained), None)
     trainer = cls(**kwargs)
+    if kind == "gradient":
+        trainer.add_callback(canary_gradient_recorder(trained))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

@@ -1,0 +1,69 @@
+"""Broken DP mechanisms for the audit tests: each breaks the privacy guarantee in one place (tests only)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainingArguments
+
+import hf_ewtune.trainer as trainer_module
+from hf_ewtune import DPTrainer
+from hf_ewtune.audit import run_audit
+from hf_ewtune.sampling import PoissonBatchSampler
+from hf_ewtune.testing import tiny_bert, tiny_classification_dataset, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+CLAIMED_EPSILON = 1.0
+
+
+class NoNoiseTrainer(DPTrainer):
+    """Adds ``noise_scale`` x the accounted noise: none at all."""
+
+    noise_scale = 0.0
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        self.optimizer.noise_multiplier *= self.noise_scale
+        return optimizer
+
+
+class LowNoiseTrainer(NoNoiseTrainer):
+    """Adds a tenth of the accounted noise."""
+
+    noise_scale = 0.1
+
+
+class NoClippingTrainer(DPTrainer):
+    """Per-example gradients are summed unclipped (the noise is still calibrated to C)."""
+
+    def _setup_privacy(self) -> None:
+        super()._setup_privacy()
+
+        def no_clip(group_sq, total, keep):
+            return torch.where(keep.unsqueeze(0), torch.ones_like(total).unsqueeze(0), torch.zeros((), dtype=total.dtype))
+
+        self._engine._factors = no_clip
+
+
+class OversamplingSampler(PoissonBatchSampler):
+    """Draws each example with 4x the accounted rate (capped at 1)."""
+
+    def __init__(self, num_samples, sample_rate, **kwargs):
+        super().__init__(num_samples, min(1.0, 4 * sample_rate), **kwargs)
+
+
+def tiny_audit(*, trainer_class=DPTrainer, num_canaries=1000, steps=10, batch_size=100, epsilon=CLAIMED_EPSILON,
+               kind="gradient", tmp_path="/tmp/hf-ewtune-audit-test", **kw):
+    """One audited run on a 1-layer, 16-wide BERT: 100 ordinary rows + about m/2 canaries, seeded."""
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=steps,
+                             per_device_train_batch_size=batch_size, disable_tqdm=True, logging_strategy="no",
+                             learning_rate=1e-3)
+    pool = tiny_classification_dataset(TOK, n=num_canaries, max_length=8, seed=1) if kind == "input" else None
+    return run_audit(model=tiny_bert(vocab_size=len(TOK), hidden_size=16, num_layers=1), args=args,
+                     train_dataset=tiny_classification_dataset(TOK, n=100, max_length=8), num_canaries=num_canaries,
+                     kind=kind, canary_pool=pool, target_epsilon=epsilon, max_grad_norm=1.0, seed=0, noise_seed=0,
+                     trainer_class=trainer_class, **kw)
+
+
+def oversampling(monkeypatch) -> None:
+    """Make DPTrainer's dataloader draw with the oversampling sampler (the accountant still sees q)."""
+    monkeypatch.setattr(trainer_module, "PoissonBatchSampler", OversamplingSampler)
