@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "hf_ewtune.commands.accounting",
     "hf_ewtune.commands.card",
     "hf_ewtune.commands.train",
+    "hf_ewtune.commands.audit",
 ]
 
 EXIT_USAGE = 2

@@ -41,6 +41,7 @@ class AuditReport:
         train_seconds: Wall time of the training.
         rules_tried: Guessing rules tried (the Bonferroni factor already paid in ``epsilon_lower``).
         command: The command line that produced it (``hf-ewtune audit``), if any.
+        wall_seconds: Wall time of the whole audit (loading, training, scoring), if measured.
     """
 
     kind: str
@@ -58,6 +59,7 @@ class AuditReport:
     train_seconds: float
     rules_tried: int
     command: str | None = None
+    wall_seconds: float | None = None
 
     @property
     def violation(self) -> bool:
@@ -80,7 +82,8 @@ class AuditReport:
             f"canaries: {self.num_canaries} {self.kind} canaries, {self.num_included} included; best rule: "
             f"{self.num_correct} of {self.num_guesses} guesses correct ({accuracy:.1%}), {self.rules_tried} rules tried",
             f"run: {self.steps} steps, sigma = {self.noise_multiplier:.4g}, q = {self.sample_rate:.4g}, "
-            f"{self.train_seconds:.1f} s of training",
+            f"{self.train_seconds:.1f} s of training"
+            + (f", {self.wall_seconds:.1f} s in all" if self.wall_seconds is not None else ""),
         ]
         if not self.violation:
             lines.append("no violation found (a one-run lower bound is usually far below the certified epsilon; "

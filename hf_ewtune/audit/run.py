@@ -87,7 +87,8 @@ def run_audit(
         num_labels: For ``kind="input"``: number of classes (default: ``model.config.num_labels``).
         data_collator: Passed to the trainer (and used to score input canaries).
         processing_class: Passed to the trainer (e.g. the tokenizer).
-        optimizer_factory: ``f(trainable_model) -> torch optimizer`` (default: the Trainer's AdamW).
+        optimizer_factory: ``f(trained_model) -> torch optimizer or None`` (``None``: the Trainer's AdamW).
+            It receives what is trained: the copy, or its :class:`GradientCanaryModel` wrapper.
         confidence: Confidence of the lower bound, in (0, 1).
         gradient_multiple: Gradient canaries' gradient norm in units of the clipping norm C (>= 1).
         seed: Seed of the canary coins and choices (``None``: OS entropy). The DP noise is seeded as usual.
@@ -146,8 +147,9 @@ def run_audit(
         kwargs["data_collator"] = data_collator
     if processing_class is not None:
         kwargs["processing_class"] = processing_class
-    if optimizer_factory is not None:
-        kwargs["optimizers"] = (optimizer_factory(trained), None)
+    optimizer = optimizer_factory(trained) if optimizer_factory is not None else None
+    if optimizer is not None:
+        kwargs["optimizers"] = (optimizer, None)
     trainer = cls(**kwargs)
     if kind == "gradient":
         trainer.add_callback(canary_gradient_recorder(trained))
