@@ -52,13 +52,14 @@ class OversamplingSampler(PoissonBatchSampler):
 
 
 def tiny_audit(*, trainer_class=DPTrainer, num_canaries=1000, steps=10, batch_size=100, epsilon=CLAIMED_EPSILON,
-               kind="gradient", tmp_path="/tmp/hf-ewtune-audit-test", **kw):
+               kind="gradient", tmp_path="/tmp/hf-ewtune-audit-test", model=None, **kw):
     """One audited run on a 1-layer, 16-wide BERT: 100 ordinary rows + about m/2 canaries, seeded."""
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=steps,
                              per_device_train_batch_size=batch_size, disable_tqdm=True, logging_strategy="no",
                              learning_rate=1e-3)
     pool = tiny_classification_dataset(TOK, n=num_canaries, max_length=8, seed=1) if kind == "input" else None
-    return run_audit(model=tiny_bert(vocab_size=len(TOK), hidden_size=16, num_layers=1), args=args,
+    model = model if model is not None else tiny_bert(vocab_size=len(TOK), hidden_size=16, num_layers=1)
+    return run_audit(model=model, args=args,
                      train_dataset=tiny_classification_dataset(TOK, n=100, max_length=8), num_canaries=num_canaries,
                      kind=kind, canary_pool=pool, target_epsilon=epsilon, max_grad_norm=1.0, seed=0, noise_seed=0,
                      trainer_class=trainer_class, **kw)
