@@ -169,7 +169,7 @@ def run_audit(
         num_guesses=guess.num_guesses, num_correct=guess.num_correct, steps=int(trainer.state.global_step),
         noise_multiplier=float(trainer.noise_multiplier), sample_rate=float(trainer.sample_rate),
         train_seconds=seconds, rules_tried=guess.rules_tried,
-        command=command if command is not None else None,
+        command=command,
     )
     engine = getattr(trainer, "_engine", None)
     if engine is not None:  # drop the clipping hooks from the discarded copy
