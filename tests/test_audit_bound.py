@@ -88,9 +88,9 @@ def test_the_bound_is_valid_for_an_exactly_dp_mechanism():
 
 def test_guessing_grid_pays_bonferroni_and_finds_a_perfect_split():
     included = np.arange(400) % 2 == 0
-    perfect = audit_scores(np.where(included, 1.0, -1.0), included, delta=0.0)
+    perfect = audit_scores(scores=np.where(included, 1.0, -1.0), included=included, delta=0.0)
     assert perfect.num_correct == perfect.num_guesses == 400  # top and bottom halves, all right
-    assert perfect.rules_tried == len(guess_rules(400))
+    assert perfect.rules_tried == len(guess_rules(num_canaries=400))
     per_rule = 1 - 0.05 / perfect.rules_tried
     assert perfect.epsilon_lower == pytest.approx(_all_correct_epsilon(400, 1 - per_rule), abs=1e-9)
 
@@ -98,11 +98,11 @@ def test_guessing_grid_pays_bonferroni_and_finds_a_perfect_split():
 def test_tied_scores_are_not_ranked_by_position():
     # all scores equal: ranking by position would guess the first k (all included here) and find a bound
     included = np.arange(200) < 100
-    assert audit_scores(np.zeros(200), included, delta=0.0).epsilon_lower < 0.5
+    assert audit_scores(scores=np.zeros(200), included=included, delta=0.0).epsilon_lower < 0.5
 
 
 def test_scores_must_be_finite_and_match_the_canaries():
     with pytest.raises(PrivacyConfigError, match="same length"):
-        audit_scores(np.zeros(3), np.zeros(4, dtype=bool), delta=0.0)
+        audit_scores(scores=np.zeros(3), included=np.zeros(4, dtype=bool), delta=0.0)
     with pytest.raises(PrivacyConfigError, match="finite"):
-        audit_scores(np.array([0.0, np.nan]), np.array([True, False]), delta=0.0)
+        audit_scores(scores=np.array([0.0, np.nan]), included=np.array([True, False]), delta=0.0)

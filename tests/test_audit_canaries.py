@@ -29,7 +29,7 @@ def _per_example_grads(model, batch, labels):
 
 def test_gradient_canary_gradient_is_a_fixed_dirac_direction_with_norm_multiple_of_c():
     base = tiny_bert(vocab_size=len(TOK), num_labels=3)
-    model = GradientCanaryModel(base, num_canaries=5, max_grad_norm=0.5, gradient_multiple=4.0)
+    model = GradientCanaryModel(model=base, num_canaries=5, max_grad_norm=0.5, gradient_multiple=4.0)
     enc = TOK(["a tedious, overlong mess"] * 3, padding="max_length", max_length=8, return_tensors="pt")
     batch = {**enc, "canary_index": torch.tensor([-1, 2, 4])}
     grads = _per_example_grads(model, batch, torch.tensor([1, 0, 0]))
@@ -46,22 +46,22 @@ def test_gradient_canary_gradient_is_a_fixed_dirac_direction_with_norm_multiple_
 def test_gradient_canary_rows_join_the_training_set():
     data = tiny_classification_dataset(TOK, n=10)
     included = np.array([True, False, True, True])
-    out = add_gradient_canaries(data, included)
+    out = add_gradient_canaries(train_dataset=data, included=included)
     assert len(out) == 13 and out["canary_index"] == [-1] * 10 + [0, 2, 3]
 
 
 def test_input_canaries_carry_a_wrong_label():
     pool = tiny_classification_dataset(TOK, n=50, seed=3)
-    canaries = make_input_canaries(pool, 20, num_labels=2, seed=0)
+    canaries = make_input_canaries(pool=pool, num_canaries=20, num_labels=2, seed=0)
     originals = {tuple(r["input_ids"]): r["labels"] for r in pool}
     assert len(canaries) == 20
     assert all(originals[tuple(r["input_ids"])] != r["labels"] for r in canaries)
     with pytest.raises(PrivacyConfigError, match="num_canaries=60 exceeds"):
-        make_input_canaries(pool, 60, num_labels=2)
+        make_input_canaries(pool=pool, num_canaries=60, num_labels=2)
 
 
 def test_an_audit_model_refuses_to_be_saved(tmp_path):
-    model = GradientCanaryModel(tiny_bert(vocab_size=len(TOK)), num_canaries=4, max_grad_norm=1.0)
+    model = GradientCanaryModel(model=tiny_bert(vocab_size=len(TOK)), num_canaries=4, max_grad_norm=1.0)
     with pytest.raises(PrivacyConfigError, match="never saved or published"):
         model.save_pretrained(tmp_path)
     assert not list(tmp_path.iterdir())

@@ -24,7 +24,7 @@ Canaries never go into anything released: the audit trains a separate model and 
 
 Example:
     >>> import numpy as np
-    >>> inc = draw_inclusion(1000, seed=0)
+    >>> inc = draw_inclusion(num_canaries=1000, seed=0)
     >>> inc.dtype == bool and 400 < int(inc.sum()) < 600
     True
 """
@@ -42,7 +42,7 @@ from hf_ewtune.errors import PrivacyConfigError
 CANARY_COLUMN = "canary_index"
 
 
-def draw_inclusion(num_canaries: int, *, seed: int | None = None) -> np.ndarray:
+def draw_inclusion(*, num_canaries: int, seed: int | None = None) -> np.ndarray:
     """Independent fair coins: ``True`` = canary included in the training set.
 
     Args:
@@ -65,7 +65,7 @@ class GradientCanaryModel(nn.Module):
             missing or too-loose clipping shows up as a larger signal).
     """
 
-    def __init__(self, model: nn.Module, *, num_canaries: int, max_grad_norm: float, gradient_multiple: float = 10.0) -> None:
+    def __init__(self, *, model: nn.Module, num_canaries: int, max_grad_norm: float, gradient_multiple: float = 10.0) -> None:
         super().__init__()
         if not gradient_multiple >= 1.0:
             raise PrivacyConfigError(f"gradient_multiple must be >= 1 (canary gradient norm >= C), got {gradient_multiple!r}.")
@@ -129,7 +129,7 @@ class GradientCanaryModel(nn.Module):
         )
 
 
-def add_gradient_canaries(train_dataset: Any, included: np.ndarray) -> Any:
+def add_gradient_canaries(*, train_dataset: Any, included: np.ndarray) -> Any:
     """``train_dataset`` (a ``datasets.Dataset``) plus one row per included gradient canary.
 
     Ordinary rows get ``canary_index = -1``; canary ``j`` is a copy of row 0's inputs with label 0 and
@@ -153,7 +153,7 @@ def add_gradient_canaries(train_dataset: Any, included: np.ndarray) -> Any:
     return concatenate_datasets([ordinary, Dataset.from_list(rows, features=ordinary.features)])
 
 
-def make_input_canaries(pool: Any, num_canaries: int, *, num_labels: int, seed: int = 0) -> Any:
+def make_input_canaries(*, pool: Any, num_canaries: int, num_labels: int, seed: int = 0) -> Any:
     """``num_canaries`` rows of ``pool`` (a tokenized ``datasets.Dataset``) with a wrong label each.
 
     Args:
@@ -178,7 +178,7 @@ def make_input_canaries(pool: Any, num_canaries: int, *, num_labels: int, seed: 
 
 
 @torch.no_grad()
-def input_canary_scores(model: nn.Module, canaries: Any, *, collator: Any, batch_size: int = 64) -> np.ndarray:
+def input_canary_scores(*, model: nn.Module, canaries: Any, collator: Any, batch_size: int = 64) -> np.ndarray:
     """Minus each canary's cross-entropy at its (wrong) label under ``model`` (higher = more likely trained on)."""
     label_col = "labels" if "labels" in canaries.column_names else "label"
     device = next(model.parameters()).device
@@ -201,7 +201,7 @@ def input_canary_scores(model: nn.Module, canaries: Any, *, collator: Any, batch
     return np.asarray(scores, dtype=np.float64)
 
 
-def canary_gradient_recorder(model: GradientCanaryModel) -> Any:
+def canary_gradient_recorder(*, model: GradientCanaryModel) -> Any:
     """A ``TrainerCallback`` that adds the canary weight's released gradient to ``model.gradient_sum`` per step.
 
     It runs in ``on_optimizer_step``, after the DP optimizer noised, reduced and scaled the gradient (the

@@ -9,10 +9,10 @@ of them is then a valid lower bound at ``confidence``.
 Example:
     >>> import numpy as np
     >>> included = np.array([True, False] * 50)
-    >>> res = audit_scores(np.where(included, 1.0, 0.0), included, delta=0.0)
+    >>> res = audit_scores(scores=np.where(included, 1.0, 0.0), included=included, delta=0.0)
     >>> res.num_correct == res.num_guesses and res.epsilon_lower > 1
     True
-    >>> audit_scores(np.zeros(100), included, delta=0.0).epsilon_lower
+    >>> audit_scores(scores=np.zeros(100), included=included, delta=0.0).epsilon_lower
     0.0
 """
 
@@ -59,7 +59,7 @@ class GuessResult:
         return asdict(self)
 
 
-def guess_rules(num_canaries: int, fractions: Sequence[float] = GUESS_FRACTIONS) -> list[tuple[int, int]]:
+def guess_rules(*, num_canaries: int, fractions: Sequence[float] = GUESS_FRACTIONS) -> list[tuple[int, int]]:
     """The ``(k_in, k_out)`` grid: for each fraction f, top-only and top-and-bottom (duplicates dropped)."""
     rules: list[tuple[int, int]] = []
     for f in fractions:
@@ -71,7 +71,7 @@ def guess_rules(num_canaries: int, fractions: Sequence[float] = GUESS_FRACTIONS)
 
 
 def audit_scores(
-    scores: Any, included: Any, *, delta: float, confidence: float = 0.95,
+    *, scores: Any, included: Any, delta: float, confidence: float = 0.95,
     fractions: Sequence[float] = GUESS_FRACTIONS,
 ) -> GuessResult:
     """Guess inclusion from ``scores`` and return the best one-run bound over the grid of rules.
@@ -105,7 +105,7 @@ def audit_scores(
         raise PrivacyConfigError(f"confidence must be in (0, 1), got {confidence!r}.")
     tie_break = np.random.default_rng(0).permutation(m)
     order = np.lexsort((tie_break, -s))  # descending score, ties by the fixed permutation
-    rules = guess_rules(m, fractions)
+    rules = guess_rules(num_canaries=m, fractions=fractions)
     per_rule_confidence = 1.0 - (1.0 - confidence) / len(rules)
     best: GuessResult | None = None
     for k_in, k_out in rules:

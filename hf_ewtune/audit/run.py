@@ -118,14 +118,14 @@ def run_audit(
     if privacy_args is not None and privacy_kwargs:
         raise PrivacyConfigError("pass the privacy settings either as privacy_args= or as keyword arguments, not both.")
     pa = privacy_args if privacy_args is not None else PrivacyArguments(**privacy_kwargs)
-    included = draw_inclusion(num_canaries, seed=seed)
+    included = draw_inclusion(num_canaries=num_canaries, seed=seed)
     model = copy.deepcopy(model)
     args.save_strategy = SaveStrategy.NO  # nothing trained with canaries reaches the disk
 
     if kind == "gradient":
-        trained = GradientCanaryModel(model, num_canaries=num_canaries, max_grad_norm=pa.max_grad_norm,
+        trained = GradientCanaryModel(model=model, num_canaries=num_canaries, max_grad_norm=pa.max_grad_norm,
                                       gradient_multiple=gradient_multiple)
-        data = add_gradient_canaries(train_dataset, included)
+        data = add_gradient_canaries(train_dataset=train_dataset, included=included)
         canaries = None
     else:
         if canary_pool is None:
@@ -133,7 +133,7 @@ def run_audit(
         labels = num_labels if num_labels is not None else getattr(getattr(model, "config", None), "num_labels", None)
         if labels is None:
             raise PrivacyConfigError("kind='input' needs num_labels= (the model has no config.num_labels).")
-        canaries = make_input_canaries(canary_pool, num_canaries, num_labels=int(labels),
+        canaries = make_input_canaries(pool=canary_pool, num_canaries=num_canaries, num_labels=int(labels),
                                        seed=0 if seed is None else seed)
         trained = model
         data = concatenate_datasets([train_dataset, canaries.select(np.flatnonzero(included).tolist())])
@@ -152,7 +152,7 @@ def run_audit(
         kwargs["optimizers"] = (optimizer, None)
     trainer = cls(**kwargs)
     if kind == "gradient":
-        trainer.add_callback(canary_gradient_recorder(trained))
+        trainer.add_callback(canary_gradient_recorder(model=trained))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -160,9 +160,9 @@ def run_audit(
     if kind == "gradient":
         scores = trained.canary_scores()
     else:
-        scores = input_canary_scores(trained, canaries, collator=trainer.data_collator)
+        scores = input_canary_scores(model=trained, canaries=canaries, collator=trainer.data_collator)
     spent = trainer.get_privacy_spent()
-    guess = audit_scores(scores, included, delta=trainer.delta, confidence=confidence)
+    guess = audit_scores(scores=scores, included=included, delta=trainer.delta, confidence=confidence)
     report = AuditReport(
         kind=kind, certified_epsilon=float(spent.epsilon), delta=float(trainer.delta), epsilon_lower=guess.epsilon_lower,
         confidence=confidence, num_canaries=num_canaries, num_included=int(included.sum()),
