@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import TrainingArguments
 
@@ -16,13 +18,31 @@ CLAIMED_EPSILON = 1.0
 
 
 class NoNoiseTrainer(DPTrainer):
-    """Adds ``noise_scale`` x the accounted noise: none at all."""
+    """Adds ``noise_scale`` x the accounted noise: none at all.
+
+    DPOptimizer's settings are read-only and checked against the accountant's after every step, so the bug
+    is planted below those guards: each step draws noise from a scaled copy of the settings and then
+    reports the honest ones (as a buggy noise routine would).
+    """
 
     noise_scale = 0.0
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        self.optimizer.noise_multiplier *= self.noise_scale
+        dp = self.optimizer
+        honest = dp._settings
+        broken = dataclasses.replace(honest, noise_multiplier=honest.noise_multiplier * self.noise_scale)
+        add_noise_and_scale = dp.add_noise_and_scale
+
+        def buggy_add_noise_and_scale():
+            dp._settings = broken
+            try:
+                add_noise_and_scale()
+            finally:
+                dp._settings = honest
+                dp.last_step_settings = honest
+
+        dp.add_noise_and_scale = buggy_add_noise_and_scale
         return optimizer
 
 
