@@ -95,6 +95,9 @@ class PrivacyArguments:
             a description such as ``"1024-token block of the concatenated corpus"`` when rows were built by
             ``group_texts``-style grouping, so that the card does not claim record-level protection (see
             docs/privacy_unit.md). It changes no computation.
+        allow_large_delta: Accept a ``target_delta`` at or above 1/N (refused by default: such a delta
+            permits releasing whole training examples). The model card then says what it permits
+            (see :mod:`hf_ewtune.large_delta`).
     """
 
     target_epsilon: Optional[float] = field(default=None, metadata={"help": "Privacy budget epsilon (certified)."})
@@ -123,6 +126,9 @@ class PrivacyArguments:
         default="example",
         metadata={"help": "What one training row is (the protected unit), e.g. '1024-token block of the "
                           "concatenated corpus' after group_texts. Written into the privacy state and the model card."},
+    )
+    allow_large_delta: bool = field(
+        default=False, metadata={"help": "Accept target_delta >= 1/N (it permits releasing whole examples; the card says so)."}
     )
 
     def __post_init__(self) -> None:
@@ -168,6 +174,7 @@ def validate_privacy_fields(settings: Any) -> None:
     check_optional_int(settings.noise_seed, name="noise_seed")
     check_optional_int(settings.max_physical_batch_size, name="max_physical_batch_size", minimum=1)
     check_privacy_unit(settings.privacy_unit)
+    check_bool(settings.allow_large_delta, name="allow_large_delta")
 
 
 # ---- command line: PrivacyArguments beside TrainingArguments ------------------------------------------

@@ -18,3 +18,7 @@ class UnsupportedModuleError(PrivacyConfigError):
 
 class PrivacyStateError(RuntimeError):
     """A checkpoint or output folder lacks (or has a corrupt) privacy state."""
+
+
+class UnsafeUploadError(RuntimeError):
+    """An upload to the Hub would include the privacy state or non-private training logs; nothing was uploaded."""

@@ -228,6 +228,11 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
     rng = state.get("noise_rng") or state.get("randomness")
     if rng:
         meta["noise_rng"] = str(rng)
+    if state.get("allow_large_delta") is True:
+        from hf_ewtune.large_delta import LARGE_DELTA_NOTE
+
+        meta["large_delta_allowed"] = True
+        meta["delta_note"] = LARGE_DELTA_NOTE
     if _publish_n(state, include_dataset_size):
         for key in ("dataset_size", "num_examples", "expected_batch_size"):
             if state.get(key) is not None:
@@ -371,6 +376,10 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         "sampling; the stated ε is computed for Poisson sampling and is not formally certified for the "
         "sampling actually used."
     )
+    if meta.get("large_delta_allowed"):
+        from hf_ewtune.large_delta import LARGE_DELTA_CAVEAT
+
+        caveat += "\n\n" + LARGE_DELTA_CAVEAT
     ew = meta["edgeworth_estimate"]
     extra: list[str] = []
     if meta.get("noise_rng"):
@@ -521,6 +530,8 @@ def format_privacy_report(privacy_state: Mapping[str, Any], *, include_dataset_s
         lines.append(f"  target epsilon: {_num(meta['target_epsilon'])}; stopped early: {_num(meta['stopped_early'])}")
     if meta["sampling"] != "Poisson":
         lines.append("  CAVEAT: the run did not use Poisson sampling; the accounting assumes it.")
+    if meta.get("delta_note"):
+        lines.append(f"  CAVEAT: {meta['delta_note']}")
     lines.append(f"Edgeworth {EDGEWORTH_LABEL}: epsilon ~ {_num(ew.get('order_1'))} (order 1), "
                  f"{_num(ew.get('order_2'))} (order 2)")
     lines.append(f"  Edgeworth error bound: {_edgeworth_bound_text(ew)}")

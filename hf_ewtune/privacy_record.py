@@ -83,6 +83,7 @@ def setup_record(
         delta_default=pa.target_delta is None,
         randomness=USER_SEED if pa.noise_seed is not None else ENTROPY_SEED,
         privacy_unit=str(pa.privacy_unit).strip(),  # what one training row is (PrivacyArguments.privacy_unit)
+        allow_large_delta=bool(pa.allow_large_delta),  # delta >= 1/N opted in: the card says what it permits
     )
 
 

@@ -158,6 +158,7 @@ class PrivacyState:
     delta_default: bool | None = None
     randomness: str | None = None
     privacy_unit: str | None = None
+    allow_large_delta: bool | None = None
     library: str | None = None
     library_version: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
@@ -241,6 +242,7 @@ class PrivacyState:
             delta_default=_opt_bool(data, "delta_default"),
             randomness=_opt_str(data, "randomness"),
             privacy_unit=_opt_str(data, "privacy_unit"),
+            allow_large_delta=_opt_bool(data, "allow_large_delta"),
             library=_opt_str(data, "library"),
             library_version=_opt_str(data, "library_version"),
             versions=_opt_mapping(data, "versions") or {},

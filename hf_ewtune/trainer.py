@@ -57,6 +57,8 @@ from hf_ewtune.callbacks import PrivacyCallback
 from hf_ewtune.dp_settings import DPSettings, read_only_setting
 from hf_ewtune.engine_lifecycle import require_attached
 from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError
+from hf_ewtune.hub_safety import hub_checkpoint_notice, trainer_uploads_through_safety_net
+from hf_ewtune.large_delta import refuse_large_delta
 from hf_ewtune.loss_contract import batch_size_of, check_loss_settings, check_per_example_losses, default_per_example_loss
 from hf_ewtune.losses import TASKS
 from hf_ewtune.noise import DPOptimizer
@@ -78,6 +80,7 @@ from hf_ewtune.sampling import (
     new_seed,
     steps_per_epoch_for,
 )
+from hf_ewtune.stale_checkpoints import refuse_stale_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ def non_private_logs(output_dir: str) -> list[str]:
     """Training-log files under ``output_dir`` that ``Trainer.push_to_hub`` would upload (TensorBoard events).
 
     Skips what the Trainer itself does not upload: names starting with ``_`` and ``checkpoint-*`` folders.
+    ``DPTrainer.push_to_hub`` and ``publish_run`` leave these files out (:mod:`hf_ewtune.hub_safety`) and warn.
     """
     found = []
     for root, dirs, files in os.walk(output_dir):
@@ -165,6 +169,9 @@ class DPTrainer(Trainer):
         check_loss_settings(self)
         self._setup_privacy()
         check_training_data(self)  # packed rows, token ids, labels: refused before training (batch_checks.py)
+        notice = hub_checkpoint_notice(self.args)
+        if notice:
+            logger.warning("DPTrainer: %s", notice)
 
     # ------------------------------------------------------------------------------------- set-up
     def _reject_sharded_training(self, args: Any) -> None:
@@ -265,13 +272,7 @@ class DPTrainer(Trainer):
         if pa.target_delta is None:
             return default_delta(n)
         delta = float(pa.target_delta)
-        if delta >= 1.0 / n:
-            warnings.warn(
-                f"target_delta={delta:g} is not below 1/N = {1.0 / n:g}: such a delta permits releasing a whole "
-                "record. Use a delta well below 1/N (the default is min(1e-5, 1/(10 N)) rounded down to a power of 10).",
-                UserWarning,
-                stacklevel=4,
-            )
+        refuse_large_delta(delta, num_examples=n, allow_large_delta=pa.allow_large_delta)
         return delta
 
     def _resolve_noise_and_budget(self) -> tuple[float, int | None, dict[str, Any] | None]:
@@ -406,6 +407,10 @@ class DPTrainer(Trainer):
         restarting the accounting from zero. HF fast-forwards the dataloader past the steps already taken;
         those replayed draws are never accounted (the accountant only steps on real optimizer steps) and,
         the sampler being seeded afresh, the resumed run continues with fresh Poisson draws.
+
+        A fresh run (not resuming, no earlier ``train()`` call on this trainer) whose ``output_dir`` already
+        holds ``checkpoint-*`` folders raises :class:`~hf_ewtune.errors.PrivacyConfigError` before training
+        (see :mod:`hf_ewtune.stale_checkpoints`): resume that run, or use a new ``output_dir``.
         """
         require_attached(self._engine)
         if resume_from_checkpoint is False:
@@ -416,6 +421,8 @@ class DPTrainer(Trainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         callback = self.privacy_callback
         assert callback is not None
+        if resume_from_checkpoint is not None or callback.steps == 0:  # never mix two runs' checkpoints
+            refuse_stale_checkpoints(self.args.output_dir, resuming_from=resume_from_checkpoint)
         if resume_from_checkpoint is not None:
             state = PrivacyState.load(resume_from_checkpoint)  # validated, cross-checked with trainer_state.json
             callback.load_state(state)
@@ -651,12 +658,15 @@ class DPTrainer(Trainer):
                 self._add_privacy_card(state, folder)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Intermediate pushes upload output_dir: refresh its privacy state and card first.
+        # Intermediate pushes upload output_dir: refresh its privacy state and card first. Every upload (output_dir,
+        # and the checkpoint folder for hub_strategy "checkpoint"/"all_checkpoints") leaves the privacy state and
+        # training logs on this machine (hf_ewtune.hub_safety).
         if self.args.push_to_hub and self.is_world_process_zero() and self.privacy_callback is not None:
             state = self.privacy_state()
             save_privacy_state(self.args.output_dir, state)
             self._add_privacy_card(state)
-        super()._push_from_checkpoint(checkpoint_folder)
+        with trainer_uploads_through_safety_net():
+            super()._push_from_checkpoint(checkpoint_folder)
 
     def _add_privacy_card(self, state: dict[str, Any], folder: str | None = None) -> None:
         try:
@@ -667,22 +677,25 @@ class DPTrainer(Trainer):
         add_privacy_to_model_card(folder if folder is not None else self.args.output_dir, state)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.push_to_hub``, warning first when ``output_dir`` holds training logs it would upload.
+        """``Trainer.push_to_hub`` that never uploads the privacy state or the non-private training logs.
 
+        Whatever their folder depth (``output_dir/final/_privacy_state.json`` after ``save_model(output_dir +
+        "/final")`` included), ``_privacy_state.json``, ``trainer_state.json``, ``*_results.json``, TensorBoard
+        event files and the other files of :data:`hf_ewtune.hub_safety.HUB_IGNORE_PATTERNS` stay on this machine;
+        the exact file list is checked before anything is sent (:class:`~hf_ewtune.hub_safety.SafeHubApi`).
         TensorBoard event files (``report_to="tensorboard"`` writes them under ``output_dir/runs``) carry the
-        training loss, computed from the private batches without noise; the privacy guarantee does not cover
-        them. Move them out (``TENSORBOARD_LOGGING_DIR``) or delete them before pushing.
+        training loss, computed from the private batches without noise: a warning names the ones left out.
         """
         if self.is_world_process_zero():
             logs = non_private_logs(self.args.output_dir)
             if logs:
                 logger.warning(
-                    "push_to_hub will upload %d training-log file(s) under %s (e.g. %s). They hold the training "
-                    "loss computed without noise, which the privacy guarantee does not cover: delete them or set "
-                    "TENSORBOARD_LOGGING_DIR outside output_dir before pushing.",
+                    "push_to_hub leaves out %d training-log file(s) under %s (e.g. %s): they hold the training loss "
+                    "computed without noise, which the privacy guarantee does not cover.",
                     len(logs), self.args.output_dir, logs[0],
                 )
-        return super().push_to_hub(*args, **kwargs)
+        with trainer_uploads_through_safety_net():
+            return super().push_to_hub(*args, **kwargs)
 
     def create_model_card(self, **kwargs: Any) -> None:
         """``Trainer.create_model_card`` plus the privacy block (YAML metadata and a Privacy section).

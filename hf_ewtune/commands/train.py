@@ -100,6 +100,9 @@ def run_train(args: argparse.Namespace) -> int:
     print("== results ==")
     for line in result.summary_lines():
         print(line)
+    if result.private and config.privacy.allow_large_delta:
+        print("caveat: --allow-large-delta: δ was not required to be below 1/N; a δ of at least 1/N permits releasing "
+              "whole training examples (the model card says so)")
     if result.card_path:
         print(f"model card: {result.card_path}")
     if result.plot_path:

@@ -2,13 +2,16 @@
 
 The recipes write their model card after training (privacy block, and for pooled heads a "How to load"
 section), so they upload the folder as written instead of calling ``Trainer.push_to_hub``, which would
-rebuild the card first. What stays local: the accountant state (``_privacy_state.json``: its exact
-sampling rate would reveal the dataset size), checkpoints, ``results.json`` (run settings and local
-paths) and ``training_args.bin``.
+rebuild the card first. What stays local: checkpoints, plus everything in
+:data:`hf_ewtune.hub_safety.HUB_IGNORE_PATTERNS` at any folder depth: the accountant state
+(``_privacy_state.json``: its exact sampling rate would reveal the dataset size), ``trainer_state.json``,
+``*_results.json`` and TensorBoard events (the non-private training loss), ``results.json`` (run settings
+and local paths) and ``training_args.bin``. The upload goes through :class:`~hf_ewtune.hub_safety.SafeHubApi`,
+which checks the exact file list before sending anything.
 
 Example:
     >>> from hf_ewtune.recipes.hub import UPLOAD_IGNORE
-    >>> "_*" in UPLOAD_IGNORE and "checkpoint-*" in UPLOAD_IGNORE
+    >>> "_*" in UPLOAD_IGNORE and "checkpoint-*" in UPLOAD_IGNORE and "**/_*" in UPLOAD_IGNORE
     True
 """
 
@@ -17,9 +20,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from hf_ewtune.hub_safety import HUB_IGNORE_PATTERNS
+
 logger = logging.getLogger(__name__)
 
-UPLOAD_IGNORE = ["_*", "checkpoint-*", "results.json", "training_args.bin", "runs/*", "**/events.out.tfevents*"]
+UPLOAD_IGNORE = ["checkpoint-*", *HUB_IGNORE_PATTERNS]
 
 
 def publish_run(output_dir: str | Path, *, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -37,8 +42,7 @@ def publish_run(output_dir: str | Path, *, repo_id: str, private: bool = False, 
     Raises:
         FileNotFoundError: If ``output_dir`` has no model card (the guarantee must travel with the model).
     """
-    from huggingface_hub import HfApi
-
+    from hf_ewtune.hub_safety import SafeHubApi
     from hf_ewtune.trainer import non_private_logs
 
     folder = Path(output_dir)
@@ -48,8 +52,8 @@ def publish_run(output_dir: str | Path, *, repo_id: str, private: bool = False, 
     if logs:
         logger.warning("Not uploading %d training-log file(s) under %s: they hold the non-private training loss.",
                        len(logs), folder)
-    api = HfApi(token=token)
+    api = SafeHubApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, ignore_patterns=UPLOAD_IGNORE,
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, ignore_patterns=list(UPLOAD_IGNORE),
                                commit_message="hf-ewtune: DP fine-tuned model with its privacy card")
     return str(getattr(commit, "commit_url", commit))

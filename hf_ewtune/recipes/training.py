@@ -53,6 +53,7 @@ class PrivacySettings:
         accountant: Accountant used for calibration/estimates (``"edgeworth"`` by default; the published
             epsilon is always certified).
         private: ``False`` runs the non-private baseline with the same optimisation settings.
+        allow_large_delta: Accept a ``target_delta`` at or above 1/N (see :mod:`hf_ewtune.large_delta`).
     """
 
     target_epsilon: float | None = field(default=3.0, metadata=_privacy_option("target_epsilon", check_target_epsilon))
@@ -65,6 +66,9 @@ class PrivacySettings:
     private: bool = field(default=True, metadata={
         "help": "baseline: plain transformers.Trainer with the same settings, no privacy",
         "cli": {"negate": "non-private"}})
+    allow_large_delta: bool = field(default=False, metadata=_privacy_option(
+        "allow_large_delta", help="accept a --target-delta at or above 1/N (it permits releasing whole training "
+                                  "examples; the model card says so). Without it such a delta is refused before training"))
 
 
 @dataclass
@@ -143,6 +147,7 @@ def build_trainer(
 
     dp_kwargs: dict[str, Any] = dict(
         target_delta=privacy.target_delta, max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant,
+        allow_large_delta=privacy.allow_large_delta,
     )
     if privacy.noise_multiplier is not None:
         dp_kwargs["noise_multiplier"] = privacy.noise_multiplier

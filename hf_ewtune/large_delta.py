@@ -1,0 +1,56 @@
+"""δ at or above 1/N: refused unless the user opts in, and then stated on the model card.
+
+An (ε, δ) guarantee with δ ≥ 1/N (N training examples) is satisfied by a mechanism that publishes every
+training example verbatim, independently with probability δ: it is (0, δ)-DP under add-or-remove-one
+adjacency and discloses δN ≥ 1 whole examples in expectation. So such a δ does not protect individual
+examples. :func:`refuse_large_delta` refuses it before training unless ``allow_large_delta=True``; with the
+opt-in, the model card carries :data:`LARGE_DELTA_NOTE` (YAML ``privacy.delta_note`` and a caveat in the prose).
+
+The card's caveat follows the opt-in, not the comparison with N, so that the card reveals nothing about N.
+
+Example:
+    >>> refuse_large_delta(1e-5, num_examples=1000, allow_large_delta=False)
+    >>> refuse_large_delta(0.5, num_examples=1000, allow_large_delta=True)
+    >>> refuse_large_delta(0.5, num_examples=1000, allow_large_delta=False)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    hf_ewtune.errors.PrivacyConfigError: ...
+"""
+
+from __future__ import annotations
+
+from hf_ewtune.errors import PrivacyConfigError
+
+#: What a δ of at least 1/N permits; written into the card (``privacy.delta_note``) of an opted-in run.
+LARGE_DELTA_NOTE = (
+    "delta was not required to be below 1/N, N being the number of training examples (allow_large_delta=True). "
+    "A delta of at least 1/N permits releasing whole training examples: publishing each training example "
+    "verbatim, independently with probability delta, is (0, delta)-differentially private and discloses "
+    "delta x N >= 1 examples in expectation. The guarantee then does not rule out such a disclosure."
+)
+
+#: The same, as the Markdown caveat of the card's Privacy section.
+LARGE_DELTA_CAVEAT = (
+    "**Caveat (δ):** δ was not required to be below 1/N, N being the number of training examples "
+    "(`allow_large_delta=True`). A δ of at least 1/N permits releasing whole training examples: publishing each "
+    "training example verbatim, independently with probability δ, is (0, δ)-differentially private and discloses "
+    "δN ≥ 1 examples in expectation. This guarantee does not rule out such a disclosure."
+)
+
+
+def refuse_large_delta(delta: float, *, num_examples: int, allow_large_delta: bool) -> None:
+    """Raise :class:`~hf_ewtune.errors.PrivacyConfigError` if ``delta >= 1/num_examples`` and not opted in.
+
+    Args:
+        delta: The δ of the guarantee (``PrivacyArguments.target_delta``).
+        num_examples: N, the size of the training set.
+        allow_large_delta: The user's explicit opt-in (``PrivacyArguments.allow_large_delta``).
+    """
+    if delta < 1.0 / num_examples or allow_large_delta:
+        return
+    raise PrivacyConfigError(
+        f"target_delta={delta:g} is not below 1/N = {1.0 / num_examples:g} (N = {num_examples} training examples): "
+        "such a delta permits releasing whole training examples (each one verbatim with probability delta). Leave "
+        "target_delta unset for the default min(1e-5, 1/(10 N)) rounded down to a power of 10, or choose a delta "
+        "well below 1/N. To train and publish with this delta anyway, set allow_large_delta=True "
+        "(hf-ewtune train: --allow-large-delta); the model card then states what such a delta permits."
+    )
