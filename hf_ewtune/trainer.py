@@ -267,7 +267,8 @@ class DPTrainer(Trainer):
         self.planned_steps = planned
 
     def _resolve_delta(self, n: int) -> float:
-        """``target_delta``, or the default ``min(1e-5, 1/(10 N))`` rounded down to a power of 10."""
+        """``target_delta`` (refused at or above 1/N unless ``allow_large_delta``), or the default ``min(1e-5, 1/(10 N))``
+        rounded down to a power of 10."""
         pa = self.privacy_args
         if pa.target_delta is None:
             return default_delta(n)
