@@ -22,18 +22,18 @@ from hf_ewtune.errors import PrivacyConfigError
 
 #: What a δ of at least 1/N permits; written into the card (``privacy.delta_note``) of an opted-in run.
 LARGE_DELTA_NOTE = (
-    "delta was not required to be below 1/N, N being the number of training examples (allow_large_delta=True). "
-    "A delta of at least 1/N permits releasing whole training examples: publishing each training example "
+    "delta was not required to be below 1/N, N being the number of training rows, each one privacy unit "
+    "(allow_large_delta=True). A delta of at least 1/N permits releasing whole training rows: publishing each row "
     "verbatim, independently with probability delta, is (0, delta)-differentially private and discloses "
-    "delta x N >= 1 examples in expectation. The guarantee then does not rule out such a disclosure."
+    "delta x N >= 1 rows in expectation. The guarantee then does not rule out such a disclosure."
 )
 
 #: The same, as the Markdown caveat of the card's Privacy section.
 LARGE_DELTA_CAVEAT = (
-    "**Caveat (δ):** δ was not required to be below 1/N, N being the number of training examples "
-    "(`allow_large_delta=True`). A δ of at least 1/N permits releasing whole training examples: publishing each "
-    "training example verbatim, independently with probability δ, is (0, δ)-differentially private and discloses "
-    "δN ≥ 1 examples in expectation. This guarantee does not rule out such a disclosure."
+    "**Caveat (δ):** δ was not required to be below 1/N, N being the number of training rows, each one privacy "
+    "unit (`allow_large_delta=True`). A δ of at least 1/N permits releasing whole training rows: publishing each "
+    "row verbatim, independently with probability δ, is (0, δ)-differentially private and discloses δN ≥ 1 rows "
+    "in expectation. This guarantee does not rule out such a disclosure."
 )
 
 

@@ -34,9 +34,9 @@ def test_opted_in_large_delta_is_stated_on_the_card(tmp_path):
     trainer.create_model_card(model_name="tiny-dp")
     meta = read_privacy_metadata(tmp_path)
     assert meta["delta"] == 0.5 and meta["large_delta_allowed"] is True and meta["delta_note"] == LARGE_DELTA_NOTE
-    assert "releasing whole training examples" in meta["delta_note"] and "probability delta" in meta["delta_note"]
+    assert "releasing whole training rows" in meta["delta_note"] and "probability delta" in meta["delta_note"]
     card = (tmp_path / "README.md").read_text(encoding="utf-8")
-    assert "**Caveat (δ):**" in card and "δN ≥ 1 examples in expectation" in card
+    assert "**Caveat (δ):**" in card and "δN ≥ 1 rows in expectation" in card
 
 
 def test_card_of_a_run_with_a_small_delta_has_no_delta_caveat(tmp_path):
