@@ -129,11 +129,31 @@ class PrivacyCallback(TrainerCallback):
             self._report_cache = (steps, self.accountant.get_privacy_spent(delta=self.delta))
         return self._report_cache[1]
 
+    def _privacy_spent_or_none(self) -> Any:
+        """:meth:`privacy_spent`, or None (with an error logged) if computing it fails.
+
+        Logging, checkpointing and the end of training call this: a failure of the accountant there must not
+        abort ``train()`` or ``save_model`` and lose the trained weights. No epsilon is reported then (never a
+        made-up one); the accountant history is still saved, so ``hf-ewtune report`` can recompute it.
+        """
+        try:
+            return self.privacy_spent()
+        except Exception as exc:  # noqa: BLE001 - see docstring: the weights matter more than this log line
+            logger.error(
+                "could not compute the privacy spent after %d steps (%s: %s); no epsilon is logged. The model and "
+                "the accountant history are saved as usual: recompute it with `hf-ewtune report OUTPUT_DIR`.",
+                self.steps, type(exc).__name__, exc,
+            )
+            return None
+
     def epsilon_logs(self) -> dict[str, float]:
-        """``{"epsilon": certified, "epsilon_edgeworth": estimate}`` for the steps taken so far."""
+        """``{"epsilon": certified, "epsilon_edgeworth": estimate}`` for the steps taken so far (``{}`` if the
+        accountant fails: see :meth:`_privacy_spent_or_none`)."""
         if self.steps == 0:
             return {"epsilon": 0.0}
-        report = self.privacy_spent()
+        report = self._privacy_spent_or_none()
+        if report is None:
+            return {}
         out = {"epsilon": float(report.epsilon)}
         edgeworth = getattr(report, "edgeworth_epsilon", None)
         if edgeworth is not None:
@@ -162,7 +182,7 @@ class PrivacyCallback(TrainerCallback):
     def privacy_state(self, trainer_state: TrainerState | None = None) -> PrivacyState:
         """The typed privacy state: accountant history, settings, epsilon so far. No RNG state."""
         trainer_state = trainer_state or self._last_state
-        report = self.privacy_spent() if self.steps > 0 else None
+        report = self._privacy_spent_or_none() if self.steps > 0 else None
         edgeworth = getattr(report, "edgeworth_epsilon", None) if report is not None else None
         versions = _library_versions()
         return dataclasses.replace(
@@ -176,7 +196,7 @@ class PrivacyCallback(TrainerCallback):
             sessions=self._sessions(),
             target_epsilon=self.target_epsilon,
             budget_steps=self.budget_steps,
-            epsilon=float(report.epsilon) if report is not None else 0.0,
+            epsilon=float(report.epsilon) if report is not None else (0.0 if self.steps == 0 else None),
             epsilon_certified_by=getattr(report, "certified_by", None) or getattr(self.accountant, "certified_by", None),
             epsilon_edgeworth=None if edgeworth is None else float(edgeworth),
             stopped_early=self.stopped_early,
@@ -254,8 +274,8 @@ class PrivacyCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._last_state = state
-        if self.steps > 0:
-            logs = self.epsilon_logs()
+        logs = self.epsilon_logs() if self.steps > 0 else {}
+        if "epsilon" in logs:
             eps = logs["epsilon"]
             logger.info(
                 "DP training done: %d steps, epsilon = %s (certified, delta=%.3g)%s.",

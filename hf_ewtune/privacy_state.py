@@ -46,6 +46,8 @@ from hf_ewtune.json_safe import json_safe
 PRIVACY_STATE_NAME = "_privacy_state.json"
 TRAINER_STATE_NAME = "trainer_state.json"
 FORMAT_VERSION = 1
+#: Largest privacy-state file read (a DPTrainer state is a few kB): a huge file is corrupt or hostile.
+MAX_STATE_BYTES = 4 * 1024 * 1024
 
 _FIX = ("The privacy state was edited, is corrupt, or was copied from another checkpoint; use the "
         "_privacy_state.json that DPTrainer wrote into this folder.")
@@ -288,6 +290,12 @@ class PrivacyState:
                 f"{path_dir!r} has no {PRIVACY_STATE_NAME}: it was not written by a DPTrainer run (or the file was "
                 "removed), so the privacy already spent is unknown. Resume from a checkpoint saved by DPTrainer, or "
                 "start a new run without resume_from_checkpoint (its epsilon then does NOT cover the earlier training)."
+            )
+        size = os.path.getsize(path)
+        if size > MAX_STATE_BYTES:
+            raise PrivacyStateError(
+                f"{path!r} is {size} bytes, above the {MAX_STATE_BYTES} bytes a privacy state may have (DPTrainer "
+                "writes a few kB): the file is corrupt or not a privacy state; restore it from a backup."
             )
         try:
             with open(path, encoding="utf-8") as fh:

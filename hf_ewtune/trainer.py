@@ -287,6 +287,11 @@ class DPTrainer(Trainer):
         if pa.noise_multiplier is None:
             return self._calibrate_noise()
         sigma = float(pa.noise_multiplier)
+        from hf_ewtune.accounting._validation import check_accountable
+
+        # Every accountant query of this run (logs, budget, card) stays in bounded time and memory.
+        check_accountable(noise_multiplier=sigma, sample_rate=self.sample_rate, steps=self.planned_steps,
+                          delta=self.delta, target_epsilon=pa.target_epsilon)
         if sigma == 0.0:
             if pa.target_epsilon is not None:
                 raise BudgetExhaustedError(

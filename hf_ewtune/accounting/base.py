@@ -10,10 +10,13 @@ from typing import Any, Callable
 
 from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
 
-from ._validation import check_delta, check_noise_multiplier, check_sample_rate, check_steps
+from ._validation import MAX_STEPS, check_delta, check_noise_multiplier, check_sample_rate, check_steps
 from .report import PrivacyReport
 
 STATE_VERSION = 1
+#: Most segments (distinct consecutive (sigma, q) settings) an accountant holds: every query composes each
+#: segment separately, so its cost grows with their number. A DPTrainer run has one per (re)start.
+MAX_SEGMENTS = 32
 
 
 def _checked_segment(segment: Any) -> tuple[float, float, int]:
@@ -58,6 +61,7 @@ class Accountant(abc.ABC):
     def __init__(self) -> None:
         self._history: list[tuple[float, float, int]] = []
         self._cache: dict[Any, Any] = {}
+        self._merge_next = True
 
     # ------------------------------------------------------------------ steps
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
@@ -73,10 +77,21 @@ class Accountant(abc.ABC):
         n = check_steps(num_steps, name="num_steps")
         if n == 0:
             return
-        if self._history and self._history[-1][:2] == (sigma, q):
+        if self.steps + n > MAX_STEPS:
+            raise PrivacyConfigError(
+                f"num_steps={n} would bring the total to {self.steps + n} steps, above the supported maximum of "
+                f"{MAX_STEPS:.0e}."
+            )
+        if self._history and self._history[-1][:2] == (sigma, q) and self._merge_next:
             self._history[-1] = (sigma, q, self._history[-1][2] + n)
         else:
+            if len(self._history) >= MAX_SEGMENTS:
+                raise PrivacyConfigError(
+                    f"the accountant already holds {MAX_SEGMENTS} segments (distinct consecutive noise multiplier / "
+                    "sample rate settings), the supported maximum; keep sigma and q fixed within a run."
+                )
             self._history.append((sigma, q, n))
+        self._merge_next = True
 
     @property
     def steps(self) -> int:
@@ -139,7 +154,12 @@ class Accountant(abc.ABC):
         return self._cache[key]
 
     def _certified_by_for(self, history: tuple, delta: float) -> str:
-        return self.certified_by
+        """What certified :meth:`get_epsilon` for this history (a fallback is named, see :mod:`.pld_budget`)."""
+        key = ("label", history, delta)
+        if history and key not in self._cache and ("certified", history, delta) in self._cache:
+            del self._cache[("certified", history, delta)]  # label evicted: recompute both together
+            self.get_epsilon(delta)
+        return self._cache.get(key, self.certified_by)
 
     def get_privacy_spent(self, delta: float = 1e-5) -> PrivacyReport:
         """Full :class:`PrivacyReport`: certified epsilon plus the Edgeworth estimates and error bound."""
@@ -185,7 +205,13 @@ class Accountant(abc.ABC):
         """
         try:
             name = state_dict["accountant"]
-            history = [_checked_segment(segment) for segment in state_dict["history"]]
+            raw = state_dict["history"]
+            if not isinstance(raw, list) or len(raw) > MAX_SEGMENTS:
+                raise PrivacyStateError(
+                    f"the accountant state_dict holds {len(raw) if isinstance(raw, list) else type(raw).__name__} "
+                    f"segments; at most {MAX_SEGMENTS} are supported (a DPTrainer run has one per (re)start)."
+                )
+            history = [_checked_segment(segment) for segment in raw]
         except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyStateError(f"corrupt accountant state_dict: {exc!r}") from exc
         if name != self.name:
@@ -194,8 +220,16 @@ class Accountant(abc.ABC):
             )
         self._history = []
         self._cache.clear()
-        for sigma, q, n in history:
-            self.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
+        self._merge_next = True
+        try:
+            for sigma, q, n in history:
+                self._load_segment(sigma, q, n)
+        except PrivacyConfigError as exc:
+            raise PrivacyStateError(f"invalid accountant state_dict: {exc}") from exc
+
+    def _load_segment(self, sigma: float, q: float, n: int) -> None:
+        """Restore one saved segment (subclasses that keep equal segments apart override this)."""
+        self.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

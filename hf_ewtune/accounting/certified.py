@@ -44,7 +44,21 @@ def dp_event(history: Sequence[Sequence[float]]):
 
 
 def pld_epsilon(history: Sequence[Sequence[float]], delta: float, *, value_discretization_interval: float = DEFAULT_VDI) -> float:
-    """Certified epsilon from dp-accounting's PLD accountant (pessimistic, add-or-remove-one)."""
+    """Certified epsilon from dp-accounting's PLD accountant (pessimistic, add-or-remove-one), bounded in time
+    and memory: a coarser grid or the RDP bound where the PLD grid would be too large (see :mod:`.pld_budget`)."""
+    if not history:
+        return 0.0
+    if any(float(s) == 0.0 for s, _, n in history if int(n) > 0):
+        return math.inf
+    from .pld_budget import certified_pld_epsilon
+
+    return certified_pld_epsilon(history, delta, value_discretization_interval=value_discretization_interval)[0]
+
+
+def pld_epsilon_unbounded(
+    history: Sequence[Sequence[float]], delta: float, *, value_discretization_interval: float = DEFAULT_VDI
+) -> float:
+    """dp-accounting's PLD epsilon at exactly this discretization, however large the grid (use :func:`pld_epsilon`)."""
     if not history:
         return 0.0
     if any(float(s) == 0.0 for s, _, n in history if int(n) > 0):
@@ -130,7 +144,11 @@ class PLDAccountant(Accountant):
         return pld_description(self.value_discretization_interval)
 
     def _certified_epsilon(self, history, delta):
-        return pld_epsilon(history, delta, value_discretization_interval=self.value_discretization_interval)
+        from .pld_budget import certified_pld_epsilon
+
+        eps, label = certified_pld_epsilon(history, delta, value_discretization_interval=self.value_discretization_interval)
+        self._cache[("label", history, delta)] = label
+        return eps
 
 
 def coarse_pld_epsilon(history, delta: float) -> float:

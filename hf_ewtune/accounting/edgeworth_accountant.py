@@ -90,7 +90,8 @@ class EdgeworthAccountant(Accountant):
         history = tuple(self._history)
         key = ("estimate", history, delta, order)
         if key not in self._cache:
-            o1, o2 = edgeworth_epsilons(history, delta)
+            summary = edgeworth_summary(history, delta)
+            o1, o2 = summary["order1"], summary["order2"]
             self._cache[("estimate", history, delta, 1)] = o1
             self._cache[("estimate", history, delta, 2)] = o2
         return self._cache[key]
@@ -98,12 +99,16 @@ class EdgeworthAccountant(Accountant):
     def _certifier_epsilon(self, history, delta: float) -> float:
         if self.certifier == "rdp":
             return rdp_epsilon(history, delta)
-        return pld_epsilon(history, delta, value_discretization_interval=self.value_discretization_interval)
+        from .pld_budget import certified_pld_epsilon
+
+        eps, label = certified_pld_epsilon(history, delta, value_discretization_interval=self.value_discretization_interval)
+        self._cache[("label", history, delta)] = label
+        return eps
 
     def _bound(self, history, delta: float) -> dict[str, Any]:
         key = ("bound", history, delta)
         if key not in self._cache:
-            self._cache[key] = edgeworth_error_bound(history, delta)
+            self._cache[key] = edgeworth_summary(history, delta)["bound"]
         return self._cache[key]
 
     def _certified_epsilon(self, history, delta):
@@ -118,4 +123,4 @@ class EdgeworthAccountant(Accountant):
             bound = self._bound(history, delta)
             if bound["certified"] and bound["epsilon_upper"] <= self.get_epsilon(delta):
                 return BOUND_DESCRIPTION
-        return self.certified_by
+        return super()._certified_by_for(history, delta)

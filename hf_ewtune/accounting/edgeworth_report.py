@@ -133,6 +133,17 @@ def edgeworth_error_bound(history, delta: float) -> dict[str, Any]:
 
 
 def edgeworth_summary(history, delta: float) -> dict[str, Any]:
-    """Order-1/order-2 estimates and the order-1 error bound, for a privacy report."""
-    o1, o2 = edgeworth_epsilons(history, delta)
-    return {"order1": o1, "order2": o2, "bound": edgeworth_error_bound(history, delta)}
+    """Order-1/order-2 estimates and the order-1 error bound, for a privacy report.
+
+    Where the expansion is numerically degenerate (e.g. tiny noise with a tiny sampling rate: the loss's
+    variance underflows) the estimates are None and the bound says why; the certified epsilon is unaffected.
+    """
+    try:
+        with np.errstate(all="ignore"):
+            o1, o2 = edgeworth_epsilons(history, delta)
+            return {"order1": o1, "order2": o2, "bound": edgeworth_error_bound(history, delta)}
+    except (ArithmeticError, ValueError) as exc:
+        reason = f"not available: the Edgeworth expansion is numerically degenerate here ({type(exc).__name__})"
+        bound = {"delta_x": None, "delta_y": None, "epsilon_lower": None, "epsilon_upper": None, "certified": False,
+                 "reason": reason}
+        return {"order1": None, "order2": None, "bound": bound}

@@ -20,6 +20,12 @@ import warnings
 
 from hf_ewtune.accounting.registry import accountant_class, accountant_names
 
+# Supported ranges (kept in step with hf_ewtune.accounting._validation, which is torch-free but imports numpy
+# lazily; the numbers are repeated so that building the parser stays cheap).
+MAX_STEPS = 10**9
+SAMPLE_RATE_MIN = 1e-9
+NOISE_MULTIPLIER_MIN, NOISE_MULTIPLIER_MAX = 1e-2, 1e6
+TARGET_EPSILON_MAX = 100.0
 SST2 = {"noise_multiplier": 0.7865, "sample_rate": 0.029696, "steps": 660, "delta": 1e-5}
 
 
@@ -38,6 +44,8 @@ def _sample_rate(text: str) -> float:
     value = _float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1] (batch size / dataset size), got {text}")
+    if value < SAMPLE_RATE_MIN:
+        raise argparse.ArgumentTypeError(f"must be in [{SAMPLE_RATE_MIN:g}, 1] (the supported range), got {text}")
     return value
 
 
@@ -52,6 +60,9 @@ def _noise(text: str) -> float:
     value = _float(text)
     if not 0.0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    if value != 0.0 and not NOISE_MULTIPLIER_MIN <= value <= NOISE_MULTIPLIER_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 or in [{NOISE_MULTIPLIER_MIN:g}, {NOISE_MULTIPLIER_MAX:g}] (the supported range), got {text}")
     return value
 
 
@@ -62,6 +73,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _target_epsilon(text: str) -> float:
+    value = _positive(text)
+    if value > TARGET_EPSILON_MAX:
+        raise argparse.ArgumentTypeError(f"must be in (0, {TARGET_EPSILON_MAX:g}] (the supported range), got {text}")
+    return value
+
+
 def _steps(text: str) -> int:
     try:
         value = int(text)
@@ -69,6 +87,8 @@ def _steps(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_STEPS:.0e} (the supported maximum), got {text}")
     return value
 
 
@@ -97,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("calibrate", help="smallest noise multiplier whose CERTIFIED epsilon meets a target",
                               formatter_class=fmt)
-    p.add_argument("--target-epsilon", type=_positive, required=True, help="privacy budget epsilon")
+    p.add_argument("--target-epsilon", type=_target_epsilon, required=True, help="privacy budget epsilon")
     _add_setting(p, noise=False, defaults=None)
     p.add_argument("--accountant", choices=accountant_names(), default="edgeworth")
     p.add_argument("--no-certify", action="store_true",
