@@ -80,9 +80,9 @@ class PrivacyArguments:
             trainer turns the batch-gradient clipping off on its own copy of the training arguments.
         accountant: ``"edgeworth"`` (EW-Tune estimate shown, certified PLD bound enforced), ``"pld"`` or ``"rdp"``.
         clipping: ``"flat"`` (default), ``"per_layer"`` or ``"automatic"``.
-        poisson_sampling: Draw every logical batch by Poisson sampling (the accountants assume it). With
-            ``False``, shuffled fixed-size batches are used and the privacy state records that the accounting
-            then *assumes* Poisson sampling (no tight analysis exists for shuffling).
+        poisson_sampling: Draw every logical batch by Poisson sampling (what ``accountant`` analyses). With
+            ``False``, shuffled fixed-size batches are used and certified by their own, looser bound (no
+            amplification, replace-one adjacency: :class:`~hf_ewtune.accounting.ShuffledAccountant`).
         noise_seed: Seed for the noise and the Poisson sampling. ``None`` (default, recommended) seeds them
             from ``secrets`` (OS entropy: unpredictable but not a CSPRNG). A fixed seed makes runs
             reproducible — for tests only, since a known seed lets anyone remove the noise.

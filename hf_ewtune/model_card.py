@@ -55,6 +55,10 @@ DEFAULT_UNIT = "example"
 # Privacy-state values that mean "one training example" (older states wrote the long form).
 _EXAMPLE_UNITS = frozenset({"", DEFAULT_UNIT, "one training example (add/remove adjacency)"})
 NOT_POISSON = "shuffled fixed-size batches; accounting ASSUMES Poisson"
+SHUFFLED = "shuffled fixed-size batches"
+SHUFFLED_MECHANISM = "DP-SGD (Gaussian, shuffled fixed-size batches, no amplification)"
+CERTIFIED = "certified upper bound"
+NOT_CERTIFIED = "NOT certified: computed assuming Poisson sampling, which this run did not use"
 EDGEWORTH_LABEL = "estimate (not a guarantee)"
 SAMPLING_RATE_NOTE = ("rounded up to 3 significant digits so that the exact dataset size is not revealed; epsilon "
                       "was computed with the exact rate and is at most the value recomputed from the rounded one")
@@ -187,24 +191,27 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
         report = privacy_report(state)
     poisson = state.get("poisson_sampling")
     accountant_name = state["accountant"]
+    mode = _sampling_mode(poisson, accountant_name or getattr(report, "accountant", None))
     library_version = state.get("library_version")
     if library_version is None:
         from hf_ewtune import __version__ as library_version
     unit = privacy_unit_of(state)
     meta: dict[str, Any] = {
-        "mechanism": MECHANISM,
+        "mechanism": SHUFFLED_MECHANISM if mode == "shuffled" else MECHANISM,
         "privacy_unit": unit,
-        "adjacency": ADJACENCY if unit == DEFAULT_UNIT else f"add-or-remove-one {unit}",
+        "adjacency": f"replace-one {unit}" if mode == "shuffled" else (
+            ADJACENCY if unit == DEFAULT_UNIT else f"add-or-remove-one {unit}"),
         "epsilon": _finite_or_str(float(report.epsilon)),
         "delta": float(report.delta if getattr(report, "delta", None) is not None else state["delta"]),
-        "epsilon_is": "certified upper bound",
-        "certified_by": str(report.certified_by),
+        "epsilon_is": NOT_CERTIFIED if mode == "assumed-poisson" else CERTIFIED,
+        "certified_by": (f"nothing for the sampling used ({report.certified_by} assumes Poisson sampling)"
+                         if mode == "assumed-poisson" else str(report.certified_by)),
         "edgeworth_estimate": _edgeworth_block(report),
         "noise_multiplier": _finite_or_str(_as_float(state.get("noise_multiplier"))),
         "max_grad_norm": _as_float(state.get("max_grad_norm")),
         "clipping": state.get("clipping"),
         "sampling_rate": _public_rate(_as_float(state.get("sample_rate")), _publish_n(state, include_dataset_size)),
-        "sampling": "Poisson" if poisson is True else NOT_POISSON,
+        "sampling": {"poisson": "Poisson", "shuffled": SHUFFLED}.get(mode, NOT_POISSON),
         "steps": int(state["steps"]) if state.get("steps") is not None else int(getattr(report, "steps", 0)),
         "epochs": _as_float(state.get("epochs")),
         "world_size": state.get("world_size"),
@@ -253,8 +260,18 @@ def privacy_unit_of(privacy_state: Mapping[str, Any]) -> str:
     return DEFAULT_UNIT if unit in _EXAMPLE_UNITS else unit
 
 
-def _unit_statement(unit: str) -> str:
-    """The prose sentence that names the privacy unit and what it implies for records larger than it."""
+def _unit_statement(unit: str, *, replace_one: bool = False) -> str:
+    """The prose sentence that names the privacy unit and what it implies for records larger than it.
+
+    ``replace_one``: the guarantee is under replace-one adjacency (shuffled fixed-size batches).
+    """
+    if replace_one:
+        what = "training example" if unit == DEFAULT_UNIT else unit
+        return (f"The privacy unit is one training **{unit}**, under replace-one-{'example' if unit == DEFAULT_UNIT else 'unit'} "
+                f"adjacency: replacing\nany single {what} by another changes the probability of any set of outcomes "
+                "for the released weights by at\nmost a factor e^ε plus δ."
+                + ("" if unit == DEFAULT_UNIT else " It is **not** a per-record guarantee: a record spread over k such "
+                   "units is protected only as a group of k units."))
     if unit == DEFAULT_UNIT:
         return ("The privacy unit is one training **example**, under add-or-remove-one-example adjacency: adding "
                 "or removing\nany single training example changes the probability of any set of outcomes for the "
@@ -265,6 +282,15 @@ def _unit_statement(unit: str) -> str:
             "**not** a per-record guarantee: a record (a document, a conversation, one person's data) spread over "
             "k such units is protected only as a group of k units (group privacy: ε grows to kε and δ to "
             "k·e^((k-1)ε)·δ).")
+
+
+def _sampling_mode(poisson: Any, accountant_name: str | None) -> str:
+    """``"poisson"``; ``"shuffled"`` (shuffled batches, certified by the shuffled-batch accountant); or
+    ``"assumed-poisson"`` (shuffled batches accounted as if Poisson-sampled: NOT certified; states written
+    before the shuffled-batch accountant existed)."""
+    if accountant_name == "shuffled":
+        return "shuffled"
+    return "poisson" if poisson is True else "assumed-poisson"
 
 
 def _round_up(value: float, sig: int = 3) -> float:
@@ -371,11 +397,23 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
     eps = meta["epsilon"]
     eps_text = _ceil_sig(float(eps)) if not isinstance(eps, str) else _num(eps)
     poisson = meta["sampling"] == "Poisson"
-    caveat = "" if poisson else (
-        "\n**Caveat:** this run used shuffled fixed-size batches, but the accounting ASSUMES Poisson "
-        "sampling; the stated ε is computed for Poisson sampling and is not formally certified for the "
-        "sampling actually used."
-    )
+    certified = meta["epsilon_is"] == CERTIFIED
+    if poisson:
+        caveat = ""
+    elif certified:
+        caveat = (
+            " This run used shuffled fixed-size batches; ε is certified for exactly that sampling by a bound "
+            "without amplification (each example's participations per epoch composed as Gaussian mechanisms), "
+            f"under {meta['adjacency']} adjacency."
+        )
+    else:
+        caveat = (
+            "\n**Caveat:** this run used shuffled fixed-size batches, but the accounting ASSUMES Poisson "
+            "sampling; the stated ε is computed for Poisson sampling and is not formally certified for the "
+            "sampling actually used."
+        )
+    statement = (f"ε is a **certified upper bound** computed by {meta['certified_by']}." if certified else
+                 f"ε is **not certified**: {meta['certified_by']}.")
     if meta.get("large_delta_allowed"):
         from hf_ewtune.large_delta import LARGE_DELTA_CAVEAT
 
@@ -397,12 +435,14 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         "library": meta["library"],
         "certified_by": meta["certified_by"],
         "sampling_caveat": caveat,
+        "epsilon_statement": statement,
+        "epsilon_is": CERTIFIED if certified else "NOT certified",
         "edgeworth": f"{_num(ew.get('order_1'))} / {_num(ew.get('order_2'))}",
         "edgeworth_bound": _edgeworth_bound_text(ew),
         "noise_multiplier": _num(meta.get("noise_multiplier")),
         "max_grad_norm": _num(meta.get("max_grad_norm")),
         "clipping": meta.get("clipping") or "flat",
-        "sampling": "Poisson sampling" if poisson else f"{NOT_POISSON} sampling",
+        "sampling": "Poisson sampling" if poisson else (SHUFFLED if certified else f"{NOT_POISSON} sampling"),
         "sample_rate": _num(meta.get("sampling_rate")) + (" (rounded up)" if meta.get("sampling_rate_note") else ""),
         "steps": _num(meta.get("steps")),
         "epochs": _num(meta.get("epochs"), 3),
@@ -410,7 +450,8 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         "target_epsilon": _num(meta.get("target_epsilon")) if meta.get("target_epsilon") is not None else "none",
         "stopped_early": _num(bool(meta.get("stopped_early"))),
         "extra_rows": "\n".join(extra) + ("\n" if extra else ""),
-        "unit_statement": _unit_statement(meta.get("privacy_unit") or DEFAULT_UNIT),
+        "unit_statement": _unit_statement(meta.get("privacy_unit") or DEFAULT_UNIT,
+                                          replace_one=str(meta.get("adjacency", "")).startswith("replace-one")),
     }
     body = _template().substitute(values).strip("\n")
     return f"{BEGIN_MARKER}\n{body}\n{END_MARKER}"
@@ -517,9 +558,11 @@ def format_privacy_report(privacy_state: Mapping[str, Any], *, include_dataset_s
     meta = build_privacy_metadata(privacy_state, include_dataset_size=include_dataset_size)
     eps = meta["epsilon"]
     ew = meta["edgeworth_estimate"]
+    certified = meta["epsilon_is"] == CERTIFIED
     lines = [
-        f"Certified guarantee: ({_ceil_sig(float(eps)) if not isinstance(eps, str) else eps}, {_fmt_delta(meta['delta'])})"
-        f"-differential privacy (epsilon = {_num(eps, 8)}, an upper bound)",
+        f"{'Certified guarantee' if certified else 'NOT certified'}: "
+        f"({_ceil_sig(float(eps)) if not isinstance(eps, str) else eps}, {_fmt_delta(meta['delta'])})"
+        f"-differential privacy (epsilon = {_num(eps, 8)}, {'an upper bound' if certified else meta['epsilon_is']})",
         f"  certified by: {meta['certified_by']}",
         f"  privacy unit: {meta['privacy_unit']}; adjacency: {meta['adjacency']}; covers {meta['covers']}",
         f"  sampling: {meta['sampling']} (rate {_num(meta.get('sampling_rate'))}); steps {_num(meta.get('steps'))}, "
@@ -528,8 +571,10 @@ def format_privacy_report(privacy_state: Mapping[str, Any], *, include_dataset_s
     ]
     if meta.get("target_epsilon") is not None:
         lines.append(f"  target epsilon: {_num(meta['target_epsilon'])}; stopped early: {_num(meta['stopped_early'])}")
-    if meta["sampling"] != "Poisson":
+    if not certified:
         lines.append("  CAVEAT: the run did not use Poisson sampling; the accounting assumes it.")
+    elif meta["sampling"] != "Poisson":
+        lines.append(f"  shuffled fixed-size batches, certified without amplification ({meta['adjacency']} adjacency)")
     if meta.get("delta_note"):
         lines.append(f"  CAVEAT: {meta['delta_note']}")
     lines.append(f"Edgeworth {EDGEWORTH_LABEL}: epsilon ~ {_num(ew.get('order_1'))} (order 1), "

@@ -25,7 +25,8 @@ from typing import Any
 from hf_ewtune.dp_settings import DPSettings
 from hf_ewtune.privacy_state import PrivacyState
 
-SHUFFLED_NOTE = "Batches were shuffled fixed-size batches; the reported epsilon ASSUMES Poisson sampling."
+SHUFFLED_NOTE = ("Batches were shuffled fixed-size batches; epsilon is certified for them by the shuffled-batch bound "
+                 "(replace-one adjacency, no amplification).")
 USER_SEED = "user-provided noise_seed (reproducible, NOT private)"
 ENTROPY_SEED = "torch generators seeded from OS entropy via secrets (unpredictable, not a CSPRNG)"
 
@@ -58,7 +59,7 @@ def setup_record(
     pa = privacy_args
     expected = settings.expected_batch_size
     return PrivacyState(
-        accountant=str(pa.accountant),
+        accountant=str(getattr(accountant, "name", pa.accountant)),
         accountant_state=accountant.state_dict(),
         steps=0,
         delta=settings.delta,
@@ -71,7 +72,7 @@ def setup_record(
         sensitivity=settings.sensitivity,
         expected_batch_size=int(expected) if float(expected).is_integer() else expected,
         poisson_sampling=pa.poisson_sampling,
-        sampling_assumed_by_accounting="poisson",
+        sampling_assumed_by_accounting="poisson" if pa.poisson_sampling else "shuffled",
         sampling_note=None if pa.poisson_sampling else SHUFFLED_NOTE,
         world_size=world_size,
         gradient_accumulation_steps=gradient_accumulation_steps,

@@ -13,8 +13,9 @@ with a fixed seed reproduces the same draws as the uninterrupted one (with the d
 resumed run simply continues with fresh draws).
 
 With ``poisson=False`` the logical batches are shuffled fixed-size batches of exactly ``round(q N)``
-examples (consecutive blocks of a stream of random permutations). The accountants still ASSUME Poisson
-sampling in that case, which is recorded in the privacy state.
+examples (consecutive blocks of a stream of random permutations, a fresh stream per epoch). They are
+accounted by :class:`hf_ewtune.accounting.ShuffledAccountant` (a certified bound without amplification,
+replace-one adjacency); an example occurs at most ``ceil(steps_per_epoch * b / N)`` times per epoch.
 
 Example:
     >>> s = PoissonBatchSampler(100, 0.1, num_micro_batches=2, seed=0)

@@ -305,6 +305,16 @@ class DPTrainer(Trainer):
         budget_steps = self._steps_within_budget(sigma) if pa.target_epsilon is not None else None
         return sigma, budget_steps, None
 
+    def _accounting(self) -> Any:
+        """What the run is accounted with: ``privacy_args.accountant`` (a name) under Poisson sampling, or a
+        :class:`~hf_ewtune.accounting.ShuffledAccountant` (its own certified bound) for shuffled batches."""
+        from hf_ewtune.accounting import accountant_for_sampling
+
+        n, q = self.num_train_examples, self.sample_rate
+        return accountant_for_sampling(self.privacy_args.accountant, poisson=self.privacy_args.poisson_sampling,
+                                       num_examples=n, batch_size=max(1, int(round(q * n))),
+                                       steps_per_epoch=self.steps_per_epoch)
+
     def _calibrate_noise(self) -> tuple[float, int | None, dict[str, Any]]:
         """Calibrate sigma to ``target_epsilon`` over the planned steps (certified unless told otherwise)."""
         from hf_ewtune.accounting import calibrate
@@ -312,7 +322,7 @@ class DPTrainer(Trainer):
         pa = self.privacy_args
         result = calibrate(
             target_epsilon=pa.target_epsilon, delta=self.delta, sample_rate=self.sample_rate, steps=self.planned_steps,
-            accountant=pa.accountant, certify=pa.certify_calibration,
+            accountant=self._accounting(), certify=pa.certify_calibration,
         )
         sigma = float(result.noise_multiplier)
         budget_steps = self.planned_steps if result.certified else self._steps_within_budget(sigma)
@@ -325,7 +335,7 @@ class DPTrainer(Trainer):
         pa, q, planned = self.privacy_args, self.sample_rate, self.planned_steps
         budget_steps = steps_within_budget(
             noise_multiplier=sigma, sample_rate=q, target_epsilon=pa.target_epsilon, delta=self.delta,
-            accountant=pa.accountant, max_steps=planned,
+            accountant=self._accounting(), max_steps=planned,
         )
         if budget_steps == 0:
             raise BudgetExhaustedError(
@@ -366,7 +376,7 @@ class DPTrainer(Trainer):
         from hf_ewtune.accounting import make_accountant
 
         pa, args = self.privacy_args, self.args
-        accountant = make_accountant(pa.accountant)
+        accountant = make_accountant(self._accounting())
         record = setup_record(
             pa, accountant=accountant, settings=self._dp_settings, world_size=int(args.world_size),
             gradient_accumulation_steps=int(args.gradient_accumulation_steps),
@@ -374,7 +384,7 @@ class DPTrainer(Trainer):
             steps_per_epoch=self.steps_per_epoch, calibration=calibration,
         )
         return PrivacyCallback(
-            accountant=accountant, accountant_name=pa.accountant, settings=self._dp_settings,
+            accountant=accountant, accountant_name=accountant.name, settings=self._dp_settings,
             target_epsilon=pa.target_epsilon, budget_steps=budget_steps, record=record,
         )
 
@@ -429,6 +439,7 @@ class DPTrainer(Trainer):
         assert callback is not None
         if resume_from_checkpoint is not None or callback.steps == 0:  # never mix two runs' checkpoints
             refuse_stale_checkpoints(self.args.output_dir, resuming_from=resume_from_checkpoint)
+        getattr(callback.accountant, "start_run", lambda: None)()  # shuffled batches: a (re)start may begin mid-epoch
         if resume_from_checkpoint is not None:
             state = PrivacyState.load(resume_from_checkpoint)  # validated, cross-checked with trainer_state.json
             callback.load_state(state)

@@ -61,7 +61,9 @@ def test_one_step_update_equals_mean_of_clipped_per_example_gradients(tmp_path):
         assert torch.allclose(after[nm] - before[nm], expected, atol=1e-6, rtol=1e-4), nm
     assert trainer.get_privacy_spent().steps == 1
     state = trainer.privacy_state()
-    assert state["poisson_sampling"] is False and "ASSUMES Poisson" in state["sampling_note"]
+    # Shuffled batches are certified by their own bound (this assertion used to codify "ASSUMES Poisson").
+    assert state["poisson_sampling"] is False and "shuffled-batch bound" in state["sampling_note"]
+    assert state["accountant"] == "shuffled"
     assert math.isinf(trainer.get_privacy_spent().epsilon)
 
 

@@ -1,4 +1,5 @@
-"""Privacy accounting for DP-SGD with Poisson sampling: certified PLD/RDP and the Edgeworth estimate.
+"""Privacy accounting for DP-SGD with Poisson sampling: certified PLD/RDP and the Edgeworth estimate;
+shuffled fixed-size batches get their own certified bound (:class:`ShuffledAccountant`, no amplification).
 
 Every epsilon returned by ``get_epsilon`` is a CERTIFIED upper bound (dp-accounting PLD by default);
 the Edgeworth (EW-Tune) number is available as an estimate and is labelled as such in reports.
@@ -29,6 +30,7 @@ from .registry import (
 )
 from .report import PrivacyReport
 from .saddle_point_accountant import SaddlePointAccountant
+from .shuffled import ShuffledAccountant, accountant_for_sampling, gaussian_epsilon
 
 __all__ = [
     "ACCOUNTANTS",
@@ -40,11 +42,14 @@ __all__ = [
     "RDPAccountant",
     "SaddlePointAccountant",
     "accountant_class",
+    "ShuffledAccountant",
+    "accountant_for_sampling",
     "accountant_from_state",
     "accountant_names",
     "calibrate",
     "calibrate_noise_multiplier",
     "edgeworth_sigma",
+    "gaussian_epsilon",
     "make_accountant",
     "register_accountant",
     "unregister_accountant",

@@ -98,6 +98,9 @@ class Accountant(abc.ABC):
         """Total number of steps recorded."""
         return sum(n for _, _, n in self._history)
 
+    def start_run(self) -> None:
+        """Mark the start of a training run or resume (a no-op under Poisson sampling, where steps are iid)."""
+
     @property
     def history(self) -> list[tuple[float, float, int]]:
         """Copy of the segments ``(noise_multiplier, sample_rate, num_steps)``."""

@@ -172,10 +172,14 @@ def calibrate(
     acc = _fresh(accountant)
     template = acc
 
+    labels: dict[float, str] = {}
+
     def certified_eps(sigma: float) -> float:
         a = template.copy()
         a.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
-        return a.get_epsilon(delta)
+        eps = a.get_epsilon(delta)
+        labels[sigma] = a._certified_by_for(tuple(a.history), delta)  # names a coarser grid / RDP fallback
+        return eps
 
     sigma_ew = edgeworth_sigma(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
     ew_at = lambda s: epsilon_estimate(delta, sum_cumulants([(s, q, steps)]), order=1)  # noqa: E731
@@ -192,7 +196,7 @@ def calibrate(
             delta=delta,
             sample_rate=q,
             steps=steps,
-            certified_by=template.certified_by,
+            certified_by=labels.get(sigma, template.certified_by),
             edgeworth_epsilon=ew_at(sigma),
         )
 

@@ -15,12 +15,16 @@ from .base import Accountant
 from .certified import PLDAccountant, RDPAccountant
 from .edgeworth_accountant import EdgeworthAccountant
 from .saddle_point_accountant import SaddlePointAccountant
+from .shuffled import ShuffledAccountant
 
 ACCOUNTANTS: dict[str, type[Accountant]] = {
     "edgeworth": EdgeworthAccountant,
     "pld": PLDAccountant,
     "rdp": RDPAccountant,
 }
+# Accountants for a sampling other than Poisson: DPTrainer picks them itself (never selectable as
+# ``accountant=``, whose choices all analyse Poisson sampling), but saved states name them.
+_SAMPLING_ACCOUNTANTS: dict[str, type[Accountant]] = {"shuffled": ShuffledAccountant}
 _ALIASES = {"ew": "edgeworth", "spa": "saddle_point", "saddle-point": "saddle_point"}
 _BUILTIN = frozenset(ACCOUNTANTS)
 
@@ -42,6 +46,8 @@ def accountant_class(name: str) -> type[Accountant]:
         PrivacyConfigError: no accountant has that name (the message lists the registered ones).
     """
     key = _ALIASES.get(str(name).lower().strip(), str(name).lower().strip())
+    if key in _SAMPLING_ACCOUNTANTS:
+        return _SAMPLING_ACCOUNTANTS[key]
     if key not in ACCOUNTANTS:
         raise PrivacyConfigError(
             f"accountant must be one of {list(ACCOUNTANTS)}, got {name!r} (add your own with "
@@ -91,7 +97,7 @@ def register_accountant(cls: type[Accountant], *, replace: bool = False) -> type
         raise PrivacyConfigError(
             f"{cls.__name__}.name must be a lower-case name of letters, digits, '_' or '-' (not 'base'), got {name!r}."
         )
-    if name in _BUILTIN or name in _ALIASES or (name in ACCOUNTANTS and not replace and ACCOUNTANTS[name] is not cls):
+    if name in _BUILTIN or name in _ALIASES or name in _SAMPLING_ACCOUNTANTS or (name in ACCOUNTANTS and not replace and ACCOUNTANTS[name] is not cls):
         raise PrivacyConfigError(
             f"accountant name {name!r} is already registered ({ACCOUNTANTS.get(name, ACCOUNTANTS.get(_ALIASES.get(name, '')))}); "
             "choose another name" + ("" if name in _BUILTIN else " or pass replace=True") + "."
@@ -111,7 +117,8 @@ register_accountant(SaddlePointAccountant)
 
 
 def make_accountant(name: str = "edgeworth", **options: Any) -> Accountant:
-    """Create an accountant by name: ``"edgeworth"`` (default), ``"pld"``, ``"rdp"`` or ``"saddle_point"``.
+    """Create an accountant by name: ``"edgeworth"`` (default), ``"pld"``, ``"rdp"``, ``"saddle_point"`` (Poisson sampling) or
+    ``"shuffled"`` (shuffled fixed-size batches; needs ``steps_per_epoch=``, see :class:`ShuffledAccountant`).
 
     Example:
         >>> make_accountant("pld").name
@@ -138,11 +145,12 @@ def accountant_from_state(state_dict: dict[str, Any]) -> Accountant:
     if not isinstance(state_dict, dict) or "accountant" not in state_dict:
         raise PrivacyStateError("accountant state_dict must be a dict with an 'accountant' key.")
     name = state_dict["accountant"]
-    if name not in ACCOUNTANTS:
-        raise PrivacyStateError(f"unknown accountant {name!r} in state_dict (known: {sorted(ACCOUNTANTS)}).")
+    known = {**ACCOUNTANTS, **_SAMPLING_ACCOUNTANTS}
+    if not isinstance(name, str) or name not in known:
+        raise PrivacyStateError(f"unknown accountant {name!r} in state_dict (known: {sorted(known)}).")
     options = dict(state_dict.get("options") or {})
     try:
-        acc = ACCOUNTANTS[name](**options)
+        acc = known[name](**options)
     except (TypeError, PrivacyConfigError) as exc:
         raise PrivacyStateError(f"invalid options in accountant state_dict: {exc}") from exc
     acc.load_state_dict(state_dict)
