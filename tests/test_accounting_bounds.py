@@ -64,10 +64,21 @@ def test_steps_above_maximum_are_rejected():
         calibrate(target_epsilon=3.0, delta=1e-5, sample_rate=0.01, steps=10**11)
 
 
-def test_cli_calibrate_steps_1e11_exits_2_naming_the_flag(capsys):
-    assert cli.main(["calibrate", "--target-epsilon", "3", "--sample-rate", "0.01", "--steps", "100000000000"]) == 2
-    err = capsys.readouterr().err
-    assert "--steps" in err and "1e+09" in err
+def _cli_bounded(*argv: str) -> dict:
+    """``hf-ewtune ARGV`` in a bounded subprocess: its exit status and stderr (these inputs used to hang)."""
+    return _run_bounded(f"""
+        import contextlib, io
+        from hf_ewtune import cli
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = cli.main({list(argv)!r})
+        print(json.dumps({{"rc": rc, "err": err.getvalue()}}))
+    """, seconds=60)
+
+
+def test_cli_calibrate_steps_1e11_exits_2_naming_the_flag():
+    out = _cli_bounded("calibrate", "--target-epsilon", "3", "--sample-rate", "0.01", "--steps", "100000000000")
+    assert out["rc"] == 2 and "--steps" in out["err"] and "1e+09" in out["err"]
 
 
 def test_cli_sample_rate_1e_300_exits_2_naming_the_flag(capsys):
@@ -81,9 +92,9 @@ def test_cli_target_epsilon_200_exits_2(capsys):
     assert "--target-epsilon" in capsys.readouterr().err
 
 
-def test_cli_noise_multiplier_1e_3_exits_2(capsys):
-    assert cli.main(["epsilon", "--noise-multiplier", "1e-3", "--sample-rate", "0.01", "--steps", "100"]) == 2
-    assert "--noise-multiplier" in capsys.readouterr().err
+def test_cli_noise_multiplier_1e_3_exits_2():
+    out = _cli_bounded("epsilon", "--noise-multiplier", "1e-3", "--sample-rate", "0.01", "--steps", "100")
+    assert out["rc"] == 2 and "--noise-multiplier" in out["err"]
 
 
 # ---------------------------------------------------------------------- in-range queries are bounded

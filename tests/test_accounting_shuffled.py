@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 from scipy.stats import norm
 
-from hf_ewtune import DPTrainer
+from hf_ewtune import DPTrainer, cli
 from hf_ewtune.accounting import (
     PLDAccountant,
     ShuffledAccountant,
@@ -144,3 +145,17 @@ def test_legacy_shuffled_state_accounted_as_poisson_is_not_called_certified():
     assert meta["epsilon_is"] != CERTIFIED and "NOT certified" in meta["epsilon_is"]
     assert meta["certified_by"].startswith("nothing for the sampling used")
     assert format_privacy_report(state).startswith("NOT certified")
+
+
+def test_cli_prints_epsilon_per_sampling_mode(capsys):
+    setting = ["--noise-multiplier", "0.8405", "--sample-rate", "0.022305", "--steps", "90", "--delta", "1e-6"]
+    assert cli.main(["epsilon", *setting, "--accountant", "rdp", "--json"]) == 0
+    poisson = json.loads(capsys.readouterr().out)
+    assert cli.main(["epsilon", *setting, "--sampling", "shuffled", "--dataset-size", "11477", "--json"]) == 0
+    shuffled = json.loads(capsys.readouterr().out)
+    assert shuffled["accountant"] == "shuffled" and shuffled["adjacency"] == "replace-one example"
+    assert "shuffled-batch bound" in shuffled["certified_by"] and shuffled["epsilon"] > poisson["epsilon"]
+    # 45 steps x 256 > 11477: an epoch reads two permutations, so P = M = 2 and mu = 2 sqrt(2 * 2 * 2) / sigma
+    assert shuffled["epsilon"] == pytest.approx(gaussian_epsilon(2 * math.sqrt(8) / 0.8405, 1e-6))
+    assert cli.main(["epsilon", *setting, "--sampling", "shuffled"]) == 2
+    assert "--dataset-size" in capsys.readouterr().err

@@ -73,6 +73,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _dataset_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of examples, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def _target_epsilon(text: str) -> float:
     value = _positive(text)
     if value > TARGET_EPSILON_MAX:
@@ -104,6 +114,27 @@ def _add_setting(parser: argparse.ArgumentParser, *, defaults: dict | None = Non
     parser.add_argument("--delta", type=_delta, default=d.get("delta", 1e-5), help="target delta (default 1e-5)")
 
 
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampling", choices=("poisson", "shuffled"), default="poisson",
+                        help="how batches are drawn: Poisson sampling (--accountant), or shuffled fixed-size batches "
+                             "(certified without amplification, replace-one adjacency; needs --dataset-size)")
+    parser.add_argument("--dataset-size", type=_dataset_size, default=None,
+                        help="training-set size N (--sampling shuffled: batch round(q N), round(1/q) steps per epoch)")
+
+
+def _accounting(args: argparse.Namespace, command: str):
+    """The accountant name (Poisson) or a ShuffledAccountant; None after printing an error."""
+    from hf_ewtune.accounting import accountant_for_sampling
+
+    if args.sampling == "shuffled" and args.dataset_size is None:
+        print(f"hf-ewtune {command}: error: argument --dataset-size: required with --sampling shuffled", file=sys.stderr)
+        return None
+    n = args.dataset_size or 1
+    return accountant_for_sampling(
+        args.accountant, poisson=args.sampling == "poisson", num_examples=n,
+        batch_size=max(1, round(args.sample_rate * n)), steps_per_epoch=max(1, round(1.0 / args.sample_rate)))
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``epsilon``, ``calibrate``, ``compare`` and ``plot`` to ``subparsers``."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -112,6 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=fmt)
     _add_setting(p)
     p.add_argument("--accountant", choices=accountant_names(), default="edgeworth")
+    _add_sampling(p)
     p.add_argument("--json", action="store_true", help="print the privacy report as JSON (inf as \"inf\")")
     p.set_defaults(func=run_epsilon)
 
@@ -120,6 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target-epsilon", type=_target_epsilon, required=True, help="privacy budget epsilon")
     _add_setting(p, noise=False, defaults=None)
     p.add_argument("--accountant", choices=accountant_names(), default="edgeworth")
+    _add_sampling(p)
     p.add_argument("--no-certify", action="store_true",
                    help="reproduce EW-Tune: sigma from the Edgeworth ESTIMATE only (not a guarantee)")
     p.add_argument("--json", action="store_true")
@@ -144,7 +177,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_epsilon(args: argparse.Namespace) -> int:
     from hf_ewtune.accounting import make_accountant
 
-    acc = make_accountant(args.accountant)
+    accounting = _accounting(args, "epsilon")
+    if accounting is None:
+        return 2
+    acc = make_accountant(accounting)
     acc.step(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate, num_steps=args.steps)
     report = acc.get_privacy_spent(delta=args.delta)
     print(json.dumps(report.to_dict(), indent=2) if args.json else str(report))
@@ -154,10 +190,13 @@ def run_epsilon(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     from hf_ewtune.accounting import calibrate
 
+    accounting = _accounting(args, "calibrate")
+    if accounting is None:
+        return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = calibrate(target_epsilon=args.target_epsilon, delta=args.delta, sample_rate=args.sample_rate,
-                           steps=args.steps, accountant=args.accountant, certify=not args.no_certify)
+                           steps=args.steps, accountant=accounting, certify=not args.no_certify)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     if args.json:
@@ -172,10 +211,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"noise multiplier: {result.noise_multiplier:.4f}")
         print(f"  certified epsilon: {result.epsilon:.4f} <= target {args.target_epsilon:g} at delta {args.delta:g}"
               f" ({result.certified_by})")
-        print(f"  Edgeworth first guess: sigma_EW = {result.sigma_edgeworth:.4f} "
-              f"(the Edgeworth estimate alone would under-noise by "
-              f"{100 * (1 - result.sigma_edgeworth / result.noise_multiplier):.1f}%)")
-    print(f"  sample rate {args.sample_rate:g}, {args.steps} steps, Poisson sampling; took {result.seconds:.2f} s")
+        if args.sampling == "poisson":  # the Edgeworth expansion models Poisson sampling only
+            print(f"  Edgeworth first guess: sigma_EW = {result.sigma_edgeworth:.4f} "
+                  f"(the Edgeworth estimate alone would under-noise by "
+                  f"{100 * (1 - result.sigma_edgeworth / result.noise_multiplier):.1f}%)")
+    sampling = "Poisson sampling" if args.sampling == "poisson" else "shuffled fixed-size batches (replace-one)"
+    print(f"  sample rate {args.sample_rate:g}, {args.steps} steps, {sampling}; took {result.seconds:.2f} s")
     return 0
 
 
