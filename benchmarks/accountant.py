@@ -21,8 +21,14 @@ Per calibration (target epsilon -> smallest certified sigma within 0.5%):
 * ``naive PLD 1e-4``   plain geometric bisection on PLD 1e-4 over [0.3, 20] to 0.5% (what one would do
                        without the first guess and the coarse search).
 
+Per optimizer step (``--per-step``): what ``PrivacyCallback`` costs a training loop, amortised over runs of
+100 / 1,000 / 10,000 steps of the main job's setting with a target epsilon: stepping the accountant and the
+budget check every step (no epsilon is computed there: the certified step budget is precomputed), plus one
+certified epsilon at the end (what the final log pays), divided by the number of steps.
+
 Usage:
     python benchmarks/accountant.py            # default settings, 3 repeats
+    python benchmarks/accountant.py --per-step # amortised accounting cost per optimizer step
     python benchmarks/accountant.py --quick    # 1 repeat, fewer settings
     python benchmarks/accountant.py --json out.json
 """
@@ -139,13 +145,50 @@ def _table(title: str, results: dict[str, dict[str, float]], ref: str, value_nam
     return "\n".join(lines)
 
 
+def per_step_cost(steps: int, *, sigma: float = 0.8405, q: float = 256 / 11477, delta: float = 1e-6) -> dict:
+    """Seconds per optimizer step that ``PrivacyCallback`` adds over a run of ``steps`` steps (see the docstring)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hf_ewtune.accounting import make_accountant
+    from hf_ewtune.callbacks import PrivacyCallback
+
+    callback = PrivacyCallback(accountant=make_accountant("edgeworth"), accountant_name="edgeworth",
+                               noise_multiplier=sigma, sample_rate=q, delta=delta, target_epsilon=1e6,
+                               budget_steps=steps + 1)
+    args = TrainingArguments(output_dir="/tmp/hf_ewtune_bench", report_to="none", save_strategy="no", use_cpu=True)
+    state, control = TrainerState(), TrainerControl()
+    start = time.perf_counter()
+    for i in range(steps):
+        state.global_step = i + 1
+        callback.on_step_end(args, state, control)
+    stepping = time.perf_counter() - start
+    logs: dict = {}
+    callback.on_log(args, state, control, logs=logs)
+    total = time.perf_counter() - start
+    return {"steps": steps, "stepping_ms_per_step": 1e3 * stepping / steps, "final_epsilon_s": total - stepping,
+            "amortised_ms_per_step": 1e3 * total / steps, "epsilon": logs.get("epsilon"),
+            "segments": len(callback.accountant.history)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 repeat, first setting of each kind only")
     parser.add_argument("--no-calibration", action="store_true")
     parser.add_argument("--json", help="also write the raw results to this JSON file")
+    parser.add_argument("--per-step", action="store_true", help="only the amortised cost per optimizer step")
     args = parser.parse_args(argv)
+    if args.per_step:
+        rows = [per_step_cost(n) for n in (100, 1_000, 10_000)]
+        print("| steps | accountant step + budget check, ms/step | final certified epsilon, s | amortised ms/step |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['steps']} | {r['stepping_ms_per_step']:.4f} | {r['final_epsilon_s']:.2f} | "
+                  f"{r['amortised_ms_per_step']:.2f} |")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=2)
+        return 0
     repeats = 1 if args.quick else args.repeats
     qs = QUERY_SETTINGS[:1] if args.quick else QUERY_SETTINGS
     cs = CALIBRATION_SETTINGS[:1] if args.quick else CALIBRATION_SETTINGS

@@ -171,3 +171,29 @@ def test_oversized_privacy_state_file_is_refused_before_parsing(tmp_path):
         fh.write('{"steps": 1, "pad": "' + "x" * (5 * 2**20) + '"}')
     with pytest.raises(PrivacyStateError, match="bytes"):
         load_privacy_state(str(tmp_path))
+
+
+# ------------------------------------------------------------------- cost per optimizer step (issue 15.3)
+def test_step_end_never_computes_epsilon_and_state_stays_constant_size():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hf_ewtune.accounting import make_accountant
+    from hf_ewtune.callbacks import PrivacyCallback
+
+    acc = make_accountant("pld")
+    queries = []
+    for name in ("get_epsilon", "get_privacy_spent"):
+        original = getattr(acc, name)
+        setattr(acc, name, lambda *a, _o=original, _n=name, **k: (queries.append(_n), _o(*a, **k))[1])
+    callback = PrivacyCallback(accountant=acc, accountant_name="pld", noise_multiplier=1.0, sample_rate=0.01,
+                               delta=1e-5, target_epsilon=3.0, budget_steps=5000)
+    args = TrainingArguments(output_dir="/tmp/hf_ewtune_unused", report_to="none", save_strategy="no", use_cpu=True)
+    state, control = TrainerState(), TrainerControl()
+    for i in range(5000):
+        state.global_step = i + 1
+        callback.on_step_end(args, state, control)
+    assert queries == [] and acc.history == [(1.0, 0.01, 5000)]  # O(1) per step, whatever the run length
+    assert control.should_training_stop  # the certified budget (precomputed) is still enforced
+    logs: dict = {}
+    callback.on_log(args, state, control, logs=logs)
+    assert queries and logs["epsilon"] > 0  # only logging computes a certified epsilon
