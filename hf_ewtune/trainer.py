@@ -452,6 +452,8 @@ class DPTrainer(Trainer):
         elif callback.steps > 0:
             # A second train() call on the same trainer trains on the same data again: keep composing.
             self._refresh_budget()
+        if hasattr(callback.accountant, "ensure_room"):  # the first step must not be refused mid-run
+            callback.accountant.ensure_room(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self._announce_privacy()
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs

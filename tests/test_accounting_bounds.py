@@ -197,3 +197,16 @@ def test_step_end_never_computes_epsilon_and_state_stays_constant_size():
     logs: dict = {}
     callback.on_log(args, state, control, logs=logs)
     assert queries and logs["epsilon"] > 0  # only logging computes a certified epsilon
+
+
+def test_ensure_room_refuses_before_a_run_that_would_open_a_33rd_segment():
+    from hf_ewtune.accounting import ShuffledAccountant
+
+    acc = ShuffledAccountant(steps_per_epoch=10)
+    for _ in range(32):
+        acc.start_run()
+        acc.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=3)
+    acc.ensure_room(noise_multiplier=1.0, sample_rate=0.1)  # the current run may go on
+    acc.start_run()
+    with pytest.raises(PrivacyConfigError, match="32 segments"):
+        acc.ensure_room(noise_multiplier=1.0, sample_rate=0.1)  # a 33rd resume: refused before it trains

@@ -82,7 +82,7 @@ class Accountant(abc.ABC):
                 f"num_steps={n} would bring the total to {self.steps + n} steps, above the supported maximum of "
                 f"{MAX_STEPS:.0e}."
             )
-        if self._history and self._history[-1][:2] == (sigma, q) and self._merge_next:
+        if self._history and self._history[-1][:2] == (sigma, q) and getattr(self, "_merge_next", True):
             self._history[-1] = (sigma, q, self._history[-1][2] + n)
         else:
             if len(self._history) >= MAX_SEGMENTS:
@@ -97,6 +97,19 @@ class Accountant(abc.ABC):
     def steps(self) -> int:
         """Total number of steps recorded."""
         return sum(n for _, _, n in self._history)
+
+    def ensure_room(self, *, noise_multiplier: float, sample_rate: float) -> None:
+        """Raise :class:`PrivacyConfigError` now if a step with these settings would exceed :data:`MAX_SEGMENTS`
+        (DPTrainer calls this before training, so that the accountant never refuses a step mid-run)."""
+        last = self._history[-1] if self._history else None
+        merges = last is not None and last[:2] == (float(noise_multiplier), float(sample_rate)) and getattr(
+            self, "_merge_next", True)
+        if not merges and len(self._history) >= MAX_SEGMENTS:
+            raise PrivacyConfigError(
+                f"the accountant already holds {MAX_SEGMENTS} segments, the supported maximum (each change of noise "
+                "multiplier or sample rate, and with shuffled batches each resume, opens one); this run cannot be "
+                "accounted further. Start a new run instead of resuming this one again."
+            )
 
     def start_run(self) -> None:
         """Mark the start of a training run or resume (a no-op under Poisson sampling, where steps are iid)."""
@@ -158,11 +171,9 @@ class Accountant(abc.ABC):
 
     def _certified_by_for(self, history: tuple, delta: float) -> str:
         """What certified :meth:`get_epsilon` for this history (a fallback is named, see :mod:`.pld_budget`)."""
-        key = ("label", history, delta)
-        if history and key not in self._cache and ("certified", history, delta) in self._cache:
-            del self._cache[("certified", history, delta)]  # label evicted: recompute both together
-            self.get_epsilon(delta)
-        return self._cache.get(key, self.certified_by)
+        # Set by _certified_epsilon together with the epsilon (the cache is only ever cleared as a whole, before
+        # a computation), so it describes the epsilon get_epsilon returns for this history.
+        return self._cache.get(("label", history, delta)) or self.certified_by
 
     def get_privacy_spent(self, delta: float = 1e-5) -> PrivacyReport:
         """Full :class:`PrivacyReport`: certified epsilon plus the Edgeworth estimates and error bound."""
