@@ -43,16 +43,28 @@ def dp_event(history: Sequence[Sequence[float]]):
     return dp_accounting.ComposedDpEvent(events)
 
 
-def pld_epsilon(history: Sequence[Sequence[float]], delta: float, *, value_discretization_interval: float = DEFAULT_VDI) -> float:
+def pld_epsilon(
+    history: Sequence[Sequence[float]],
+    delta: float,
+    *,
+    value_discretization_interval: float = DEFAULT_VDI,
+    label_out: dict[str, str] | None = None,
+) -> float:
     """Certified epsilon from dp-accounting's PLD accountant (pessimistic, add-or-remove-one), bounded in time
-    and memory: a coarser grid or the RDP bound where the PLD grid would be too large (see :mod:`.pld_budget`)."""
+    and memory: a coarser grid or the RDP bound where the PLD grid would be too large (see :mod:`.pld_budget`).
+
+    ``label_out``, if given, receives ``"certified_by"``: what certified the returned number.
+    """
     if not history:
         return 0.0
     if any(float(s) == 0.0 for s, _, n in history if int(n) > 0):
         return math.inf
     from .pld_budget import certified_pld_epsilon
 
-    return certified_pld_epsilon(history, delta, value_discretization_interval=value_discretization_interval)[0]
+    eps, label = certified_pld_epsilon(history, delta, value_discretization_interval=value_discretization_interval)
+    if label_out is not None:
+        label_out["certified_by"] = label
+    return eps
 
 
 def pld_epsilon_unbounded(
@@ -144,10 +156,9 @@ class PLDAccountant(Accountant):
         return pld_description(self.value_discretization_interval)
 
     def _certified_epsilon(self, history, delta):
-        from .pld_budget import certified_pld_epsilon
-
-        eps, label = certified_pld_epsilon(history, delta, value_discretization_interval=self.value_discretization_interval)
-        self._cache[("label", history, delta)] = label
+        out: dict[str, str] = {}
+        eps = pld_epsilon(history, delta, value_discretization_interval=self.value_discretization_interval, label_out=out)
+        self._cache[("label", history, delta)] = out.get("certified_by", self.certified_by)
         return eps
 
 

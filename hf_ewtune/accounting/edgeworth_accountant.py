@@ -99,10 +99,9 @@ class EdgeworthAccountant(Accountant):
     def _certifier_epsilon(self, history, delta: float) -> float:
         if self.certifier == "rdp":
             return rdp_epsilon(history, delta)
-        from .pld_budget import certified_pld_epsilon
-
-        eps, label = certified_pld_epsilon(history, delta, value_discretization_interval=self.value_discretization_interval)
-        self._cache[("label", history, delta)] = label
+        out: dict[str, str] = {}
+        eps = pld_epsilon(history, delta, value_discretization_interval=self.value_discretization_interval, label_out=out)
+        self._cache[("label", history, delta)] = out.get("certified_by", self.certified_by)
         return eps
 
     def _bound(self, history, delta: float) -> dict[str, Any]:
