@@ -131,7 +131,7 @@ def test_shuffled_run_card_is_certified_by_the_shuffling_bound_only(tmp_path):
     assert meta["sampling"] == "shuffled fixed-size batches" and meta["adjacency"] == "replace-one example"
     text = (tmp_path / "README.md").read_text()
     assert "not formally certified" not in text and "ASSUMES Poisson" not in text
-    assert "replace-one example adjacency: replacing" in text
+    assert "replace-one-example adjacency: replacing" in text
     report = format_privacy_report(state)
     assert report.startswith("Certified guarantee") and "shuffled" in report
 
