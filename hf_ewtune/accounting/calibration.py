@@ -215,7 +215,8 @@ def calibrate(
         coarse = _memo(lambda s: search(((s, q, steps),), delta))
     else:
         coarse = fine
-    lo, hi = _smallest_sigma(coarse, target, sigma_ew, 1.3 * sigma_ew, SEARCH_RTOL)
+    start = max(sigma_ew, SIGMA_MIN)  # the accountants support sigma >= SIGMA_MIN (see _validation)
+    lo, hi = _smallest_sigma(coarse, target, start, 1.3 * start, SEARCH_RTOL)
     if coarse is not fine:
         # Certify with the accountant's own (finer) epsilon; step up if the coarse search was too optimistic.
         while fine(hi) > target:
