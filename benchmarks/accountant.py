@@ -152,9 +152,12 @@ def per_step_cost(steps: int, *, sigma: float = 0.8405, q: float = 256 / 11477, 
     from hf_ewtune.accounting import make_accountant
     from hf_ewtune.callbacks import PrivacyCallback
 
+    from hf_ewtune.dp_settings import DPSettings
+
+    settings = DPSettings(noise_multiplier=sigma, sample_rate=q, expected_batch_size=256, max_grad_norm=1.0,
+                          sensitivity=1.0, delta=delta)
     callback = PrivacyCallback(accountant=make_accountant("edgeworth"), accountant_name="edgeworth",
-                               noise_multiplier=sigma, sample_rate=q, delta=delta, target_epsilon=1e6,
-                               budget_steps=steps + 1)
+                               settings=settings, target_epsilon=100.0, budget_steps=steps + 1)
     args = TrainingArguments(output_dir="/tmp/hf_ewtune_bench", report_to="none", save_strategy="no", use_cpu=True)
     state, control = TrainerState(), TrainerControl()
     start = time.perf_counter()

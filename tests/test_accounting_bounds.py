@@ -185,8 +185,12 @@ def test_step_end_never_computes_epsilon_and_state_stays_constant_size():
     for name in ("get_epsilon", "get_privacy_spent"):
         original = getattr(acc, name)
         setattr(acc, name, lambda *a, _o=original, _n=name, **k: (queries.append(_n), _o(*a, **k))[1])
-    callback = PrivacyCallback(accountant=acc, accountant_name="pld", noise_multiplier=1.0, sample_rate=0.01,
-                               delta=1e-5, target_epsilon=3.0, budget_steps=5000)
+    from hf_ewtune.dp_settings import DPSettings
+
+    settings = DPSettings(noise_multiplier=1.0, sample_rate=0.01, expected_batch_size=10, max_grad_norm=1.0,
+                          sensitivity=1.0, delta=1e-5)
+    callback = PrivacyCallback(accountant=acc, accountant_name="pld", settings=settings, target_epsilon=3.0,
+                               budget_steps=5000)
     args = TrainingArguments(output_dir="/tmp/hf_ewtune_unused", report_to="none", save_strategy="no", use_cpu=True)
     state, control = TrainerState(), TrainerControl()
     for i in range(5000):
