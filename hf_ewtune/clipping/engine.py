@@ -33,6 +33,7 @@ from ..checks import CLIPPING_STYLES, check_choice, check_max_grad_norm
 from ..errors import UnsupportedModuleError
 from ._base import Record, Rule, factor_inner
 from .functorch_fallback import direct_trainable
+from .groups import UnitLayout, unit_norms_sq
 from .validation import batch_mixing_problem, choose_rule, is_checkpointing, model_problems, raise_problems
 
 FLAT_EPS = 1e-6
@@ -156,22 +157,35 @@ class ClippingEngine:
         """Drop activations recorded by forwards that will not be followed by ``backward``."""
         self._records = []
 
-    def backward(self, per_example_loss: torch.Tensor) -> torch.Tensor:
+    def backward(self, per_example_loss: torch.Tensor, *, units: torch.Tensor | None = None) -> torch.Tensor:
         """One backward pass; add ``sum_i c_i g_i`` into ``p.grad`` of every trainable parameter.
 
         Args:
             per_example_loss: ``Tensor[B]``, example ``i``'s loss only, from the forward just run.
+            units: Optional ``Tensor[B]`` of privacy-unit (user) ids: rows with the same id are ONE unit, whose
+                summed gradient is clipped to ``C`` as a whole (user-level DP, see :mod:`.groups`). ``None``:
+                every row is its own unit.
 
         Returns:
-            The per-example (pre-clip) total gradient norms, ``Tensor[B]`` (detached, float32/64).
+            The (pre-clip) total gradient norms per unit: ``Tensor[B]`` per example, or ``Tensor[U]`` per unit
+            in increasing id order when ``units`` is given (detached, float32/64).
         """
         records, uses, b = self._run_backward(per_example_loss)
         try:
             dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params.values()) else torch.float32
             device = per_example_loss.device
+            layout = None
+            if units is not None:
+                if not isinstance(units, torch.Tensor) or units.shape != (b,):
+                    raise ValueError(f"units must be a Tensor[{b}] (one unit id per row of per_example_loss), "
+                                     f"got {getattr(units, 'shape', type(units))}.")
+                layout = UnitLayout(units.to(device))
             norm_sq: dict[int, torch.Tensor] = {}
             pe_sum: dict[int, torch.Tensor] = {}
-            for pid, plist in uses.items():
+            merged = layout is not None and not layout.singletons
+            if merged:
+                norm_sq, pe_sum = unit_norms_sq(uses, layout, dtype)
+            for pid, plist in (() if merged else uses.items()):
                 if len(plist) == 1:
                     rec, role = plist[0]
                     norm_sq[pid] = rec.rule.norm_sq(rec, role).to(dtype)
@@ -188,13 +202,19 @@ class ClippingEngine:
                         pe = sum(rec.rule.cached_per_example(rec, role).to(dtype) for rec, role in plist)
                         pe_sum[pid] = pe
                         norm_sq[pid] = pe.reshape(b, -1).pow(2).sum(1)
-            group_sq = torch.zeros(self.num_groups, b, dtype=dtype, device=device)
+            cols = layout.num_units if merged else b
+            group_sq = torch.zeros(self.num_groups, cols, dtype=dtype, device=device)
             for pid, n2 in norm_sq.items():
                 # Ghost identities are exact inner products of PSD matrices; clamp rounding below zero (NaN stays NaN).
                 group_sq[self._group_of[pid]] += n2.clamp(min=0)
+            if layout is not None and layout.singletons:  # one row per unit: its norm IS the example's norm
+                group_sq = torch.zeros(self.num_groups, layout.num_units, dtype=dtype, device=device).index_add_(
+                    1, layout.index, group_sq)
             total = group_sq.sum(0).sqrt()
             keep = torch.isfinite(total)
-            factors = self._factors(group_sq, total, keep)  # [groups, B] or [1, B]
+            factors = self._factors(group_sq, total, keep)  # [groups, B or U] or [1, B or U]
+            if layout is not None:  # every row of a unit gets its unit's factor: sum_u c_u g_u = sum_i c_u(i) g_i
+                factors, keep = layout.to_rows(factors), layout.to_rows(keep)
             if not bool(keep.all()):
                 for rec in records:
                     rec.rule.mask_examples(rec, keep)
