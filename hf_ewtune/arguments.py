@@ -30,6 +30,7 @@ from hf_ewtune.checks import (
     check_optional_int,
     check_privacy_unit,
     check_target_epsilon,
+    check_user_arguments,
 )
 from hf_ewtune.errors import PrivacyConfigError
 
@@ -98,6 +99,12 @@ class PrivacyArguments:
         allow_large_delta: Accept a ``target_delta`` at or above 1/N (refused by default: such a delta
             permits releasing whole training examples). The model card then says what it permits
             (see :mod:`hf_ewtune.large_delta`).
+        user_id_column: Name of the ``train_dataset`` column holding each row's user id. Set, the privacy unit
+            is a **user** (all of their rows): Poisson sampling over users at q = expected users per step / U
+            (``per_device_train_batch_size`` then counts users), each user's summed gradient clipped to C as
+            one unit. ``None`` (default): example-level privacy. See docs/user_level.md.
+        max_examples_per_user: With ``user_id_column``: at most this many rows of a sampled user per step (a
+            uniformly random subset, drawn afresh each step); ``None`` (default) uses all of a user's rows.
     """
 
     target_epsilon: Optional[float] = field(default=None, metadata={"help": "Privacy budget epsilon (certified)."})
@@ -129,6 +136,16 @@ class PrivacyArguments:
     )
     allow_large_delta: bool = field(
         default=False, metadata={"help": "Accept target_delta >= 1/N (it permits releasing whole examples; the card says so)."}
+    )
+    user_id_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Column of train_dataset with each row's user id: user-level privacy (the unit is a user; "
+                          "the batch size counts users). Default: example-level."},
+    )
+    max_examples_per_user: Optional[int] = field(
+        default=None,
+        metadata={"help": "User-level privacy: at most this many rows of a sampled user per step (random subset); "
+                          "default: all of them."},
     )
 
     def __post_init__(self) -> None:
@@ -175,6 +192,7 @@ def validate_privacy_fields(settings: Any) -> None:
     check_optional_int(settings.max_physical_batch_size, name="max_physical_batch_size", minimum=1)
     check_privacy_unit(settings.privacy_unit)
     check_bool(settings.allow_large_delta, name="allow_large_delta")
+    check_user_arguments(settings.user_id_column, settings.max_examples_per_user, settings.privacy_unit)
 
 
 # ---- command line: PrivacyArguments beside TrainingArguments ------------------------------------------

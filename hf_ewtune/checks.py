@@ -129,3 +129,34 @@ def check_privacy_unit(privacy_unit: Any, *, name: str = "privacy_unit") -> str:
             f"e.g. 'example' or '1024-token block of the concatenated corpus'; got {privacy_unit!r}."
         )
     return privacy_unit
+
+
+#: The privacy unit of user-level DP (``PrivacyArguments.user_id_column`` set).
+USER_UNIT = "user"
+
+
+def check_user_arguments(user_id_column: Any, max_examples_per_user: Any, privacy_unit: Any) -> None:
+    """Value checks of the user-level fields (``PrivacyArguments`` runs them while parsing).
+
+    Raises:
+        PrivacyConfigError: naming the field and the fix.
+    """
+    if user_id_column is not None and (not isinstance(user_id_column, str) or not user_id_column.strip()):
+        raise PrivacyConfigError(
+            f"user_id_column must be the name of the train_dataset column holding each row's user id, or None "
+            f"(example-level privacy); got {user_id_column!r}.")
+    if max_examples_per_user is not None:
+        if isinstance(max_examples_per_user, bool) or not isinstance(max_examples_per_user, int) or max_examples_per_user < 1:
+            raise PrivacyConfigError(
+                f"max_examples_per_user must be an int >= 1 (the most rows of one sampled user used per step) or "
+                f"None (all of a user's rows); got {max_examples_per_user!r}.")
+        if user_id_column is None:
+            raise PrivacyConfigError(
+                f"max_examples_per_user={max_examples_per_user} needs user_id_column (user-level privacy): set "
+                "user_id_column to the column holding each row's user id, or leave max_examples_per_user unset.")
+    if user_id_column is not None and isinstance(privacy_unit, str) and privacy_unit.strip() not in ("example", USER_UNIT):
+        raise PrivacyConfigError(
+            f"user_id_column={user_id_column!r} makes the privacy unit a user, but privacy_unit={privacy_unit!r} says "
+            "a training row is part of a record (e.g. a block cut across records by group_texts): such a row can "
+            "mix several users, so user-level clipping would not bound one user's influence. Give every row "
+            f"exactly one user (tokenize per record) and leave privacy_unit at 'example' (or set it to '{USER_UNIT}').")

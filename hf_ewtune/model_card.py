@@ -51,6 +51,8 @@ BEGIN_MARKER = "<!-- hf_ewtune:privacy-section:begin (generated; edits inside ar
 END_MARKER = "<!-- hf_ewtune:privacy-section:end -->"
 MECHANISM = "DP-SGD (Poisson-subsampled Gaussian)"
 ADJACENCY = "add-or-remove-one example"
+USER_UNIT = "user"
+USER_ADJACENCY = "add-or-remove-one user (all of their rows)"
 DEFAULT_UNIT = "example"
 # Privacy-state values that mean "one training example" (older states wrote the long form).
 _EXAMPLE_UNITS = frozenset({"", DEFAULT_UNIT, "one training example (add/remove adjacency)"})
@@ -200,7 +202,7 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
         "mechanism": SHUFFLED_MECHANISM if mode == "shuffled" else MECHANISM,
         "privacy_unit": unit,
         "adjacency": f"replace-one {unit}" if mode == "shuffled" else (
-            ADJACENCY if unit == DEFAULT_UNIT else f"add-or-remove-one {unit}"),
+            ADJACENCY if unit == DEFAULT_UNIT else (USER_ADJACENCY if unit == USER_UNIT else f"add-or-remove-one {unit}")),
         "epsilon": _finite_or_str(float(report.epsilon)),
         "delta": float(report.delta if getattr(report, "delta", None) is not None else state["delta"]),
         "epsilon_is": NOT_CERTIFIED if mode == "assumed-poisson" else CERTIFIED,
@@ -240,6 +242,7 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
 
         meta["large_delta_allowed"] = True
         meta["delta_note"] = LARGE_DELTA_NOTE
+    meta.update(user_level_metadata(state, exact=_publish_n(state, include_dataset_size)))
     if _publish_n(state, include_dataset_size):
         for key in ("dataset_size", "num_examples", "expected_batch_size"):
             if state.get(key) is not None:
@@ -260,11 +263,52 @@ def privacy_unit_of(privacy_state: Mapping[str, Any]) -> str:
     return DEFAULT_UNIT if unit in _EXAMPLE_UNITS else unit
 
 
+def user_level_metadata(state: Mapping[str, Any], *, exact: bool = False) -> dict[str, Any]:
+    """The user-level entries of the ``privacy:`` block (empty for example-level runs).
+
+    The number of users U is rounded DOWN to 3 significant digits unless ``exact`` (it is as sensitive as the
+    dataset size N, and the published q, rounded up to 3 digits, already gives U to that precision).
+
+    Example:
+        >>> user_level_metadata({"privacy_unit": "user", "num_users": 12345, "max_examples_per_user": 8})
+        {'num_users': 12300, 'num_users_note': 'rounded down to 3 significant digits', 'max_examples_per_user': 8}
+    """
+    if privacy_unit_of(state) != USER_UNIT:
+        return {}
+    out: dict[str, Any] = {}
+    users = state.get("num_users")
+    if users is not None:
+        out["num_users"] = int(users) if exact else _round_down_int(int(users), 3)
+        if out["num_users"] != int(users):
+            out["num_users_note"] = "rounded down to 3 significant digits"
+    cap = state.get("max_examples_per_user")
+    out["max_examples_per_user"] = int(cap) if cap is not None else "all of a user's rows"
+    return out
+
+
+def _cap_text(cap: Any) -> str:
+    return f"at most {cap}" if isinstance(cap, int) else "all of the user's rows"
+
+
+def _round_down_int(value: int, sig: int) -> int:
+    """``value`` rounded DOWN to ``sig`` significant digits (``12345 -> 12300``)."""
+    if value <= 0:
+        return value
+    scale = 10 ** max(len(str(value)) - sig, 0)
+    return (value // scale) * scale
+
+
 def _unit_statement(unit: str, *, replace_one: bool = False) -> str:
     """The prose sentence that names the privacy unit and what it implies for records larger than it.
 
     ``replace_one``: the guarantee is under replace-one adjacency (shuffled fixed-size batches).
     """
+    if replace_one and unit == USER_UNIT:
+        return ("The privacy unit is one **user** (user-level privacy), under replace-one-user adjacency: replacing "
+                "ALL the\ntraining rows of any single user by another user's rows changes the probability of any "
+                "set of outcomes for\nthe released weights by at most a factor e^ε plus δ. Each user's rows were "
+                "clipped together, as one gradient\nof norm at most C. The guarantee assumes the user id column is "
+                "correct (one person, one id).")
     if replace_one:
         what = "training example" if unit == DEFAULT_UNIT else unit
         return (f"The privacy unit is one training **{unit}**, under replace-one-{'example' if unit == DEFAULT_UNIT else 'unit'} "
@@ -272,6 +316,12 @@ def _unit_statement(unit: str, *, replace_one: bool = False) -> str:
                 "for the released weights by at\nmost a factor e^ε plus δ."
                 + ("" if unit == DEFAULT_UNIT else " It is **not** a per-record guarantee: a record spread over k such "
                    "units is protected only as a group of k units."))
+    if unit == USER_UNIT:
+        return ("The privacy unit is one **user** (user-level privacy): adding or removing ALL the training rows "
+                "of any\nsingle user changes the probability of any set of outcomes for the released weights by at "
+                "most a factor\ne^ε plus δ. Users were Poisson-sampled at rate q; each sampled user's rows were "
+                "clipped together, as one\ngradient of norm at most C. The guarantee assumes the user id column "
+                "is correct (one person, one id).")
     if unit == DEFAULT_UNIT:
         return ("The privacy unit is one training **example**, under add-or-remove-one-example adjacency: adding "
                 "or removing\nany single training example changes the probability of any set of outcomes for the "
@@ -425,6 +475,11 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
     calibration = meta.get("calibration") or {}
     if calibration:
         extra.append(f"| noise calibration | {_calibration_text(calibration)} |")
+    if "num_users" in meta:
+        rounded = " (rounded down)" if meta.get("num_users_note") else ""
+        extra.append(f"| users U | {_num(meta['num_users'])}{rounded} |")
+    if "max_examples_per_user" in meta:
+        extra.append(f"| rows per sampled user per step | {_cap_text(meta['max_examples_per_user'])} |")
     for key, label in (("dataset_size", "training examples N"), ("num_examples", "training examples N"),
                        ("expected_batch_size", "expected batch size")):
         if key in meta:
@@ -569,6 +624,9 @@ def format_privacy_report(privacy_state: Mapping[str, Any], *, include_dataset_s
         f"epochs {_num(meta.get('epochs'), 3)}; noise multiplier {_num(meta.get('noise_multiplier'))}; "
         f"clipping norm {_num(meta.get('max_grad_norm'))} ({meta.get('clipping') or 'flat'})",
     ]
+    if "max_examples_per_user" in meta:
+        lines.append(f"  users: {_num(meta.get('num_users'))}{' (rounded down)' if meta.get('num_users_note') else ''}; "
+                     f"rows per sampled user per step: {_cap_text(meta['max_examples_per_user'])}")
     if meta.get("target_epsilon") is not None:
         lines.append(f"  target epsilon: {_num(meta['target_epsilon'])}; stopped early: {_num(meta['stopped_early'])}")
     if not certified:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hf_ewtune.checks import USER_UNIT
 from hf_ewtune.dp_settings import DPSettings
 from hf_ewtune.privacy_state import PrivacyState
 
@@ -42,6 +43,7 @@ def setup_record(
     planned_steps: int,
     steps_per_epoch: int,
     calibration: dict[str, Any] | None = None,
+    users: Any = None,
 ) -> PrivacyState:
     """The privacy state of a run before its first step (no history yet).
 
@@ -55,6 +57,9 @@ def setup_record(
         planned_steps: Optimizer steps the run plans.
         steps_per_epoch: Steps per epoch (``round(1/q)``).
         calibration: The noise calibration record (``CalibrationResult.to_dict()``), if sigma was calibrated.
+        users: The :class:`~hf_ewtune.user_level.UserPlan` of a user-level run (``None``: example level). Then
+            the unit is ``"user"``, q and the expected batch count users, and the state records the number of
+            users and the per-user cap.
     """
     pa = privacy_args
     expected = settings.expected_batch_size
@@ -83,8 +88,12 @@ def setup_record(
         certify_calibration=pa.certify_calibration,
         delta_default=pa.target_delta is None,
         randomness=USER_SEED if pa.noise_seed is not None else ENTROPY_SEED,
-        privacy_unit=str(pa.privacy_unit).strip(),  # what one training row is (PrivacyArguments.privacy_unit)
         allow_large_delta=bool(pa.allow_large_delta),  # delta >= 1/N opted in: the card says what it permits
+        # what one training row is (PrivacyArguments.privacy_unit), or "user" for user-level DP
+        privacy_unit=USER_UNIT if users is not None else str(pa.privacy_unit).strip(),
+        num_users=users.num_users if users is not None else None,
+        max_examples_per_user=users.max_examples_per_user if users is not None else None,
+        user_id_column=users.user_id_column if users is not None else None,
     )
 
 

@@ -161,6 +161,9 @@ class PrivacyState:
     randomness: str | None = None
     privacy_unit: str | None = None
     allow_large_delta: bool | None = None
+    num_users: int | None = None  # user-level DP: U, the number of users q is relative to (exact; cards round it)
+    max_examples_per_user: int | None = None  # user-level DP: per-user, per-step row cap (None: all rows)
+    user_id_column: str | None = None  # user-level DP: the column holding each row's user id
     library: str | None = None
     library_version: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
@@ -245,6 +248,9 @@ class PrivacyState:
             randomness=_opt_str(data, "randomness"),
             privacy_unit=_opt_str(data, "privacy_unit"),
             allow_large_delta=_opt_bool(data, "allow_large_delta"),
+            num_users=_opt_int(data, "num_users"),
+            max_examples_per_user=_opt_int(data, "max_examples_per_user"),
+            user_id_column=_opt_str(data, "user_id_column"),
             library=_opt_str(data, "library"),
             library_version=_opt_str(data, "library_version"),
             versions=_opt_mapping(data, "versions") or {},

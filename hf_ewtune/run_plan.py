@@ -46,7 +46,18 @@ def privacy_plan_line(trainer: Any) -> str:
     noise = "sigma = 0: NO privacy" if trainer.noise_multiplier == 0 else f"sigma = {trainer.noise_multiplier:.4g} ({origin})"
     return (
         f"DPTrainer: DP-SGD with noise_multiplier {noise}, delta = {trainer.delta:.3g} ({delta_origin}), "
-        f"sample rate q = {trainer.sample_rate:.4g} (expected batch {trainer.expected_batch_size}), "
+        f"sample rate q = {trainer.sample_rate:.4g} ({_batch_text(trainer)}), "
         f"{trainer.planned_steps} planned steps, per-example clipping norm C = {pa.max_grad_norm:g} ({pa.clipping}); "
         f"{target}{stop}{resumed}."
     )
+
+
+def _batch_text(trainer: Any) -> str:
+    """``expected batch B``, or for user-level DP the expected users, U and the per-user cap."""
+    plan = getattr(trainer, "user_plan", None)
+    if plan is None:
+        return f"expected batch {trainer.expected_batch_size}"
+    cap = plan.max_examples_per_user
+    rows = f"at most {cap} rows" if cap is not None else "all rows"
+    return (f"privacy unit: user; expected {trainer.expected_batch_size} of {plan.num_users} users per step, "
+            f"{rows} of each, clipped together")

@@ -65,6 +65,7 @@ from hf_ewtune.noise import DPOptimizer
 from hf_ewtune.privacy_record import setup_record
 from hf_ewtune.privacy_state import PrivacyState, save_privacy_state
 from hf_ewtune.run_plan import privacy_plan_line
+from hf_ewtune.user_level import UNITS_KEY, whole_unit_chunks
 from hf_ewtune.training_arguments import (
     check_training_arguments,
     reject_sharded_training,
@@ -162,6 +163,7 @@ class DPTrainer(Trainer):
         self.per_example_loss_task = per_example_loss_task
         self.privacy_callback: PrivacyCallback | None = None
         self._engine = None
+        self.user_plan = None  # hf_ewtune.user_level.UserPlan when user_id_column is set
         super().__init__(*args, **kwargs)
         self._reject_sharded_training(self.args)
         if self.model is None:
@@ -191,8 +193,9 @@ class DPTrainer(Trainer):
         """Check everything and build the privacy machinery, in named steps (all before training)."""
         self._check_environment()
         n = self._training_set_size()
-        self._plan_sampling(n)
-        self.delta = self._resolve_delta(n)
+        units = self._plan_users(n)  # U users (user_id_column set, see user_level.py) or the N rows
+        self._plan_sampling(units)
+        self.delta = self._resolve_delta(units)
         self.noise_multiplier, budget_steps, self.calibration = self._resolve_noise_and_budget()
         seed = self.privacy_args.noise_seed
         self._base_noise_seed = derive_seed(seed, _NOISE_STREAM) if seed is not None else None
@@ -239,6 +242,13 @@ class DPTrainer(Trainer):
         if n == 0:
             raise PrivacyConfigError("train_dataset is empty.")
         return n
+
+    def _plan_users(self, n: int) -> int:
+        """With ``user_id_column``: read the users (checked before training) and return U; else return ``n``."""
+        from hf_ewtune.user_level import setup_users
+
+        self.user_plan = setup_users(self)
+        return self.user_plan.num_users if self.user_plan is not None else n
 
     def _plan_sampling(self, n: int) -> None:
         """Sample rate q, expected batch, steps per epoch and planned steps (set on ``self``)."""
@@ -381,7 +391,7 @@ class DPTrainer(Trainer):
             pa, accountant=accountant, settings=self._dp_settings, world_size=int(args.world_size),
             gradient_accumulation_steps=int(args.gradient_accumulation_steps),
             per_device_train_batch_size=int(args.per_device_train_batch_size), planned_steps=self.planned_steps,
-            steps_per_epoch=self.steps_per_epoch, calibration=calibration,
+            steps_per_epoch=self.steps_per_epoch, calibration=calibration, users=self.user_plan,
         )
         return PrivacyCallback(
             accountant=accountant, accountant_name=accountant.name, settings=self._dp_settings,
@@ -518,9 +528,7 @@ class DPTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
-        sampler = PoissonBatchSampler(
-            self.num_train_examples,
-            self.sample_rate,
+        sampler_kwargs = dict(
             num_micro_batches=self.args.gradient_accumulation_steps * self.args.world_size,
             rank=self.args.process_index,
             world_size=self.args.world_size,
@@ -528,6 +536,12 @@ class DPTrainer(Trainer):
             seed=self._sampling_seed(),
             poisson=self.privacy_args.poisson_sampling,
         )
+        if self.user_plan is not None:  # Poisson over users, whole users per micro-batch (user_level.py)
+            from hf_ewtune.user_level import user_dataloader_parts
+
+            sampler, dataset, collator = user_dataloader_parts(self, dataset, collator, sampler_kwargs)
+        else:
+            sampler = PoissonBatchSampler(self.num_train_examples, self.sample_rate, **sampler_kwargs)
         params: dict[str, Any] = {
             "batch_sampler": sampler,
             "collate_fn": EmptyAwareCollator(collator),
@@ -606,8 +620,11 @@ class DPTrainer(Trainer):
             return torch.zeros((), device=self.args.device)
         require_attached(self._engine)
         inputs = self._prepare_inputs(inputs)
-        check_micro_batch(inputs, model=self.model, task=self.per_example_loss_task)
         inputs = dict(inputs)
+        units = inputs.pop(UNITS_KEY, None)  # user-level DP: each row's user (rows of a user clipped as one)
+        if units is not None:
+            norm *= self.user_plan.mean_rows_per_step()
+        check_micro_batch(inputs, model=self.model, task=self.per_example_loss_task)
         batch_size = batch_size_of(inputs)
         limit = self.privacy_args.max_physical_batch_size or batch_size
         total = torch.zeros((), device=self.args.device)
@@ -615,12 +632,12 @@ class DPTrainer(Trainer):
         # sums ourselves) nor broadcast buffers on forwards that some ranks skip (empty micro-batches).
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        for start in range(0, batch_size, limit):
-            sl = slice(start, start + limit)
+        for sl in whole_unit_chunks(batch_size, limit, units):
             chunk = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
                      for k, v in inputs.items()}
-            losses = check_per_example_losses(self.compute_per_example_loss(model, chunk), len(range(batch_size)[sl]))
-            self._engine.backward(losses)
+            rows = len(range(batch_size)[sl]) if isinstance(sl, slice) else len(sl)
+            losses = check_per_example_losses(self.compute_per_example_loss(model, chunk), rows)
+            self._engine.backward(losses, units=None if units is None else units[sl])
             total = total + losses.detach().sum().to(total.device)
         return total / norm
 
