@@ -47,7 +47,7 @@ def privacy_plan_line(trainer: Any) -> str:
     return (
         f"DPTrainer: DP-SGD with noise_multiplier {noise}, delta = {trainer.delta:.3g} ({delta_origin}), "
         f"sample rate q = {trainer.sample_rate:.4g} ({_batch_text(trainer)}), "
-        f"{trainer.planned_steps} planned steps, per-example clipping norm C = {pa.max_grad_norm:g} ({pa.clipping}); "
+        f"{trainer.planned_steps} planned steps, {'per-user' if getattr(trainer, 'user_plan', None) is not None else 'per-example'} clipping norm C = {pa.max_grad_norm:g} ({pa.clipping}); "
         f"{target}{stop}{resumed}."
     )
 
@@ -59,5 +59,5 @@ def _batch_text(trainer: Any) -> str:
         return f"expected batch {trainer.expected_batch_size}"
     cap = plan.max_examples_per_user
     rows = f"at most {cap} rows" if cap is not None else "all rows"
-    return (f"privacy unit: user; expected {trainer.expected_batch_size} of {plan.num_users} users per step, "
+    return (f"privacy unit: user; expected {trainer.expected_batch_size:g} of {plan.num_users} users per step, "
             f"{rows} of each, clipped together")
