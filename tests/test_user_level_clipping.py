@@ -77,3 +77,31 @@ def test_unit_layout_rejects_float_ids_and_engine_rejects_wrong_length():
     with pytest.raises(ValueError, match=r"units must be a Tensor\[6\]"):
         engine.backward(loss_fn(model, batch), units=torch.tensor([0, 1]))
     engine.remove()
+
+
+class _Scale(torch.nn.Module):
+    """A module no closed-form rule covers: the torch.func fallback instantiates its per-example gradients."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_fallback_rule_users_are_summed_before_the_norm():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), _Scale(3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        return ((m(batch["x"]) - batch["y"]) ** 2).squeeze(1)
+
+    batch = {"x": x, "y": y}
+    oracle = expected_clipped_sum(_per_user(loop_grads(model, batch, loss_fn), UNITS_6), c=0.1, style="flat")
+    engine = ClippingEngine(model, max_grad_norm=0.1)
+    engine.backward(loss_fn(model, batch), units=UNITS_6)
+    engine.remove()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, oracle[name], rtol=1e-7, atol=1e-10, msg=name)
