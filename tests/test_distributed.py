@@ -32,7 +32,7 @@ sys.path.insert(0, DDP_DIR)
 import ddp_cases  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 420
-CASES = ("full", "lora", "noisy", "variance", "empty", "resume")
+CASES = ("full", "lora", "noisy", "variance", "empty", "resume", "users")
 
 
 def launch(script: str, *script_args: str, num_processes: int = 2, timeout: float = LAUNCH_TIMEOUT_S,
@@ -89,8 +89,8 @@ def _assert_contract(r: dict) -> None:
     """Facts every 2-process step must satisfy."""
     assert r["world"] == 2
     s = ddp_cases.case_settings(r["name"])
-    # the accountant's q is the GLOBAL rate: per-device batch x GA x 2 processes / N
-    assert r["sample_rate"] == pytest.approx(s["per_device"] * s["ga"] * 2 / s["n"])
+    # the accountant's q is the GLOBAL rate: per-device batch x GA x 2 processes / N (users / U at user level)
+    assert r["sample_rate"] == pytest.approx(s["per_device"] * s["ga"] * 2 / (s["users"] or s["n"]))
     assert r["wrapped"] == "DistributedDataParallel"  # accelerate did wrap the model in DDP
     assert r["max_param_diff"] and all(d == 0.0 for d in r["max_param_diff"]), r["max_param_diff"]
     for rank in r["per_rank"]:
@@ -116,6 +116,19 @@ def test_two_processes_match_one_process_without_noise(ddp, single, name):
     assert global2 == r1["per_rank"][0]["local_examples"]
     moved = max(float(d.abs().max()) for d in r1["delta"].values())
     assert moved > 1e-3  # training really changed the parameters
+    assert _max_diff(r2["params"], r1["params"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_user_level_two_processes_match_one_process(ddp, single):
+    """Users (never split) dealt to ranks: the 2-process user-level LoRA run gives the 1-process weights."""
+    r2, r1 = ddp["users"], single("users")
+    _assert_contract(r2)
+    assert r2["sample_rate"] == r1["sample_rate"] == 8 / 16  # users per step / users, not rows
+    global2 = [sum(x) for x in zip(*(rank["local_examples"] for rank in r2["per_rank"]))]
+    assert global2 == r1["per_rank"][0]["local_examples"]  # same rows per step (same user draw, same caps)
+    assert all(n % 3 == 0 for n in global2)  # every sampled user contributes exactly 3 of their 4 rows
+    assert max(float(d.abs().max()) for d in r1["delta"].values()) > 1e-3
     assert _max_diff(r2["params"], r1["params"]) < 1e-5
 
 

@@ -26,13 +26,13 @@ from hf_ewtune.testing import tiny_bert
 
 REF_WORLD = 2  # the batch settings below are per device for a 2-process run
 
-CASE_NAMES = ("full", "lora", "noisy", "variance", "empty", "resume")
+CASE_NAMES = ("full", "lora", "noisy", "variance", "empty", "resume", "users")
 
 
 def case_settings(name: str) -> dict[str, Any]:
     """Dataset size, per-device batch (for W = 2), GA, steps, sigma, C, optimizer, seed for a case."""
     base = dict(n=64, per_device=4, ga=2, max_steps=3, sigma=0.0, clip=1.0, optim="sgd", lr=0.5,
-                noise_seed=11, lora=False, save_steps=None)
+                noise_seed=11, lora=False, save_steps=None, users=None)
     cases = {
         # sigma = 0: the 2-process run must give the 1-process parameters (same global batches).
         "full": dict(),
@@ -45,6 +45,8 @@ def case_settings(name: str) -> dict[str, Any]:
         "empty": dict(n=160, per_device=1, ga=2, max_steps=80, sigma=1.0),
         # stopped at checkpoint-2, resumed to 4 steps: the accountant history must match an uninterrupted run.
         "resume": dict(max_steps=4, sigma=1.0, save_steps=2, noise_seed=None, optim="adamw_torch", lr=1e-3),
+        # user-level DP, LoRA: 16 users x 4 rows (cap 3), per_device counts users; users (whole) split over ranks.
+        "users": dict(per_device=2, users=16, lora=True, lr=1.0),
     }
     out = dict(base)
     out.update(cases[name])
@@ -157,9 +159,14 @@ def build_trainer(name: str, world: int, output_dir: str, **overrides: Any) -> C
         logging_steps=1000, disable_tqdm=True, seed=0, ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
     )
+    data = deterministic_dataset(s["n"])
+    user_kwargs: dict[str, Any] = {}
+    if s["users"]:  # user-level DP: row i belongs to user i % users
+        data = data.add_column("author", [f"user{i % s['users']}" for i in range(s["n"])])
+        user_kwargs = dict(user_id_column="author", max_examples_per_user=3)
     trainer = CountingDPTrainer(
-        model=_model(s["lora"]), args=args, train_dataset=deterministic_dataset(s["n"]),
-        noise_multiplier=s["sigma"], max_grad_norm=s["clip"], noise_seed=s["noise_seed"],
+        model=_model(s["lora"]), args=args, train_dataset=data,
+        noise_multiplier=s["sigma"], max_grad_norm=s["clip"], noise_seed=s["noise_seed"], **user_kwargs,
     )
     trainer.rank_checks = RankCheckCallback(trainer)
     trainer.add_callback(trainer.rank_checks)
