@@ -65,7 +65,7 @@ from hf_ewtune.noise import DPOptimizer
 from hf_ewtune.privacy_record import setup_record
 from hf_ewtune.privacy_state import PrivacyState, save_privacy_state
 from hf_ewtune.run_plan import privacy_plan_line
-from hf_ewtune.user_level import UNITS_KEY, whole_unit_chunks
+from hf_ewtune.user_level import UNITS_KEY, check_resumed_unit, whole_unit_chunks
 from hf_ewtune.training_arguments import (
     check_training_arguments,
     reject_sharded_training,
@@ -454,6 +454,7 @@ class DPTrainer(Trainer):
             state = PrivacyState.load(resume_from_checkpoint)  # validated, cross-checked with trainer_state.json
             callback.load_state(state)
             self._check_resumed_state(state)
+            check_resumed_unit(state, self.user_plan, self.privacy_args.privacy_unit)  # user vs example level
             self._refresh_budget()
             logger.info(
                 "DPTrainer: resumed privacy accounting from %s (%d steps already taken).",

@@ -168,6 +168,25 @@ def user_dataloader_parts(trainer: Any, dataset: Any, collator: Callable[[list[A
     return sampler, UserTaggedDataset(dataset, plan.row_user), UserTaggingCollator(collator, plan.user_id_column)
 
 
+def check_resumed_unit(state: Any, plan: UserPlan | None, privacy_unit: str) -> None:
+    """Refuse to resume a checkpoint whose privacy unit differs from this run's at user level.
+
+    Steps accounted for examples give no user-level guarantee (and vice versa), so one history cannot mix them.
+
+    Raises:
+        PrivacyStateError: the checkpoint was trained at user level and this run is not, or the reverse.
+    """
+    from hf_ewtune.errors import PrivacyStateError
+
+    theirs = " ".join(str(getattr(state, "privacy_unit", None) or "example").split())
+    mine = USER_UNIT if plan is not None else " ".join(str(privacy_unit).split())
+    if (theirs == USER_UNIT) != (mine == USER_UNIT):
+        raise PrivacyStateError(
+            f"the checkpoint's privacy unit is {theirs!r} but this run's is {mine!r}: an accountant history cannot "
+            "mix user-level and example-level steps (the composed epsilon would hold for neither unit). Resume "
+            "with the same user_id_column setting, or start a new run.")
+
+
 class UserPoissonBatchSampler(PoissonBatchSampler):
     """One Poisson draw over USERS per logical batch; whole users dealt to ranks and micro-batches.
 
@@ -285,6 +304,6 @@ def whole_unit_chunks(batch_size: int, limit: int, units: torch.Tensor | None) -
 
 __all__ = [
     "UNITS_KEY", "USER_UNIT", "UserPlan", "UserPoissonBatchSampler", "UserTaggedDataset", "UserTaggingCollator",
-    "check_enough_users", "check_user_arguments", "plan_users", "setup_users", "user_dataloader_parts",
+    "check_enough_users", "check_resumed_unit", "check_user_arguments", "plan_users", "setup_users", "user_dataloader_parts",
     "whole_unit_chunks",
 ]

@@ -161,3 +161,20 @@ def test_bad_user_arguments_are_refused(tmp_path, kw, match):
 
     with pytest.raises(PrivacyConfigError, match=match):
         PrivacyArguments(noise_multiplier=1.0, **kw)
+
+
+def test_resuming_an_example_level_checkpoint_at_user_level_is_refused(tmp_path):
+    from hf_ewtune.errors import PrivacyStateError
+
+    ds = _with_users(_data(40), [f"user{i % 10}" for i in range(40)])
+    first = _trainer(tmp_path, ds.remove_columns("author"), noise_multiplier=1.0, max_steps=1,
+                     per_device_train_batch_size=2)
+    first.args.save_strategy, first.args.save_steps = "steps", 1
+    first.train()
+    ckpt = tmp_path / "checkpoint-1"
+    assert (ckpt / "_privacy_state.json").exists()
+    user = _trainer(tmp_path / "u", ds, noise_multiplier=1.0, max_steps=2, per_device_train_batch_size=2,
+                    user_id_column="author")
+    with pytest.raises(PrivacyStateError, match="cannot mix user-level and example-level steps"):
+        user.train(resume_from_checkpoint=str(ckpt))
+    assert user.privacy_callback.steps == 1  # refused before any user-level step was taken
