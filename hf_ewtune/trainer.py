@@ -623,6 +623,11 @@ class DPTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         inputs = dict(inputs)
         units = inputs.pop(UNITS_KEY, None)  # user-level DP: each row's user (rows of a user clipped as one)
+        if (units is None) != (self.user_plan is None):
+            raise PrivacyConfigError(
+                "user-level DP (user_id_column) needs every training batch from DPTrainer's user sampler, which tags "
+                "each row with its user; this batch " + ("is untagged." if units is None else "is tagged but "
+                "user_id_column is not set.") + " Train through DPTrainer.get_train_dataloader.")
         if units is not None:
             norm *= self.user_plan.mean_rows_per_step()
         check_micro_batch(inputs, model=self.model, task=self.per_example_loss_task)

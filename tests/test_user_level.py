@@ -178,3 +178,12 @@ def test_resuming_an_example_level_checkpoint_at_user_level_is_refused(tmp_path)
     with pytest.raises(PrivacyStateError, match="cannot mix user-level and example-level steps"):
         user.train(resume_from_checkpoint=str(ckpt))
     assert user.privacy_callback.steps == 1  # refused before any user-level step was taken
+
+
+def test_an_untagged_batch_in_user_mode_is_refused(tmp_path):
+    ds = _with_users(_data(40), [f"user{i % 10}" for i in range(40)])
+    trainer = _trainer(tmp_path, ds, noise_multiplier=1.0, user_id_column="author", per_device_train_batch_size=2)
+    batch = {"input_ids": torch.tensor(ds[:2]["input_ids"]), "attention_mask": torch.tensor(ds[:2]["attention_mask"]),
+             "labels": torch.tensor(ds[:2]["labels"])}
+    with pytest.raises(PrivacyConfigError, match="this batch is untagged"):
+        trainer.training_step(trainer.model, batch)
