@@ -6,6 +6,7 @@ import math
 from functools import lru_cache
 from typing import Any, Sequence
 
+from . import pld_budget
 from .base import Accountant
 
 DEFAULT_VDI = 1e-4
@@ -59,8 +60,6 @@ def pld_epsilon(
         return 0.0
     if any(float(s) == 0.0 for s, _, n in history if int(n) > 0):
         return math.inf
-    from .pld_budget import certified_pld_epsilon
-
     eps, label = certified_pld_epsilon(history, delta, value_discretization_interval=value_discretization_interval)
     if label_out is not None:
         label_out["certified_by"] = label
@@ -193,3 +192,35 @@ class RDPAccountant(Accountant):
 
     def _certified_epsilon(self, history, delta):
         return rdp_epsilon(history, delta, orders=self.orders)
+
+
+def certified_pld_epsilon(
+    history: Sequence[Sequence[float]], delta: float, *, value_discretization_interval: float = 1e-4
+) -> tuple[float, str]:
+    """Certified epsilon and what certified it, in bounded time and memory (see the module docstring).
+
+    Args:
+        history: segments ``(noise_multiplier, sample_rate, num_steps)`` (validated by the caller).
+        delta: target delta.
+        value_discretization_interval: the PLD grid wanted (used whenever it fits the budget).
+
+    Returns:
+        ``(epsilon, certified_by)``.
+    """
+    vdi = float(value_discretization_interval)
+    steps = sum(int(n) for _, _, n in history)
+    points = pld_budget.pld_grid_points(history, vdi)
+    if points <= pld_budget.POINTS_MAX and steps <= pld_budget.MAX_PLD_STEPS:
+        return pld_epsilon_unbounded(history, delta, value_discretization_interval=vdi), pld_description(vdi)
+    if steps > pld_budget.MAX_PLD_STEPS:
+        why = f"PLD is used for at most {pld_budget.MAX_PLD_STEPS:.0e} steps, this history has {steps:.2e}"
+    else:
+        why = f"PLD at value discretization {vdi:g} would need ~{points:.1e} grid points, above the {pld_budget.POINTS_MAX:.0e} budget"
+    rdp = float(rdp_epsilon(history, delta))
+    best = (rdp, f"{rdp_description()}; fallback: {why}")
+    coarse = pld_budget._ceil_1sig(vdi * points / pld_budget.POINTS_MAX)
+    if coarse <= pld_budget.VDI_MAX and steps <= pld_budget.MAX_PLD_STEPS:
+        eps = float(pld_epsilon_unbounded(history, delta, value_discretization_interval=coarse))
+        if eps <= rdp:
+            best = (eps, f"{pld_description(coarse)}; coarser grid: {why}")
+    return best

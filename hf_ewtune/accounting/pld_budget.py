@@ -5,7 +5,7 @@ dp-accounting's PLD accountant represents the privacy-loss distribution on a gri
 ``mu^2`` for ``mu = 1/sigma``) and with the spread of the composed loss (about ``sqrt(steps)``). For tiny
 noise or very long runs the grid needs billions of points (a 38 GiB allocation for ``sigma = 1e-3``).
 
-:func:`certified_pld_epsilon` estimates the grid size from the cumulants of the privacy loss before
+:func:`hf_ewtune.accounting.certified.certified_pld_epsilon` estimates the grid size from the cumulants of the privacy loss before
 building anything and, when it exceeds :data:`POINTS_MAX`:
 
 * uses a coarser discretization (still a pessimistic, hence certified, upper bound: only looser) if one
@@ -17,6 +17,7 @@ The returned label always names what certified the number, and why the default g
 Nothing here returns an uncertified value.
 
 Example:
+    >>> from hf_ewtune.accounting.certified import certified_pld_epsilon
     >>> eps, label = certified_pld_epsilon([(1.0, 0.01, 1000)], 1e-5)
     >>> round(eps, 2), "PLD" in label
     (1.83, True)
@@ -79,37 +80,3 @@ def _ceil_1sig(value: float) -> float:
     """``value`` rounded UP to one significant digit (a coarser grid is still an upper bound)."""
     exponent = math.floor(math.log10(value))
     return math.ceil(value / 10.0**exponent - 1e-9) * 10.0**exponent
-
-
-def certified_pld_epsilon(
-    history: Sequence[Sequence[float]], delta: float, *, value_discretization_interval: float = 1e-4
-) -> tuple[float, str]:
-    """Certified epsilon and what certified it, in bounded time and memory (see the module docstring).
-
-    Args:
-        history: segments ``(noise_multiplier, sample_rate, num_steps)`` (validated by the caller).
-        delta: target delta.
-        value_discretization_interval: the PLD grid wanted (used whenever it fits the budget).
-
-    Returns:
-        ``(epsilon, certified_by)``.
-    """
-    from .certified import pld_description, pld_epsilon_unbounded, rdp_description, rdp_epsilon
-
-    vdi = float(value_discretization_interval)
-    steps = sum(int(n) for _, _, n in history)
-    points = pld_grid_points(history, vdi)
-    if points <= POINTS_MAX and steps <= MAX_PLD_STEPS:
-        return pld_epsilon_unbounded(history, delta, value_discretization_interval=vdi), pld_description(vdi)
-    if steps > MAX_PLD_STEPS:
-        why = f"PLD is used for at most {MAX_PLD_STEPS:.0e} steps, this history has {steps:.2e}"
-    else:
-        why = f"PLD at value discretization {vdi:g} would need ~{points:.1e} grid points, above the {POINTS_MAX:.0e} budget"
-    rdp = float(rdp_epsilon(history, delta))
-    best = (rdp, f"{rdp_description()}; fallback: {why}")
-    coarse = _ceil_1sig(vdi * points / POINTS_MAX)
-    if coarse <= VDI_MAX and steps <= MAX_PLD_STEPS:
-        eps = float(pld_epsilon_unbounded(history, delta, value_discretization_interval=coarse))
-        if eps <= rdp:
-            best = (eps, f"{pld_description(coarse)}; coarser grid: {why}")
-    return best
