@@ -60,7 +60,8 @@ def without_checkpointing(args: Any, *, trainer_name: str) -> Any:
     and raise ``gradient_accumulation_steps``, or cap it with ``max_physical_batch_size``). The caller's object
     is never changed.
     """
-    if args is None or not getattr(args, "gradient_checkpointing", False) or not checkpointing_refused():
+    names = [n for n in ("gradient_checkpointing", "activation_checkpointing") if getattr(args, n, False)]
+    if args is None or not names or not checkpointing_refused():
         return args
     warnings.warn(
         f"{trainer_name}: gradient_checkpointing=True (TRL's default) is turned off on the trainer's copy of the "
@@ -70,7 +71,8 @@ def without_checkpointing(args: Any, *, trainer_name: str) -> Any:
         stacklevel=4,
     )
     args = copy.copy(args)
-    args.gradient_checkpointing = False
+    for name in names:  # transformers >= 5.2x mirrors gradient_checkpointing into activation_checkpointing
+        setattr(args, name, False)
     return args
 
 
