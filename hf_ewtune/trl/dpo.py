@@ -56,9 +56,9 @@ class DPDPOConfig(DPOConfig, DPTrainingArguments):
         (['sigmoid'], False)
     """
 
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Not supported with per-example clipping yet (TRL's default True is overridden)."},
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Not supported with per-example clipping yet (TRL's default True is overridden; None = off)."},
     )
     max_grad_norm: float = field(
         default=1.0,

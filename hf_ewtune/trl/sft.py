@@ -52,7 +52,7 @@ _SFT_PACKING_FIX = (
 class DPSFTConfig(SFTConfig, DPTrainingArguments):
     """``trl.SFTConfig`` plus hf_ewtune's privacy fields (``target_epsilon``, ``noise_multiplier``, ...).
 
-    ``max_grad_norm`` is the per-example clipping norm C; ``gradient_checkpointing`` defaults to ``False``
+    ``max_grad_norm`` is the per-example clipping norm C; ``gradient_checkpointing`` defaults to off (``None``, resolved to ``False``)
     (per-example clipping does not support it yet). Every other field means what it means for ``SFTConfig``.
 
     Example:
@@ -62,9 +62,9 @@ class DPSFTConfig(SFTConfig, DPTrainingArguments):
         (False, False, 0.5)
     """
 
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Not supported with per-example clipping yet (TRL's default True is overridden)."},
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Not supported with per-example clipping yet (TRL's default True is overridden; None = off)."},
     )
     max_grad_norm: float = field(
         default=1.0,
