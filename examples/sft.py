@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_ewtune.trl import DPSFTConfig, DPSFTTrainer
 
+    import torch
+
     a = parse_args(argv)
+    gpu = torch.cuda.is_available() and not a.smoke
     batch, micro = (16, 8) if a.smoke and a.batch_size == 64 else (a.batch_size, a.micro_batch_size)
     train, test = records(a)
     model, tok = load_model(a)
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=a.output_dir, per_device_train_batch_size=micro, gradient_accumulation_steps=max(batch // micro, 1),
         num_train_epochs=a.epochs, max_steps=a.max_steps, learning_rate=a.learning_rate, max_length=a.max_length,
         completion_only_loss=True, report_to="none", save_strategy="no", logging_steps=0.1, seed=a.seed,
-        use_cpu=a.smoke, disable_tqdm=True, gradient_checkpointing=False,
+        use_cpu=not gpu, bf16=gpu, disable_tqdm=True, gradient_checkpointing=False,
     )
     train = train.remove_columns("label")
     if a.non_private:
