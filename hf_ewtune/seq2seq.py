@@ -79,10 +79,14 @@ class DPSeq2SeqTrainer(DPTrainer, Seq2SeqTrainer):
     """``transformers.Seq2SeqTrainer`` with DP-SGD (``DPTrainer``'s arguments; one example = one source/target pair).
 
     Generation-based evaluation (``predict_with_generate``) is Seq2SeqTrainer's. Parameters used broadcast over
-    the batch (see the module docstring) are refused at construction.
+    the batch (see the module docstring) are refused at construction, and so is a subclass overriding
+    ``compute_loss`` (without ``compute_per_example_loss``) or ``training_step``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from hf_ewtune.trl.compat import reject_bypassing_overrides
+
+        reject_bypassing_overrides(self, owner=DPSeq2SeqTrainer, loss_bases=(Seq2SeqTrainer,))
         model = kwargs.get("model", args[0] if args else None)
         if model is not None:
             reject_broadcast_parameters(model)

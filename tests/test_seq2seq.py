@@ -96,3 +96,14 @@ def test_seq2seq_trainer_trains_with_source_and_target_of_different_lengths(tmp_
 def test_broadcast_position_parameters_are_refused_before_training(tmp_path):
     with pytest.raises(PrivacyConfigError, match="freeze_broadcast_parameters"):
         DPSeq2SeqTrainer(model=tiny_t5(), args=args(tmp_path), train_dataset=pairs(), noise_multiplier=1.0)
+
+
+def test_seq2seq_subclass_overriding_compute_loss_is_refused(tmp_path):
+    class Loud(DPSeq2SeqTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).loss
+
+    model = tiny_t5()
+    freeze_broadcast_parameters(model)
+    with pytest.raises(PrivacyConfigError, match="overrides compute_loss"):
+        Loud(model=model, args=args(tmp_path), train_dataset=pairs(), noise_multiplier=1.0)
