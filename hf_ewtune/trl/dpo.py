@@ -192,6 +192,11 @@ class DPDPOTrainer(DPTrainer, DPOTrainer):
         check_dpo_settings(self.args)
         self.data_collator = PairedRecordCollator(self.data_collator)
 
+    def _check_environment(self) -> None:
+        # args=None: TRL built its own config (gradient_checkpointing=True by default); same treatment as a given one.
+        self.args = without_checkpointing(self.args, trainer_name=type(self).__name__)
+        super()._check_environment()
+
     def _setup_privacy(self) -> None:
         self.privacy_args = with_default_unit(self.privacy_args, DPO_UNIT)
         super()._setup_privacy()

@@ -160,6 +160,11 @@ class DPSFTTrainer(DPTrainer, SFTTrainer):
                 "example). Set SFTConfig(router_aux_loss_coef=0.0) to train without it."
             )
 
+    def _check_environment(self) -> None:
+        # args=None: TRL built its own config (gradient_checkpointing=True by default); same treatment as a given one.
+        self.args = without_checkpointing(self.args, trainer_name=type(self).__name__)
+        super()._check_environment()
+
     def _setup_privacy(self) -> None:
         self.privacy_args = with_default_unit(self.privacy_args, SFT_UNIT)
         super()._setup_privacy()
