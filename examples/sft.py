@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=a.output_dir, per_device_train_batch_size=micro, gradient_accumulation_steps=max(batch // micro, 1),
         num_train_epochs=a.epochs, max_steps=a.max_steps, learning_rate=a.learning_rate, max_length=a.max_length,
         completion_only_loss=True, report_to="none", save_strategy="no", logging_steps=0.1, seed=a.seed,
-        use_cpu=not gpu, bf16=gpu, disable_tqdm=True, gradient_checkpointing=False,
+        use_cpu=not gpu, bf16=gpu, disable_tqdm=True, activation_checkpointing=False,  # TRL defaults it on
     )
     train = train.remove_columns("label")
     if a.non_private:
