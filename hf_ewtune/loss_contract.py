@@ -64,10 +64,29 @@ def pop_labels(inputs: dict[str, Any]) -> torch.Tensor:
     return labels
 
 
+def label_mask(model: Any, inputs: Mapping[str, Any]) -> Any:
+    """The mask of the label positions: ``decoder_attention_mask`` for encoder-decoder models (whose
+    ``attention_mask`` is the encoder's, of another length), else ``attention_mask``."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return inputs.get("decoder_attention_mask")
+    return inputs.get("attention_mask")
+
+
+def add_decoder_inputs(model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> None:
+    """Encoder-decoder models: ``decoder_input_ids`` from the labels (shifted right, as the model does when it gets
+    ``labels``), since the per-example loss keeps the labels out of the forward."""
+    if "decoder_input_ids" in inputs or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "prepare_decoder_input_ids_from_labels"):
+        inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
+
+
 def default_per_example_loss(trainer: Any, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The default of :meth:`DPTrainer.compute_per_example_loss`: forward, then one loss per example."""
     inputs = dict(inputs)
     labels = pop_labels(inputs)
+    add_decoder_inputs(trainer.model, inputs, labels)
     func = getattr(trainer, "compute_loss_func", None)
     with trainer.compute_loss_context_manager():
         outputs = model(**inputs)
@@ -76,7 +95,7 @@ def default_per_example_loss(trainer: Any, model: torch.nn.Module, inputs: dict[
     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
     task = trainer.per_example_loss_task or infer_task(trainer.model, logits, labels)
     return per_example_loss(
-        logits, labels, task=task, attention_mask=inputs.get("attention_mask"),
+        logits, labels, task=task, attention_mask=label_mask(trainer.model, inputs),
         label_smoothing=float(getattr(trainer.args, "label_smoothing_factor", 0.0) or 0.0),
     )
 

@@ -631,7 +631,7 @@ class DPTrainer(Trainer):
         if units is not None:
             norm *= self.user_plan.mean_rows_per_step()
         check_micro_batch(inputs, model=self.model, task=self.per_example_loss_task)
-        batch_size = batch_size_of(inputs)
+        batch_size = self._micro_batch_size(inputs)
         limit = self.privacy_args.max_physical_batch_size or batch_size
         total = torch.zeros((), device=self.args.device)
         # Forward through the unwrapped module: DDP must neither sync gradients (we all-reduce the noisy
@@ -646,6 +646,11 @@ class DPTrainer(Trainer):
             self._engine.backward(losses, units=None if units is None else units[sl])
             total = total + losses.detach().sum().to(total.device)
         return total / norm
+
+    def _micro_batch_size(self, inputs: dict[str, Any]) -> int:
+        """Number of privacy units in a micro-batch (default: the rows of ``labels``, else of the first batched
+        tensor); trainers whose batches hold several rows per unit (DPO's chosen/rejected) override it."""
+        return batch_size_of(inputs)
 
     def compute_per_example_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """The loss of every example of ``inputs``, ``Tensor[B]``, example ``i``'s depending on example ``i`` only.
