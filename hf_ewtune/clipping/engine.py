@@ -30,6 +30,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..checks import CLIPPING_STYLES, check_choice, check_max_grad_norm
+from ..distributed.fsdp import add_clipped_sum_to_shard, check_fsdp2_model, is_sharded
 from ..errors import UnsupportedModuleError
 from ._base import Record, Rule, factor_inner
 from .checkpointing import (RecomputeCapture, catch_output_grads, check_leaks, in_nonreentrant_recompute,
@@ -103,6 +104,7 @@ class ClippingEngine:
         self.max_grad_norm = float(max_grad_norm)
         self.clipping = clipping
         problems = model_problems(model)
+        check_fsdp2_model(model)
 
         self._params: dict[str, nn.Parameter] = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self._params:
@@ -130,6 +132,8 @@ class ClippingEngine:
         if missing:  # pragma: no cover - every parameter is owned by some module
             raise UnsupportedModuleError(f"Trainable parameters {missing} are not covered; freeze them.")
 
+        # FSDP2: parameters are DTensor shards outside a module's forward/backward (rules must read values then).
+        self.sharded = any(is_sharded(p) for p in self._params.values())
         self._records: list[Record] = []
         self._suspend = 0
         self._capture: RecomputeCapture | None = None  # set while the engine's own backward runs
@@ -392,6 +396,9 @@ class ClippingEngine:
 
     @staticmethod
     def _add_grad(p: nn.Parameter, s: torch.Tensor) -> None:
+        if is_sharded(p):  # FSDP2: sum the ranks' clipped sums into this rank's shard (reduce-scatter)
+            add_clipped_sum_to_shard(p, s)
+            return
         s = s.to(dtype=p.dtype, device=p.device).reshape(p.shape)
         if p.grad is None:
             p.grad = s.contiguous()
