@@ -94,6 +94,25 @@ def run_case(name: str, world: int, rank: int = 0) -> dict:
     return {"params": out, "sharded": any(is_sharded(p) for p in params)}
 
 
+def offload_refusal(world: int) -> str:
+    """The error ClippingEngine raises for an FSDP2 model with CPU offload (or why offload could not be set up)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    from hf_ewtune.errors import UnsupportedModuleError
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    try:
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)), offload_policy=CPUOffloadPolicy(pin_memory=False))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"setup failed: {exc!r}"
+    try:
+        ClippingEngine(model, max_grad_norm=1.0)
+    except UnsupportedModuleError as exc:
+        return str(exc)
+    return "accepted"
+
+
 def main() -> int:
     import argparse
 
@@ -104,6 +123,7 @@ def main() -> int:
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results = {name: run_case(name, world, rank) for name in opts.cases.split(",")}
+    results["offload_error"] = offload_refusal(world)
     if rank == 0:
         torch.save(results, opts.out)
     torch.distributed.barrier()
