@@ -8,6 +8,7 @@ same global batches. Checked:
   EMPTY micro-batch on rank 1 (it runs a zero-weight dummy row; nobody hangs: subprocess timeout);
 * the pure-noise update has per-coordinate variance (sigma C lr / B)^2: not double (two ranks noising a
   coordinate), not half (a coordinate left un-noised), and the two shards' noise is not the same draw;
+* the same when the engine is built BEFORE ``fully_shard`` replaces the parameters (it follows them);
 * FSDP1 wrappers and FSDP2 CPU offload are refused with errors naming them.
 """
 
@@ -34,7 +35,7 @@ TIMEOUT_S = 420
 def sharded(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fsdp") / "results.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(FSDP_DIR, "fsdp_cases.py"), "--out", out, "--cases", "full,lora,variance"]
+           os.path.join(FSDP_DIR, "fsdp_cases.py"), "--out", out, "--cases", "full,lora,variance,engine_first"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -49,11 +50,11 @@ def sharded(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("case", ["full", "lora"])
+@pytest.mark.parametrize("case", ["full", "lora", "engine_first"])
 def test_sigma_zero_fsdp2_equals_one_process(sharded, case):
     two, one = sharded[case], fsdp_cases.run_case(case, 1)
     assert two["sharded"] and not one["sharded"]
-    initial = dict(fsdp_cases._model(case).named_parameters())
+    initial = dict(fsdp_cases._model("lora" if case == "lora" else "full").named_parameters())
     moved = 0.0
     for name, p in one["params"].items():
         torch.testing.assert_close(two["params"][name], p, rtol=1e-5, atol=1e-7, msg=name)

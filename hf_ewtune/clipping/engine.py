@@ -109,11 +109,7 @@ class ClippingEngine:
         self._params: dict[str, nn.Parameter] = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self._params:
             raise UnsupportedModuleError("The model has no trainable parameter (requires_grad=True); nothing to clip.")
-        self._param_name = {id(p): n for n, p in self._params.items()}
-        # Group for per-layer clipping: the module that owns the parameter under its canonical name.
-        owners = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self._params})
-        self._group_of = {id(p): owners.index(n.rsplit(".", 1)[0] if "." in n else "") for n, p in self._params.items()}
-        self.num_groups = len(owners)
+        self._index_parameters()
 
         self._rules: dict[nn.Module, Rule] = {}
         covered: set[int] = set()
@@ -132,8 +128,6 @@ class ClippingEngine:
         if missing:  # pragma: no cover - every parameter is owned by some module
             raise UnsupportedModuleError(f"Trainable parameters {missing} are not covered; freeze them.")
 
-        # FSDP2: parameters are DTensor shards outside a module's forward/backward (rules must read values then).
-        self.sharded = any(is_sharded(p) for p in self._params.values())
         self._records: list[Record] = []
         self._suspend = 0
         self._capture: RecomputeCapture | None = None  # set while the engine's own backward runs
@@ -271,6 +265,27 @@ class ClippingEngine:
             self._suspend -= 1
 
     # -- internals ---------------------------------------------------------------------------------
+    def _index_parameters(self) -> None:
+        self._param_name = {id(p): n for n, p in self._params.items()}
+        # Group for per-layer clipping: the module that owns the parameter under its canonical name.
+        owners = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self._params})
+        self._group_of = {id(p): owners.index(n.rsplit(".", 1)[0] if "." in n else "") for n, p in self._params.items()}
+        self.num_groups = len(owners)
+        # FSDP2: parameters are DTensor shards outside a module's forward/backward (rules must read values then).
+        self.sharded = any(is_sharded(p) for p in self._params.values())
+
+    def _follow_replaced_parameters(self) -> None:
+        """Re-index if the model's parameters were replaced since the engine was built (``fully_shard`` applied
+        later, e.g. by accelerate's ``prepare``); called after a backward, when FSDP2 has resharded them."""
+        current = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if current.keys() == self._params.keys() and all(current[n] is p for n, p in self._params.items()):
+            return
+        if current.keys() != self._params.keys():
+            raise UnsupportedModuleError(
+                "The model's trainable parameters changed after the ClippingEngine was built (added, removed or "
+                f"frozen: {sorted(set(current) ^ set(self._params))[:5]}). Build the engine after setting them.")
+        self._params = current
+        self._index_parameters()
     def _recording(self, module: nn.Module) -> bool:
         return not self._suspend and module.training and torch.is_grad_enabled()
 
@@ -338,6 +353,7 @@ class ClippingEngine:
                         records[ri].grads[k] = g
         finally:
             self._capture = None
+        self._follow_replaced_parameters()
         uses: dict[int, list[tuple[Record, str]]] = {}
         for rec in records:
             if not rec.active:

@@ -64,9 +64,12 @@ def run_case(name: str, world: int, rank: int = 0) -> dict:
     kind = "lora" if name == "lora" else "full"
     sigma = 1.0 if name == "variance" else 0.0
     model = _model(kind)
+    if name == "engine_first":  # the engine is built before fully_shard replaces the parameters (as in Trainer)
+        engine = ClippingEngine(model, max_grad_norm=C)
     if world > 1:
         model = _shard(model, world)
-    engine = ClippingEngine(model, max_grad_norm=C)
+    if name != "engine_first":
+        engine = ClippingEngine(model, max_grad_norm=C)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, sensitivity=C,
                       expected_batch_size=B_EXP, noise_seed=11)
