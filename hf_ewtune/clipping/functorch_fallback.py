@@ -47,7 +47,9 @@ class FunctorchRule(Rule):
             except (RuntimeError, AttributeError):  # pragma: no cover - backend not built
                 pass
         data = {"in_leaves": in_leaves, "in_spec": in_spec, "out_idx": idx, "autocast": autocast, "engine": engine}
-        if getattr(engine, "sharded", False):  # FSDP2 frees the unsharded values after the call: keep a copy
+        known = getattr(engine, "_param_name", {})
+        if getattr(engine, "sharded", False) or any(id(getattr(module, r)) not in known for r in self.roles):
+            # FSDP2 (the call sees unsharded values, freed after it): keep a copy
             data["params"] = {r: getattr(module, r).detach().clone() for r in self.roles}
         outs = [leaves[i] for i in idx]
         return Record(module, self, data, outs), None
