@@ -95,3 +95,22 @@ def test_fsdp1_is_refused():
 
 def test_fsdp2_cpu_offload_is_refused(sharded):
     assert "CPU offload" in sharded["offload_error"], sharded["offload_error"]
+
+
+def test_engine_follows_parameters_replaced_after_it_was_built():
+    """What fully_shard does to an engine built earlier (DPTrainer builds it before accelerate shards)."""
+    from hf_ewtune.clipping import ClippingEngine
+    from hf_ewtune.errors import UnsupportedModuleError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    engine = ClippingEngine(model, max_grad_norm=1e6)
+    old = model[0].weight
+    model[0].weight = torch.nn.Parameter(old.detach().clone() + 1.0)
+    x = torch.randn(4, 3)
+    engine.backward(model(x).sum(1))
+    assert old.grad is None
+    torch.testing.assert_close(model[0].weight.grad, torch.ones(2, 1) * x.sum(0))
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(UnsupportedModuleError, match="trainable parameters changed"):
+        engine.backward(model(x).sum(1))
