@@ -1,5 +1,7 @@
 """FSDP2 (``fully_shard``) DP-SGD on 2 CPU processes (gloo) under ``torchrun``, against the 1-process run.
 
+The 2-process tests are marked ``slow`` (one launch, ~80-110 s on 2 loaded cores), like tests/test_distributed.py.
+
 One launch (``tests/fsdp/fsdp_cases.py``) runs every case; the 1-process references run in this process on the
 same global batches. Checked:
 
@@ -50,6 +52,7 @@ def sharded(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["full", "lora", "engine_first"])
 def test_sigma_zero_fsdp2_equals_one_process(sharded, case):
     two, one = sharded[case], fsdp_cases.run_case(case, 1)
@@ -62,6 +65,7 @@ def test_sigma_zero_fsdp2_equals_one_process(sharded, case):
     assert moved > 1e-4  # the updates are not trivially zero
 
 
+@pytest.mark.slow
 def test_noise_variance_per_coordinate_is_sigma_c_over_b_squared(sharded):
     """4 steps of pure noise (loss x 0), SGD lr=1: update = -(sum of noise)/B, variance 4 (sigma C / B)^2."""
     result = sharded["variance"]
@@ -93,6 +97,7 @@ def test_fsdp1_is_refused():
         ClippingEngine(torch.nn.Sequential(FullyShardedDataParallel()), max_grad_norm=1.0)
 
 
+@pytest.mark.slow
 def test_fsdp2_cpu_offload_is_refused(sharded):
     assert "CPU offload" in sharded["offload_error"], sharded["offload_error"]
 
