@@ -8,6 +8,9 @@
 3. in multi-process runs (``torch.distributed`` initialised, world size > 1) all-reduces the sums (SUM),
    so the noise is added exactly once across ranks;
 4. divides by ``expected_batch_size`` = q N, a public constant (NEVER the realised batch size);
+   FSDP2-sharded parameters (``DTensor``) skip 2-3: their gradient is already the sum over ranks (the engine
+   reduce-scatters clipped sums), and every rank adds the noise to its own shard from a rank-distinct stream, so
+   each coordinate is noised exactly once (:mod:`hf_ewtune.distributed.fsdp`);
 5. calls the inner optimizer's ``step()``.
 
 The noise generator is reseeded at every step from ``(base_seed, step_index)``: ``base_seed`` comes from
@@ -33,11 +36,13 @@ from typing import Any
 
 import torch
 
+from hf_ewtune.distributed.fsdp import is_sharded, local_noise_
 from hf_ewtune.dp_settings import DPSettings, read_only_setting
 from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
 from hf_ewtune.sampling import derive_seed, new_seed
 
 logger = logging.getLogger(__name__)
+_SHARD_STREAM = 0x5348  # separates the per-shard noise streams from the rank-0 stream
 
 
 def _dist_info() -> tuple[int, int]:
@@ -177,13 +182,16 @@ class DPOptimizer(torch.optim.Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _generator(self, device: torch.device, step_index: int) -> torch.Generator:
-        key = str(device)
+    def _generator(self, device: torch.device, step_index: int, *, shard_rank: int | None = None) -> torch.Generator:
+        key = str(device) if shard_rank is None else f"{device}/shard{shard_rank}"
         gen = self._generators.get(key)
         if gen is None:
             gen = torch.Generator(device=device)
             self._generators[key] = gen
-        gen.manual_seed(derive_seed(self._base_seed, step_index, zlib.crc32(key.encode())))
+        parts = (self._base_seed, step_index, zlib.crc32(str(device).encode()))
+        if shard_rank is not None:  # FSDP2 shards: a distinct stream per rank (shards never share a draw)
+            parts = (*parts, _SHARD_STREAM, shard_rank)
+        gen.manual_seed(derive_seed(*parts))
         return gen
 
     def _use_distributed(self) -> bool:
@@ -208,9 +216,19 @@ class DPOptimizer(torch.optim.Optimizer):
         distributed = self._use_distributed()
         std = settings.noise_std
         gens: dict[str, torch.Generator] = {}
+        shard_gens: dict[str, torch.Generator] = {}
         for p in self._params():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            if is_sharded(p):  # FSDP2: the grad is already summed over ranks; each rank noises its own rows
+                if std > 0:
+                    local = p.grad.to_local()
+                    key = str(local.device)
+                    if key not in shard_gens:
+                        shard_gens[key] = self._generator(local.device, step_index, shard_rank=rank)
+                    local_noise_(p.grad, std=std, generator=shard_gens[key])
+                p.grad.div_(settings.expected_batch_size)
+                continue
             if std > 0 and (rank == 0 or not distributed):
                 key = str(p.device)
                 if key not in gens:

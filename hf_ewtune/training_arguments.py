@@ -10,7 +10,7 @@ only clipping that makes sense under DP. ``DPTrainer`` turns the Trainer's clipp
 on its own copy of the arguments (``trainer.args.max_grad_norm == 0``); the object you pass is never changed.
 
 Settings that DP-SGD cannot honour (fp16, ``auto_find_batch_size``, ``group_by_length``, a non-random
-``train_sampling_strategy``, FSDP/DeepSpeed, ``torch_compile``, gradient checkpointing) raise
+``train_sampling_strategy``, FSDP/DeepSpeed, ``torch_compile``) raise
 :class:`~hf_ewtune.errors.PrivacyConfigError` in ``__post_init__``, so a bad command line fails while parsing.
 
 Example:
@@ -82,11 +82,6 @@ def check_training_arguments(args: Any) -> None:
         raise PrivacyConfigError(
             "fp16=True is not supported: the GradScaler would rescale the clipped, noised gradient and change "
             "the effective clipping norm. Use bf16=True (or full precision)."
-        )
-    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
-        raise PrivacyConfigError(
-            "activation/gradient checkpointing is not supported with per-example clipping yet (the recomputed "
-            "forward re-fires the clipping hooks); turn it off or lower the batch size."
         )
     if getattr(args, "auto_find_batch_size", False):
         raise PrivacyConfigError(

@@ -126,15 +126,6 @@ def test_invalid_arguments():
         ClippingEngine(model, max_grad_norm=1.0)
 
 
-def test_gradient_checkpointing_rejected():
-    from hf_ewtune.testing import tiny_bert
-
-    model = tiny_bert()
-    model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else model.gradient_checkpointing_enable()
-    with pytest.raises(UnsupportedModuleError, match="checkpointing"):
-        ClippingEngine(model, max_grad_norm=1.0)
-
-
 def test_non_finite_example_contributes_zero():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()

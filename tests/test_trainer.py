@@ -145,11 +145,7 @@ def test_batchnorm_model_rejected_before_training(tmp_path):
         DPTrainer(model=_BNModel(), args=_args(tmp_path), train_dataset=_data(), noise_multiplier=1.0)
 
 
-def test_checkpointing_and_custom_samplers_rejected(tmp_path):
-    with pytest.raises(PrivacyConfigError, match="checkpointing"):
-        DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path, activation_checkpointing=True),
-                  train_dataset=_data(), noise_multiplier=1.0)
-
+def test_custom_samplers_rejected(tmp_path):
     class WeightedTrainer(DPTrainer):
         def _get_train_sampler(self, train_dataset=None):
             return torch.utils.data.WeightedRandomSampler([1.0] * 32, 32)

@@ -65,7 +65,6 @@ def test_json_file_and_dict_forms(tmp_path):
     (["--auto_find_batch_size"], "auto_find_batch_size"),
     (["--train_sampling_strategy", "group_by_length"], "train_sampling_strategy"),
     (["--torch_compile"], "torch_compile"),
-    (["--activation_checkpointing"], "checkpointing"),
     (["--fsdp", "full_shard"], "FSDP"),
     (["--max_grad_norm", "0"], "max_grad_norm"),
     (["--accountant", "gdp"], "accountant"),

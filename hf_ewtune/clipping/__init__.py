@@ -19,7 +19,10 @@ Coverage (one rule per module type, chosen when the engine is built; anything un
 Your own layer: :func:`register_clipping_rule` (a :class:`Rule` for its type, checked against
 :func:`hf_ewtune.testing.check_per_example_gradients`).
 
-Rejected (one :class:`~hf_ewtune.errors.UnsupportedModuleError` lists every offending module): BatchNorm, recurrent layers, gradient checkpointing, parameters in modules without a forward.
+Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not): the recomputed forward records nothing
+twice and raw gradients never reach ``p.grad`` (``checkpointing.py``).
+
+Rejected (one :class:`~hf_ewtune.errors.UnsupportedModuleError` lists every offending module): BatchNorm, recurrent layers, parameters in modules without a forward.
 ``Embedding(scale_grad_by_freq=True)``, and (at every backward, by a graph walk) parameters used outside their module's
 forward.
 

@@ -30,11 +30,14 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..checks import CLIPPING_STYLES, check_choice, check_max_grad_norm
+from ..distributed.fsdp import add_clipped_sum_to_shard, check_fsdp2_model, is_sharded
 from ..errors import UnsupportedModuleError
 from ._base import Record, Rule, factor_inner
+from .checkpointing import (RecomputeCapture, catch_output_grads, check_leaks, in_nonreentrant_recompute,
+                            is_reentrant_checkpoint_node, raw_gradient_guard)
 from .functorch_fallback import direct_trainable
 from .groups import UnitLayout, unit_norms_sq
-from .validation import batch_mixing_problem, choose_rule, is_checkpointing, model_problems, raise_problems
+from .validation import batch_mixing_problem, choose_rule, model_problems, raise_problems
 
 FLAT_EPS = 1e-6
 AUTO_GAMMA = 0.01
@@ -77,7 +80,10 @@ class ClippingEngine:
 
     Raises:
         PrivacyConfigError: invalid ``max_grad_norm`` or ``clipping``.
-        UnsupportedModuleError: a trainable parameter no rule covers, BatchNorm, gradient checkpointing.
+        UnsupportedModuleError: a trainable parameter no rule covers, BatchNorm.
+
+    Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not, e.g. Hugging Face's
+    ``gradient_checkpointing_enable()``) is supported: see :mod:`hf_ewtune.clipping.checkpointing`.
 
     Example:
         >>> import torch
@@ -98,15 +104,12 @@ class ClippingEngine:
         self.max_grad_norm = float(max_grad_norm)
         self.clipping = clipping
         problems = model_problems(model)
+        check_fsdp2_model(model)
 
         self._params: dict[str, nn.Parameter] = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self._params:
             raise UnsupportedModuleError("The model has no trainable parameter (requires_grad=True); nothing to clip.")
-        self._param_name = {id(p): n for n, p in self._params.items()}
-        # Group for per-layer clipping: the module that owns the parameter under its canonical name.
-        owners = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self._params})
-        self._group_of = {id(p): owners.index(n.rsplit(".", 1)[0] if "." in n else "") for n, p in self._params.items()}
-        self.num_groups = len(owners)
+        self._index_parameters()
 
         self._rules: dict[nn.Module, Rule] = {}
         covered: set[int] = set()
@@ -127,6 +130,7 @@ class ClippingEngine:
 
         self._records: list[Record] = []
         self._suspend = 0
+        self._capture: RecomputeCapture | None = None  # set while the engine's own backward runs
         self.current_batch_size: int | None = None
         self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self._rules]
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
@@ -261,16 +265,33 @@ class ClippingEngine:
             self._suspend -= 1
 
     # -- internals ---------------------------------------------------------------------------------
+    def _index_parameters(self) -> None:
+        self._param_name = {id(p): n for n, p in self._params.items()}
+        # Group for per-layer clipping: the module that owns the parameter under its canonical name.
+        owners = sorted({n.rsplit(".", 1)[0] if "." in n else "" for n in self._params})
+        self._group_of = {id(p): owners.index(n.rsplit(".", 1)[0] if "." in n else "") for n, p in self._params.items()}
+        self.num_groups = len(owners)
+        # FSDP2: parameters are DTensor shards outside a module's forward/backward (rules must read values then).
+        self.sharded = any(is_sharded(p) for p in self._params.values())
+
+    def _follow_replaced_parameters(self) -> None:
+        """Re-index if the model's parameters were replaced since the engine was built (``fully_shard`` applied
+        later, e.g. by accelerate's ``prepare``); called after a backward, when FSDP2 has resharded them."""
+        current = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if current.keys() == self._params.keys() and all(current[n] is p for n, p in self._params.items()):
+            return
+        if current.keys() != self._params.keys():
+            raise UnsupportedModuleError(
+                "The model's trainable parameters changed after the ClippingEngine was built (added, removed or "
+                f"frozen: {sorted(set(current) ^ set(self._params))[:5]}). Build the engine after setting them.")
+        self._params = current
+        self._index_parameters()
     def _recording(self, module: nn.Module) -> bool:
         return not self._suspend and module.training and torch.is_grad_enabled()
 
     def _root_pre_hook(self, module, args, kwargs):
         if not self._recording(module):
             return None
-        if is_checkpointing(self.model):
-            raise UnsupportedModuleError(
-                "Gradient checkpointing was enabled after the ClippingEngine was created; it is not supported. "
-                "Call model.gradient_checkpointing_disable().")
         for key in _BATCH_KEYS:
             t = kwargs.get(key)
             if isinstance(t, torch.Tensor) and t.dim() >= 1:
@@ -287,6 +308,10 @@ class ClippingEngine:
             return None
         rule = self._rules[module]
         rec, new_out = rule.capture(self, module, args, kwargs, output)
+        if self._capture is not None and rec is not None:  # a checkpointed block recomputed inside backward
+            if not in_nonreentrant_recompute():  # reentrant: the first forward recorded nothing (no_grad)
+                self._capture.add(rec)
+            return new_out  # non-reentrant: the first forward's record stands; nothing recorded twice
         if rec is not None:
             # Keep only the autograd edges: holding the output tensors would keep every layer's output alive
             # (memory), and an edge also gives the gradient of the *original* value if it is later modified in place.
@@ -315,11 +340,20 @@ class ClippingEngine:
             rec.grads = [None] * len(rec.edges)
             rec.batch_size = b
         total_loss = per_example_loss.sum()
-        self._check_coverage(total_loss, targets)
-        if targets:
-            grads = torch.autograd.grad(total_loss, targets, allow_unused=True)
-            for (ri, k), g in zip(owners, grads):
-                records[ri].grads[k] = g
+        reentrant_nodes = self._check_coverage(total_loss, targets)
+        self._capture = RecomputeCapture(records, batch_size=b, shared=shared)
+        try:
+            with raw_gradient_guard(self._params) as leaked:
+                if reentrant_nodes:  # torch refuses autograd.grad through them: full backward, raw grads discarded
+                    catch_output_grads(records, owners)
+                    torch.autograd.backward(total_loss)
+                elif targets:
+                    grads = torch.autograd.grad(total_loss, targets, allow_unused=True)
+                    for (ri, k), g in zip(owners, grads):
+                        records[ri].grads[k] = g
+        finally:
+            self._capture = None
+        self._follow_replaced_parameters()
         uses: dict[int, list[tuple[Record, str]]] = {}
         for rec in records:
             if not rec.active:
@@ -334,28 +368,36 @@ class ClippingEngine:
                 p = getattr(rec.module, role)
                 if id(p) in self._param_name:
                     uses.setdefault(id(p), []).append((rec, role))
+        check_leaks(leaked, {self._param_name[pid] for pid in uses})
         return records, uses, b
 
-    def _check_coverage(self, loss: torch.Tensor, targets: list) -> None:
-        """Walk the autograd graph from the loss, stopping at recorded module outputs: reaching a trainable
-        parameter means it was used outside its module's forward (e.g. ``F.linear(x, other.weight)`` in a parent),
-        where no hook sees it and its gradient would be silently dropped."""
+    def _check_coverage(self, loss: torch.Tensor, targets: list) -> list:
+        """Walk the autograd graph from the loss; return the reentrant checkpoint nodes in it.
+
+        Up to the recorded module outputs, reaching a trainable parameter means it was used outside its module's
+        forward (e.g. ``F.linear(x, other.weight)`` in a parent), where no hook sees it and its gradient would be
+        silently dropped: that raises. Past them the walk only looks for reentrant checkpoints."""
         stop = {edge.node for edge in targets}
         seen: set = set()
-        stack = [loss.grad_fn]
+        stack = [(loss.grad_fn, True)]
+        reentrant = []
         while stack:
-            node = stack.pop()
-            if node is None or node in seen or node in stop:
+            node, check = stack.pop()
+            if node is None or (node, check) in seen:
                 continue
-            seen.add(node)
+            seen.add((node, check))
+            check = check and node not in stop
+            if is_reentrant_checkpoint_node(node):
+                reentrant.append(node)
             var = getattr(node, "variable", None)
-            if var is not None and id(var) in self._param_name:
+            if check and var is not None and id(var) in self._param_name:
                 name = self._param_name[id(var)]
                 raise UnsupportedModuleError(
                     f"Trainable parameter {name!r} is used outside the forward of the module that owns it (or by a "
                     "module call the engine did not record), so its per-example gradient cannot be captured. "
                     "Freeze it, or make the code call its module instead of using the tensor directly.")
-            stack.extend(nxt for nxt, _ in node.next_functions)
+            stack.extend((nxt, check) for nxt, _ in node.next_functions)
+        return list(dict.fromkeys(reentrant))
 
     def _factors(self, group_sq: torch.Tensor, total: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         c_norm = self.max_grad_norm
@@ -370,6 +412,9 @@ class ClippingEngine:
 
     @staticmethod
     def _add_grad(p: nn.Parameter, s: torch.Tensor) -> None:
+        if is_sharded(p):  # FSDP2: sum the ranks' clipped sums into this rank's shard (reduce-scatter)
+            add_clipped_sum_to_shard(p, s)
+            return
         s = s.to(dtype=p.dtype, device=p.device).reshape(p.shape)
         if p.grad is None:
             p.grad = s.contiguous()

@@ -47,6 +47,10 @@ class FunctorchRule(Rule):
             except (RuntimeError, AttributeError):  # pragma: no cover - backend not built
                 pass
         data = {"in_leaves": in_leaves, "in_spec": in_spec, "out_idx": idx, "autocast": autocast, "engine": engine}
+        known = getattr(engine, "_param_name", {})
+        if getattr(engine, "sharded", False) or any(id(getattr(module, r)) not in known for r in self.roles):
+            # FSDP2 (the call sees unsharded values, freed after it): keep a copy
+            data["params"] = {r: getattr(module, r).detach().clone() for r in self.roles}
         outs = [leaves[i] for i in idx]
         return Record(module, self, data, outs), None
 
@@ -64,7 +68,7 @@ class FunctorchRule(Rule):
         batched_pos = [i for i, t in enumerate(in_leaves)
                        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b]
         grads = [torch.zeros(sh, dtype=dt, device=dev) if g is None else g for (sh, dt, dev), g in zip(rec.out_meta, rec.grads)]
-        params = {r: getattr(module, r).detach() for r in self.roles}
+        params = data.get("params") or {r: getattr(module, r).detach() for r in self.roles}
 
         def loss_fn(p: dict, batched: list, gs: list) -> torch.Tensor:
             leaves = list(in_leaves)

@@ -174,14 +174,9 @@ def batch_mixing_problem(name: str, module: nn.Module) -> str | None:
 
 def model_problems(model: nn.Module) -> list[str]:
     """Every whole-model property the engine cannot handle: modules that mix the examples of a batch (see
-    :func:`batch_mixing_problem`; wherever they are, whatever their mode or ``requires_grad``) and gradient
-    checkpointing."""
-    problems = [p for name, m in model.named_modules() if (p := batch_mixing_problem(name, m)) is not None]
-    if is_checkpointing(model):
-        problems.append(
-            "Gradient checkpointing is enabled on the model; the recomputed forward is not supported by the "
-            "clipping engine. Call model.gradient_checkpointing_disable() before private training.")
-    return problems
+    :func:`batch_mixing_problem`; wherever they are, whatever their mode or ``requires_grad``). Gradient
+    checkpointing is supported (``checkpointing.py``)."""
+    return [p for name, m in model.named_modules() if (p := batch_mixing_problem(name, m)) is not None]
 
 
 def raise_problems(problems: list[str]) -> None:
@@ -195,7 +190,7 @@ def raise_problems(problems: list[str]) -> None:
 
 
 def check_model(model: nn.Module) -> None:
-    """Reject whole-model properties the engine cannot handle (batch statistics, gradient checkpointing).
+    """Reject whole-model properties the engine cannot handle (batch statistics).
 
     Modules that mix the examples of a batch are rejected wherever they are and whatever their mode or
     ``requires_grad`` (see :func:`batch_mixing_problem`): a frozen BatchNorm still makes the gradients of

@@ -1,0 +1,103 @@
+"""DP-SGD on FSDP2 (``torch.distributed.fsdp.fully_shard``): clipped sums reduce-scattered, noise on each shard once.
+
+Contract (checked by ``tests/test_fsdp.py`` on 2 CPU processes with gloo):
+
+* **Per-example norms from each rank's own examples.** FSDP2 unshards a module's parameters for its forward
+  and backward; the clipping engine's hooks see that module call as usual and record its input ``A`` and output
+  gradient ``G`` for the rank's own examples. Norms and clipping factors are computed locally, from full-size
+  (unsharded) per-example quantities: nothing about other ranks' examples is needed.
+* **Clipping before any reduction.** The engine's backward differentiates with respect to module *outputs*
+  only, so autograd never produces the raw parameter gradients: FSDP2's own reduce-scatter (which runs on
+  unsharded ``.grad`` in its post-backward) has nothing to reduce. The engine then reduce-scatters the rank's
+  full-size *clipped* sum into the parameter's shard (:func:`add_clipped_sum_to_shard`:
+  ``DTensor(Partial(sum)) -> Shard(0)``, a sum, never an average), so ``p.grad`` holds the sum over all ranks of
+  clipped sums for this rank's rows.
+* **Noise once per coordinate.** Each rank adds ``N(0, (sigma C)^2)`` to its *local* shard only
+  (:class:`~hf_ewtune.noise.DPOptimizer` with sharded parameters), from a rank-distinct seed; shards do not overlap
+  and cover every coordinate, so each coordinate is noised exactly once. Nothing all-reduces afterwards.
+* **Division by the public expected batch** ``q N``, as without sharding.
+* **Lockstep.** FSDP2 all-gathers parameters in every forward, so every rank must run the same number of
+  forwards and backwards. A rank whose Poisson slice is empty runs :func:`zero_weight_loss` on a dummy row
+  (its loss is multiplied by 0: the clipped contribution is exactly zero) instead of skipping.
+
+Unsupported (refused with an error naming them): FSDP1 (``FullyShardedDataParallel``), FSDP2 CPU offload
+(``offload_policy=CPUOffloadPolicy``), DeepSpeed ZeRO, and ``Trainer``'s ``fsdp=`` / accelerate FSDP plugin
+(``DPTrainer`` still refuses it: see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModuleError
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor, Partial, Shard
+except ImportError:  # pragma: no cover - very old torch
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a ``DTensor`` (an FSDP2-sharded parameter)."""
+    return DTensor is not None and isinstance(p, DTensor)
+
+
+def check_fsdp2_model(model: nn.Module) -> None:
+    """Refuse the sharding set-ups the DP contract does not cover (before any training).
+
+    Raises:
+        UnsupportedModuleError: FSDP1 wrappers, FSDP2 CPU offload, or sharding other than ``Shard(0)``.
+    """
+    for name, module in model.named_modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            raise UnsupportedModuleError(
+                f"{name or '<root>'} is wrapped in FSDP1 (FullyShardedDataParallel), which reduce-scatters the raw "
+                "gradients inside backward. Use FSDP2 (torch.distributed.fsdp.fully_shard) instead.")
+        state = getattr(module, "_get_fsdp_state", None)
+        if state is not None:
+            policy = getattr(getattr(state(), "_fsdp_param_group", None), "offload_policy", None)
+            if policy is not None and type(policy).__name__ == "CPUOffloadPolicy":
+                raise UnsupportedModuleError(
+                    f"{name or '<root>'} uses FSDP2 CPU offload (CPUOffloadPolicy), which DP training does not "
+                    "support yet (the clipped sums and noise are added on the device). Drop offload_policy.")
+    for name, p in model.named_parameters():
+        if p.requires_grad and is_sharded(p) and any(not isinstance(pl, Shard) or pl.dim != 0 for pl in p.placements):
+            raise UnsupportedModuleError(
+                f"Parameter {name!r} is sharded with placements {p.placements}; DP training supports FSDP2's "
+                "default Shard(0) only.")
+
+
+@torch.no_grad()
+def add_clipped_sum_to_shard(p: torch.Tensor, clipped_sum: torch.Tensor) -> None:
+    """Sum the ranks' full-size clipped sums and add this rank's rows to ``p.grad`` (a collective: all ranks call it).
+
+    Args:
+        p: An FSDP2-sharded parameter (``DTensor``, ``Shard(0)``).
+        clipped_sum: This rank's ``sum_i c_i g_i`` over its own examples, full (unsharded) shape.
+    """
+    full = clipped_sum.to(dtype=p.dtype, device=p.to_local().device).reshape(p.shape).contiguous()
+    summed = DTensor.from_local(full, p.device_mesh, [Partial("sum")] * p.device_mesh.ndim, run_check=False,
+                                shape=p.shape, stride=full.stride())
+    shard = summed.redistribute(p.device_mesh, p.placements)  # reduce-scatter (sum) into FSDP2's row layout
+    if p.grad is None:
+        p.grad = shard
+    else:
+        p.grad.to_local().add_(shard.to_local())
+
+
+def zero_weight_loss(per_example_loss: torch.Tensor) -> torch.Tensor:
+    """A dummy row's loss times 0: run a rank's forward/backward in lockstep with a contribution of exactly zero."""
+    return per_example_loss * 0.0
+
+
+def local_noise_(grad: Any, *, std: float, generator: torch.Generator) -> None:
+    """Add ``N(0, std^2)`` to the local shard of a sharded gradient (in place)."""
+    local = grad.to_local()
+    if local.numel() == 0:
+        return
+    noise = torch.normal(mean=0.0, std=std, size=local.shape, generator=generator, device=local.device,
+                         dtype=torch.float32)
+    local.add_(noise.to(local.dtype))
