@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hf_ewtune.dp_settings import DPSettings, read_only_setting
+from hf_ewtune.dp_settings import DPSettings, HoldsDPSettings, read_only_setting
 from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
 from hf_ewtune.privacy_state import PrivacyState, as_privacy_state
 
@@ -62,7 +62,7 @@ def _dp_optimizer(optimizer: Any) -> Any:
     return None
 
 
-class PrivacyCallback(TrainerCallback):
+class PrivacyCallback(TrainerCallback, HoldsDPSettings):
     """Steps the accountant, logs epsilon, enforces the budget and checkpoints the privacy state.
 
     sigma, q and delta are read from ``settings``, the same frozen
@@ -106,11 +106,6 @@ class PrivacyCallback(TrainerCallback):
         self.stopped_early = False
         self._report_cache: tuple[int, Any] | None = None
         self._last_state: TrainerState | None = None
-
-    @property
-    def settings(self) -> DPSettings:
-        """The frozen settings shared with the optimizer (read-only)."""
-        return self._settings
 
     noise_multiplier = read_only_setting("noise_multiplier", holder="_settings", owner="PrivacyCallback")
     sample_rate = read_only_setting("sample_rate", holder="_settings", owner="PrivacyCallback")

@@ -104,3 +104,18 @@ def read_only_setting(name: str, *, holder: str = "_dp_settings", owner: str = "
 
 
 __all__ = ["DPSettings", "read_only_setting"]
+
+
+class HoldsDPSettings:
+    """Mixin for the objects that read one frozen :class:`DPSettings` (the optimizer and the accountant's callback).
+
+    Subclasses store it in ``self._settings`` and expose its fields with :func:`read_only_setting`.
+    """
+
+    _settings: DPSettings
+
+    @property
+    def settings(self) -> DPSettings:
+        """The frozen settings shared by the optimizer and the accountant (read-only)."""
+        return self._settings
+

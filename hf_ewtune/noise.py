@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from hf_ewtune.distributed.fsdp import is_sharded, local_noise_
-from hf_ewtune.dp_settings import DPSettings, read_only_setting
+from hf_ewtune.dp_settings import DPSettings, HoldsDPSettings, read_only_setting
 from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
 from hf_ewtune.sampling import derive_seed, new_seed
 
@@ -51,7 +51,7 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-class DPOptimizer(torch.optim.Optimizer):
+class DPOptimizer(torch.optim.Optimizer, HoldsDPSettings):
     """Adds calibrated Gaussian noise and the public normalisation before the wrapped optimizer's step.
 
     ``param_groups``, ``state``, ``defaults``, ``state_dict`` and ``load_state_dict`` are those of the
@@ -119,11 +119,6 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps_taken = 0
         #: The frozen settings the last ``step()`` added noise with (``None`` before the first step).
         self.last_step_settings: DPSettings | None = None
-
-    @property
-    def settings(self) -> DPSettings:
-        """The frozen :class:`~hf_ewtune.dp_settings.DPSettings` every step reads (shared with the accountant)."""
-        return self._settings
 
     noise_multiplier = read_only_setting("noise_multiplier", holder="_settings", owner="DPOptimizer")
     sensitivity = read_only_setting("sensitivity", holder="_settings", owner="DPOptimizer")
