@@ -16,6 +16,7 @@ from trl import SFTConfig  # noqa: E402
 
 from hf_ewtune.errors import PrivacyConfigError  # noqa: E402
 from hf_ewtune.trl import DPSFTConfig, DPSFTTrainer  # noqa: E402
+from hf_ewtune.trl.compat import checkpointing_refused  # noqa: E402
 from hf_ewtune.trl.sft import SFT_UNIT, sft_per_example_loss  # noqa: E402
 
 from trl_helpers import args_kw, chat_tokenizer, clipped_sum_oracle, tiny_llama  # noqa: E402
@@ -109,21 +110,32 @@ def test_packing_and_padding_free_are_refused_with_the_sft_fix(tmp_path, setting
                      noise_multiplier=1.0)
 
 
-def test_sftconfig_default_gradient_checkpointing_is_turned_off_on_the_copy_with_a_warning(tmp_path):
+def test_sftconfig_default_gradient_checkpointing_is_kept_now_that_the_engine_supports_it(tmp_path):
     plain = SFTConfig(**args_kw(tmp_path))
     assert plain.gradient_checkpointing  # TRL's default
-    with pytest.warns(UserWarning, match="gradient_checkpointing=True"):
+    assert not checkpointing_refused()  # the engine clips under checkpointing (tests/test_clipping_checkpointing.py)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing=True.*", category=UserWarning)
         tr = DPSFTTrainer(model=tiny_llama(len(TOK)), args=plain, train_dataset=prompt_completion(),
                           processing_class=TOK, noise_multiplier=1.0, noise_seed=0)
-    assert tr.args.gradient_checkpointing is False and plain.gradient_checkpointing is True
+    assert tr.args.gradient_checkpointing is True and plain.gradient_checkpointing is True
     tr.train()
     assert tr.get_privacy_spent().steps == 2
 
 
-def test_dpsftconfig_defaults_checkpointing_off_and_refuses_it_when_asked(tmp_path):
+def test_without_checkpointing_turns_it_off_on_a_copy_when_the_engine_refuses(tmp_path, monkeypatch):
+    import hf_ewtune.trl.compat as compat
+
+    monkeypatch.setattr(compat, "checkpointing_refused", lambda: True)
+    plain = SFTConfig(**args_kw(tmp_path))
+    with pytest.warns(UserWarning, match="gradient_checkpointing=True"):
+        copy = compat.without_checkpointing(plain, trainer_name="DPSFTTrainer")
+    assert copy.gradient_checkpointing is False and plain.gradient_checkpointing is True
+
+
+def test_dpsftconfig_defaults_checkpointing_off_and_accepts_it_when_asked(tmp_path):
     assert DPSFTConfig(**args_kw(tmp_path, noise_multiplier=1.0)).gradient_checkpointing is False
-    with pytest.raises(PrivacyConfigError, match="checkpointing"):
-        DPSFTConfig(**args_kw(tmp_path, noise_multiplier=1.0, gradient_checkpointing=True))
+    assert DPSFTConfig(**args_kw(tmp_path, noise_multiplier=1.0, gradient_checkpointing=True)).gradient_checkpointing
 
 
 def test_compute_loss_func_is_refused(tmp_path):

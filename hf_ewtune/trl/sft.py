@@ -12,9 +12,10 @@ What differs from ``SFTTrainer`` (each checked before training):
 * ``packing=True`` / ``padding_free=True`` are refused (several examples in one row would share one clipping
   bound); so are a ``compute_loss_func``, ``label_smoothing_factor > 0`` and an MoE router auxiliary loss
   (``router_aux_loss_coef``: a batch-level term that couples examples).
-* ``gradient_checkpointing`` (``True`` by default in TRL's configs) is turned off on the trainer's copy of the
-  arguments with a warning while the clipping engine does not support it; :class:`DPSFTConfig` defaults it to
-  ``False``.
+* ``gradient_checkpointing`` (``True`` by default in TRL's configs) is kept: the clipping engine supports it
+  (reentrant and not; see :mod:`hf_ewtune.clipping.checkpointing`). :class:`DPSFTConfig` defaults it to ``False``
+  (faster when memory allows) and accepts ``True``. Should an engine refuse it, the trainer's copy of the
+  arguments turns it off with a warning (:func:`hf_ewtune.trl.compat.without_checkpointing`).
 * The logs keep ``mean_token_accuracy``, ``entropy`` and ``num_tokens`` (computed from the logits, without
   noise: like the training loss they are statistics of the private batch and are withheld from the card).
 """
@@ -52,8 +53,8 @@ _SFT_PACKING_FIX = (
 class DPSFTConfig(SFTConfig, DPTrainingArguments):
     """``trl.SFTConfig`` plus hf_ewtune's privacy fields (``target_epsilon``, ``noise_multiplier``, ...).
 
-    ``max_grad_norm`` is the per-example clipping norm C; ``gradient_checkpointing`` defaults to off (``None``, resolved to ``False``)
-    (per-example clipping does not support it yet). Every other field means what it means for ``SFTConfig``.
+    ``max_grad_norm`` is the per-example clipping norm C; ``gradient_checkpointing`` defaults to off (``None``, resolved to ``False``;
+    faster when memory allows) and may be turned on. Every other field means what it means for ``SFTConfig``.
 
     Example:
         >>> from hf_ewtune.trl import DPSFTConfig
