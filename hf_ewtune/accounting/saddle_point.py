@@ -109,6 +109,12 @@ def _log_weight(z: np.ndarray, ell: np.ndarray, t: float, direction: str) -> np.
 
 def _raw_integrals(z: np.ndarray, sample_rate: float, noise_multiplier: float, t: float, direction: str, centre: float):
     """Integrals (on grid ``z``, relative to the peak weight) of w, w L, w (L - centre)^2, w |L - centre|^3."""
+    peak, integrands, _, _ = _integrands(z, sample_rate, noise_multiplier, t, direction, centre)
+    return peak, np.array([_trapezoid(f, z) for f in integrands])
+
+
+def _integrands(z: np.ndarray, sample_rate: float, noise_multiplier: float, t: float, direction: str, centre: float):
+    """``(peak, (w, w L, w d^2, w |d|^3), L, d)`` on grid ``z``, with ``d = L - centre`` and w relative to its peak."""
     ell = pllr(z, sample_rate=sample_rate, noise_multiplier=noise_multiplier)
     loss = ell if direction == "remove" else -ell
     logw = _log_weight(z, ell, t, direction)
@@ -116,9 +122,7 @@ def _raw_integrals(z: np.ndarray, sample_rate: float, noise_multiplier: float, t
     w = np.exp(logw - peak)
     d = loss - centre
     wd2 = w * d * d
-    return peak, np.array(
-        [_trapezoid(w, z), _trapezoid(w * loss, z), _trapezoid(wd2, z), _trapezoid(wd2 * np.abs(d), z)]
-    )
+    return peak, (w, w * loss, wd2, wd2 * np.abs(d)), loss, d
 
 
 def _kink(sample_rate: float, noise_multiplier: float, direction: str, centre: float) -> float | None:
@@ -176,14 +180,8 @@ def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direct
     k_lo = -int(math.ceil((anchor - lo) / STEP)) * 2
     k_hi = int(math.ceil((hi - anchor) / STEP)) * 2
     zf = anchor + fine * np.arange(k_lo, k_hi + 1)
-    ell = pllr(zf, sample_rate=q, noise_multiplier=sigma)
-    loss = ell if direction == "remove" else -ell
-    logw = _log_weight(zf, ell, t, direction)
-    peak = float(logw.max())
-    w = np.exp(logw - peak)
-    d = loss - centre
-    wd2 = w * d * d
-    integrands = (w, w * loss, wd2, wd2 * np.abs(d))
+    peak, integrands, loss, d = _integrands(zf, q, sigma, t, direction, centre)
+    w = integrands[0]
     an = np.array([_trapezoid(f, zf) for f in integrands])
     an_h = np.array([_trapezoid(f[::2], zf[::2]) for f in integrands])
     # Tails outside the window: log w falls at rate >= HALF_WIDTH there and |L|, |L - centre| grow at
