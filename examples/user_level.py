@@ -9,7 +9,8 @@ so they carry no signal). Two runs at the same certified epsilon:
   ``--max-examples-per-user`` of them per step): the batch counts authors, so it is set to the example-level
   batch divided by the cap, for a comparable number of rows per step.
 
-Same model (all-MiniLM-L6-v2 with LoRA r=8 on query/value + classifier), same learning rate, same number of
+Same model (the main job's: all-MiniLM-L6-v2, mean-pooled head, LoRA on the top 2 layers), same optimizer and
+learning rates, same delta, same number of
 epochs (a user-level epoch, round(1/q) steps, visits every author once in expectation, so all their rows up to
 the cap). The table reports test accuracy, the certified epsilon, sigma, q and what each guarantee protects.
 The example-level epsilon protects one snippet; an author with k snippets is then protected only at roughly
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-rows", type=int, default=4, help="fewest snippets per synthetic author")
     p.add_argument("--max-rows", type=int, default=12, help="most snippets per synthetic author")
     p.add_argument("--max-examples-per-user", type=int, default=8, help="per-author cap per step (user level)")
-    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--learning-rate", type=float, default=1e-2, help="LoRA rate (the main job's)")
+    p.add_argument("--delta", type=float, default=1e-6, help="delta of both runs (the same, for a fair comparison)")
     p.add_argument("--train-size", type=int, default=None, help="use the first N training snippets")
     p.add_argument("--out-dir", default="outputs/user_level")
     p.add_argument("--seed", type=int, default=0)
@@ -76,24 +78,21 @@ def load_data(args: argparse.Namespace):
         raw = Dataset.from_dict({"text": [SAMPLE_TEXTS[i] for i in idx], "label": [SAMPLE_LABELS[i] for i in idx]})
         train, test = raw.select(range(200)), raw.select(range(200, 240))
         return train, test, tok, lambda: tiny_bert(vocab_size=len(tok))
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from hf_ewtune.data import load_rotten_tomatoes, minilm_path
 
     data = load_rotten_tomatoes(seed=args.seed)
     train, test = data["train"], data["test"]
     if args.train_size:
         train = train.select(range(min(args.train_size, len(train))))
-    path = minilm_path()
-    tok = AutoTokenizer.from_pretrained(path)
+    from hf_ewtune.recipes.heads import load_classifier
+    from hf_ewtune.recipes.models import LoraSettings, apply_lora
+
+    _, tok, _ = load_classifier(minilm_path(), num_labels=2)
 
     def model_factory():
-        from peft import LoraConfig, get_peft_model
-
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        cfg = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
-                         target_modules=["query", "value"], modules_to_save=["classifier"])
-        return get_peft_model(model, cfg)
+        # the main job's model: mean-pooled, L2-normalised head on all-MiniLM-L6-v2, LoRA on the top 2 layers
+        model, _, _ = load_classifier(minilm_path(), num_labels=2)
+        return apply_lora(model, settings=LoraSettings(last_layers=2), task_type="SEQ_CLS")
 
     return train, test, tok, model_factory
 
@@ -118,13 +117,20 @@ def run(args: argparse.Namespace, *, user_level: bool, train, test, tok, model_f
         output_dir=str(out), num_train_epochs=args.epochs, per_device_train_batch_size=batch,
         per_device_eval_batch_size=64, learning_rate=args.learning_rate, save_strategy="no", report_to="none",
         logging_strategy="no", disable_tqdm=True, use_cpu=args.smoke, seed=args.seed,
-        target_epsilon=args.epsilon, max_grad_norm=1.0, max_physical_batch_size=64,
+        target_epsilon=args.epsilon, target_delta=args.delta, max_grad_norm=1.0, max_physical_batch_size=64,
         user_id_column="author" if user_level else None,
         max_examples_per_user=args.max_examples_per_user if user_level else None,
         noise_seed=args.seed if args.smoke else None,
     )
-    trainer = DPTrainer(model=model_factory(), args=targs, train_dataset=train_enc,
-                        data_collator=DataCollatorWithPadding(tok))
+    model = model_factory()
+    optimizer = None
+    if not args.smoke:  # the main job's optimizer: the pooled head at its own (larger) rate
+        from hf_ewtune.recipes.heads import head_optimizer
+
+        optimizer = head_optimizer(model, learning_rate=args.learning_rate, head_learning_rate=None)
+    trainer = DPTrainer(model=model, args=targs, train_dataset=train_enc,
+                        data_collator=DataCollatorWithPadding(tok),
+                        optimizers=(optimizer, None) if optimizer is not None else (None, None))
     start = time.time()
     trainer.train()
     seconds = time.time() - start
