@@ -113,7 +113,8 @@ def test_sigma_zero_zero_dp_equals_one_process(zero_runs, case):
     initial = dict(fsdp_cases._model(kind).named_parameters())
     moved = 0.0
     for name, p in one["params"].items():
-        torch.testing.assert_close(rank0["params"][name], p, rtol=1e-5, atol=1e-7, msg=name)
+        # ZeRO accumulates and reduces the float64 model's gradients in float32: observed max |diff| 1.4e-7.
+        torch.testing.assert_close(rank0["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(rank1["params"][name], rank0["params"][name], rtol=0, atol=0, msg=name)
         moved = max(moved, float((p - initial[name].detach()).abs().max()))
     assert moved > 1e-4  # the updates are not trivially zero
@@ -143,3 +144,10 @@ def test_noise_variance_per_coordinate_is_sigma_c_over_b_squared(zero_runs, case
     assert bool((flat != 0).all())  # every coordinate noised
     for name, p in result["params"].items():  # ZeRO leaves both ranks with the same parameters
         torch.testing.assert_close(zero_runs[1][case]["params"][name], p, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_forward_is_refused_while_zero_dp_is_attached(zero_runs):
+    """engine(...) would hook the outputs so that the clipping backward is scaled by 1/GA and reduced mid-batch."""
+    for case in ("zero1_full", "zero2_full"):
+        assert "run the forward through dp.model" in zero_runs[0][case]["engine_forward"]
