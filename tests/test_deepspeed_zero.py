@@ -151,3 +151,80 @@ def test_deepspeed_engine_forward_is_refused_while_zero_dp_is_attached(zero_runs
     """engine(...) would hook the outputs so that the clipping backward is scaled by 1/GA and reduced mid-batch."""
     for case in ("zero1_full", "zero2_full"):
         assert "run the forward through dp.model" in zero_runs[0][case]["engine_forward"]
+
+
+# ---- one process, a stand-in engine (no deepspeed): what ZeroDP hands to the engine's backward ----------------
+class _RecordingEngine(torch.nn.Module):
+    """Mimics DeepSpeedEngine's managed accumulation: backward() accumulates into p.grad, step() counts micro-steps
+    and, on the boundary, records the gradient the optimizer would see and clears it."""
+
+    def __init__(self, module, ga):
+        super().__init__()
+        self.module, self.ga, self.micro, self.seen = module, ga, 0, []
+
+    zero_optimization_stage = staticmethod(lambda: 2)
+    gradient_clipping = staticmethod(lambda: 0.0)
+    fp16_enabled = staticmethod(lambda: False)
+    zero_offload_optimizer = staticmethod(lambda: None)
+    zero_offload_param = staticmethod(lambda: None)
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro + 1) % self.ga == 0
+
+    def forward(self, x):
+        return self.module(x)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        assert scale_wrt_gas is False  # ZeroDP divides by the public qN itself
+        loss.backward()
+
+    def step(self):
+        if self.is_gradient_accumulation_boundary():
+            self.seen.append({n: p.grad.clone() for n, p in self.module.named_parameters()})
+            for p in self.module.parameters():
+                p.grad = None
+        self.micro += 1
+
+
+def _per_example_losses(model, x):
+    return model(x).pow(2).sum(1)
+
+
+def test_zero_dp_feeds_the_clipped_sum_over_the_public_batch_without_noise():
+    from hf_ewtune.clipping import ClippingEngine
+    from hf_ewtune.distributed.deepspeed_zero import ZeroDP
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    xs = [torch.randn(3, 5, dtype=torch.float64), None, torch.randn(2, 5, dtype=torch.float64)]
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    ref.load_state_dict(model.state_dict())
+    oracle = ClippingEngine(ref, max_grad_norm=0.3)
+    for x in xs[::2]:
+        oracle.backward(_per_example_losses(ref, x))
+    engine = _RecordingEngine(model, ga=3)
+    dp = ZeroDP(engine, max_grad_norm=0.3, noise_multiplier=0.0, expected_batch_size=4.0, noise_seed=1)
+    for x in xs:
+        dp.backward(None if x is None else _per_example_losses(dp.model, x))
+        dp.step()
+    assert len(engine.seen) == 1 and dp.steps_taken == 1
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(engine.seen[0][n], p.grad / 4.0, rtol=1e-12, atol=1e-14, msg=n)
+    with pytest.raises(UnsupportedModuleError, match="dp.model"):
+        engine(xs[0])
+    with pytest.raises(PrivacyConfigError, match="step"):
+        dp.step()
+
+
+def test_zero_dp_adds_the_noise_once_per_step_on_the_boundary():
+    from hf_ewtune.distributed.deepspeed_zero import ZeroDP
+
+    model = torch.nn.Linear(200, 100, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    engine = _RecordingEngine(model, ga=2)
+    dp = ZeroDP(engine, max_grad_norm=1.0, noise_multiplier=2.0, expected_batch_size=8.0, noise_seed=3)
+    for _ in range(2):  # two empty micro-batches: the step's gradient is the noise alone, divided by qN
+        dp.backward(None)
+        dp.step()
+    std = float(engine.seen[0]["weight"].std())
+    assert abs(std / (2.0 * 1.0 / 8.0) - 1) < 0.03, std  # noise twice (per micro-batch) would give sqrt(2)

@@ -112,6 +112,12 @@ class ZeroDP:
     def __init__(self, engine: Any, *, max_grad_norm: float, noise_multiplier: float, expected_batch_size: float,
                  noise_seed: int | None = None, clipping: str = "flat") -> None:
         check_zero_engine(engine)
+        _, world = self._world()
+        dp_world = int(getattr(engine, "dp_world_size", world) or world)
+        if dp_world != world:  # rank 0 noising, and the W/(qN) scale, assume one data-parallel group of all ranks
+            raise UnsupportedModuleError(
+                f"ZeroDP needs pure data parallelism (data-parallel size {dp_world} != world size {world}): tensor, "
+                "pipeline or sequence parallelism is not supported.")
         self.settings = DPSettings(noise_multiplier=noise_multiplier, sensitivity=max_grad_norm,
                                    expected_batch_size=expected_batch_size)
         self.engine = engine
@@ -128,7 +134,8 @@ class ZeroDP:
         """The model to run the forward through (``engine.module``)."""
         return self.engine.module
 
-    def _world(self) -> tuple[int, int]:
+    @staticmethod
+    def _world() -> tuple[int, int]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
