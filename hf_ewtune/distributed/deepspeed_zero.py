@@ -107,6 +107,11 @@ class ZeroDP:
         expected_batch_size: The public global expected batch size q N (over all ranks and micro-batches).
         noise_seed: Base seed of the noise; ``None`` draws one from OS entropy (use ``None`` for a release).
         clipping: Clipping style passed to :class:`~hf_ewtune.clipping.ClippingEngine`.
+
+    Raises:
+        UnsupportedModuleError: a set-up :func:`check_zero_engine` refuses, or data-parallel size != world size.
+        PrivacyConfigError: bad ``noise_multiplier`` / ``max_grad_norm`` / ``expected_batch_size`` (from
+            :class:`~hf_ewtune.dp_settings.DPSettings`).
     """
 
     def __init__(self, engine: Any, *, max_grad_norm: float, noise_multiplier: float, expected_batch_size: float,
@@ -126,6 +131,7 @@ class ZeroDP:
         self._base_seed = int(noise_seed) if noise_seed is not None else new_seed()
         self.steps_taken = 0
         self._pending = False
+        self._boundary = False
         self._guard = engine.register_forward_pre_hook(_refuse_engine_forward) if hasattr(
             engine, "register_forward_pre_hook") else None
 
