@@ -27,7 +27,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hf_ewtune.trl.compat import reject_bypassing_overrides, require_trl, with_default_unit, without_checkpointing
+from hf_ewtune.trl.compat import (
+    dataset_columns,
+    plan_users_after_preparation,
+    reject_bypassing_overrides,
+    require_trl,
+    with_default_unit,
+    without_checkpointing,
+)
 
 require_trl()
 
@@ -181,6 +188,7 @@ class DPDPOTrainer(DPTrainer, DPOTrainer):
         if args is not None:
             check_dpo_settings(args)
             args = without_checkpointing(args, trainer_name=type(self).__name__)
+        self._given_columns = dataset_columns(kwargs.get("train_dataset"))
         super().__init__(model=model, ref_model=ref_model, args=args, **kwargs)
         if getattr(self, "_is_vision_dataset", False):
             raise PrivacyConfigError("vision preference datasets are not supported by DPDPOTrainer yet.")
@@ -198,8 +206,12 @@ class DPDPOTrainer(DPTrainer, DPOTrainer):
         super()._check_environment()
 
     def _setup_privacy(self) -> None:
-        self.privacy_args = with_default_unit(self.privacy_args, DPO_UNIT)
+        self.privacy_args = with_default_unit(self.privacy_args, DPO_UNIT)  # left alone with user_id_column
         super()._setup_privacy()
+
+    def _plan_users(self, n: int) -> int:
+        """Users (all of their preference records) read from TRL's prepared dataset (see docs/user_level.md)."""
+        return plan_users_after_preparation(self, n, given_columns=self._given_columns, plan=super()._plan_users)
 
     def _micro_batch_size(self, inputs: dict[str, Any]) -> int:
         ids = inputs.get("chosen_input_ids")
