@@ -120,7 +120,7 @@ def test_dpo_per_user_update_equals_clipped_sum_over_all_of_a_users_records(tmp_
     tr = dpo_trainer(tmp_path, dpo_data(USERS_6 + ["dee", "eve"]), dtype=torch.float64, max_grad_norm=0.05,
                      beta=0.5, user_id_column="author", per_device_train_batch_size=2)
     batch = tagged_batch(tr, 6)
-    assert batch["chosen_input_ids"].shape[0] == 6
+    assert batch["chosen_input_ids"].shape[0] == 6 and batch[UNITS_KEY].tolist() == [0, 1, 0, 2, 0, 2]
     got = clipped_update(tr, batch)
     model = tr.model
 
@@ -137,8 +137,10 @@ def test_dpo_per_user_update_equals_clipped_sum_over_all_of_a_users_records(tmp_
 
     with tr._engine.suspended():
         want = clipped_sum_oracle(model, per_user([record(i) for i in range(6)], USERS_6), 0.05)
+        rows = clipped_sum_oracle(model, [record(i) for i in range(6)], 0.05)  # record-level clipping differs
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-9, msg=name)
+    assert any(not torch.allclose(got[n], rows[n], rtol=1e-4, atol=1e-7) for n in want)
     assert all(p.grad is None for p in tr.ref_model.parameters())
 
 

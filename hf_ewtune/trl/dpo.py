@@ -17,6 +17,9 @@ Supported: ``loss_type`` in :data:`PER_RECORD_LOSSES` (optionally weighted combi
 record here): ``aot``/``aot_unpaired`` (sort across the batch), ``sft`` (batch mean), ``use_weighting``,
 ``ld_alpha``, other f-divergences, ``sync_ref_model`` (TR-DPO), ``padding_free``, vision datasets, an MoE
 auxiliary loss (``router_aux_loss_coef``).
+
+With ``user_id_column`` (user-level DP, docs/user_level.md) one user, i.e. all of their preference records, is the
+unit: the records of a user are clipped together (both completions of each), ``privacy_unit: user`` on the card.
 """
 
 from __future__ import annotations
@@ -139,8 +142,11 @@ def unpaired(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of the completion tokens' log-probabilities of each row, ``Tensor[B]`` (TRL's ``logps``)."""
-    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    """Sum of the completion tokens' log-probabilities of each row, ``Tensor[B]`` (TRL's ``logps``).
+
+    Half-precision logits are upcast to float32; float64 logits stay float64.
+    """
+    logp = torch.log_softmax(logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (tok * completion_mask[:, 1:].to(tok.dtype)).sum(dim=1)
 

@@ -18,6 +18,9 @@ What differs from ``SFTTrainer`` (each checked before training):
   arguments turns it off with a warning (:func:`hf_ewtune.trl.compat.without_checkpointing`).
 * The logs keep ``mean_token_accuracy``, ``entropy`` and ``num_tokens`` (computed from the logits, without
   noise: like the training loss they are statistics of the private batch and are withheld from the card).
+* ``user_id_column`` (user-level DP, docs/user_level.md): the id column survives TRL's preparation (its maps keep
+  other columns), the users are read from the prepared dataset, and all of a user's sampled examples are
+  clipped together in one backward; the state and the card say ``privacy_unit: user``.
 """
 
 from __future__ import annotations
