@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "hf_ewtune.commands.card",
     "hf_ewtune.commands.train",
     "hf_ewtune.commands.audit",
+    "hf_ewtune.commands.sft",
 ]
 
 EXIT_USAGE = 2

@@ -104,9 +104,42 @@ def reject_bypassing_overrides(trainer: Any, *, owner: type, loss_bases: tuple[t
 
 
 def with_default_unit(privacy_args: Any, unit: str) -> Any:
-    """``privacy_args`` with ``privacy_unit=unit`` when the user left the default ``"example"`` (a new object)."""
+    """``privacy_args`` with ``privacy_unit=unit`` when the user left the default ``"example"`` (a new object).
+
+    With ``user_id_column`` set the unit is a user (``privacy_unit: user`` in the state and the card), so the
+    arguments are returned unchanged: the trainer's row-level unit name would contradict it.
+    """
     import dataclasses
 
-    if privacy_args.privacy_unit.strip() != "example":
+    if privacy_args.privacy_unit.strip() != "example" or getattr(privacy_args, "user_id_column", None) is not None:
         return privacy_args
     return dataclasses.replace(privacy_args, privacy_unit=unit)
+
+
+def dataset_columns(dataset: Any) -> tuple[str, ...]:
+    """The column names of a dataset as the user passed it (empty when it has none), read before TRL prepares it."""
+    names = getattr(dataset, "column_names", None)
+    return tuple(names) if isinstance(names, (list, tuple)) else ()
+
+
+def plan_users_after_preparation(trainer: Any, n: int, *, given_columns: tuple[str, ...], plan: Any) -> int:
+    """``DPTrainer._plan_users`` on TRL's prepared dataset, naming TRL when it consumed the user id column.
+
+    Args:
+        trainer: The DP TRL trainer (its ``train_dataset`` is TRL's prepared one).
+        n: Rows of the prepared training set.
+        given_columns: The columns of the ``train_dataset`` the user passed (before TRL's preparation).
+        plan: ``DPTrainer._plan_users`` bound to ``trainer``.
+
+    Raises:
+        PrivacyConfigError: the user id column was given but TRL's preparation removed it, or any of
+            :func:`hf_ewtune.user_level.plan_users`'s errors.
+    """
+    column = getattr(trainer.privacy_args, "user_id_column", None)
+    prepared = dataset_columns(trainer.train_dataset)
+    if column is not None and column in given_columns and prepared and column not in prepared:
+        raise PrivacyConfigError(
+            f"user_id_column={column!r} is a column of the train_dataset you passed, but {type(trainer).__name__}'s "
+            f"(TRL's) dataset preparation consumed it (prepared columns: {sorted(prepared)}). Copy the user ids into a "
+            "column TRL does not read (e.g. dataset.add_column('user_id', ...)) and name that one.")
+    return plan(n)

@@ -17,6 +17,9 @@ Supported: ``loss_type`` in :data:`PER_RECORD_LOSSES` (optionally weighted combi
 record here): ``aot``/``aot_unpaired`` (sort across the batch), ``sft`` (batch mean), ``use_weighting``,
 ``ld_alpha``, other f-divergences, ``sync_ref_model`` (TR-DPO), ``padding_free``, vision datasets, an MoE
 auxiliary loss (``router_aux_loss_coef``).
+
+With ``user_id_column`` (user-level DP, docs/user_level.md) one user, i.e. all of their preference records, is the
+unit: the records of a user are clipped together (both completions of each), ``privacy_unit: user`` on the card.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hf_ewtune.trl.compat import reject_bypassing_overrides, require_trl, with_default_unit, without_checkpointing
+from hf_ewtune.trl.compat import (
+    dataset_columns,
+    plan_users_after_preparation,
+    reject_bypassing_overrides,
+    require_trl,
+    with_default_unit,
+    without_checkpointing,
+)
 
 require_trl()
 
@@ -132,8 +142,11 @@ def unpaired(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of the completion tokens' log-probabilities of each row, ``Tensor[B]`` (TRL's ``logps``)."""
-    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    """Sum of the completion tokens' log-probabilities of each row, ``Tensor[B]`` (TRL's ``logps``).
+
+    Half-precision logits are upcast to float32; float64 logits stay float64.
+    """
+    logp = torch.log_softmax(logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     tok = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (tok * completion_mask[:, 1:].to(tok.dtype)).sum(dim=1)
 
@@ -181,6 +194,7 @@ class DPDPOTrainer(DPTrainer, DPOTrainer):
         if args is not None:
             check_dpo_settings(args)
             args = without_checkpointing(args, trainer_name=type(self).__name__)
+        self._given_columns = dataset_columns(kwargs.get("train_dataset"))
         super().__init__(model=model, ref_model=ref_model, args=args, **kwargs)
         if getattr(self, "_is_vision_dataset", False):
             raise PrivacyConfigError("vision preference datasets are not supported by DPDPOTrainer yet.")
@@ -198,8 +212,12 @@ class DPDPOTrainer(DPTrainer, DPOTrainer):
         super()._check_environment()
 
     def _setup_privacy(self) -> None:
-        self.privacy_args = with_default_unit(self.privacy_args, DPO_UNIT)
+        self.privacy_args = with_default_unit(self.privacy_args, DPO_UNIT)  # left alone with user_id_column
         super()._setup_privacy()
+
+    def _plan_users(self, n: int) -> int:
+        """Users (all of their preference records) read from TRL's prepared dataset (see docs/user_level.md)."""
+        return plan_users_after_preparation(self, n, given_columns=self._given_columns, plan=super()._plan_users)
 
     def _micro_batch_size(self, inputs: dict[str, Any]) -> int:
         ids = inputs.get("chosen_input_ids")

@@ -18,6 +18,9 @@ What differs from ``SFTTrainer`` (each checked before training):
   arguments turns it off with a warning (:func:`hf_ewtune.trl.compat.without_checkpointing`).
 * The logs keep ``mean_token_accuracy``, ``entropy`` and ``num_tokens`` (computed from the logits, without
   noise: like the training loss they are statistics of the private batch and are withheld from the card).
+* ``user_id_column`` (user-level DP, docs/user_level.md): the id column survives TRL's preparation (its maps keep
+  other columns), the users are read from the prepared dataset, and all of a user's sampled examples are
+  clipped together in one backward; the state and the card say ``privacy_unit: user``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from typing import Any
 
 import torch
 
-from hf_ewtune.trl.compat import reject_bypassing_overrides, require_trl, with_default_unit, without_checkpointing
+from hf_ewtune.trl.compat import (
+    dataset_columns,
+    plan_users_after_preparation,
+    reject_bypassing_overrides,
+    require_trl,
+    with_default_unit,
+    without_checkpointing,
+)
 
 require_trl()
 
@@ -140,6 +150,7 @@ class DPSFTTrainer(DPTrainer, SFTTrainer):
                 "compute_loss_func is not supported by DPSFTTrainer (it returns a batch loss, which cannot be clipped "
                 "per example). Subclass DPSFTTrainer and override compute_per_example_loss(model, inputs) -> Tensor[B]."
             )
+        self._given_columns = dataset_columns(kwargs.get("train_dataset", args[3] if len(args) > 3 else None))
         super().__init__(*args, **kwargs)
         self._check_sft_settings()
 
@@ -167,8 +178,12 @@ class DPSFTTrainer(DPTrainer, SFTTrainer):
         super()._check_environment()
 
     def _setup_privacy(self) -> None:
-        self.privacy_args = with_default_unit(self.privacy_args, SFT_UNIT)
+        self.privacy_args = with_default_unit(self.privacy_args, SFT_UNIT)  # left alone with user_id_column
         super()._setup_privacy()
+
+    def _plan_users(self, n: int) -> int:
+        """Users read from TRL's prepared dataset (the id column survives TRL's maps; see docs/user_level.md)."""
+        return plan_users_after_preparation(self, n, given_columns=self._given_columns, plan=super()._plan_users)
 
     def compute_per_example_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """TRL's SFT loss of each example of the micro-batch, ``Tensor[B]`` (see :func:`sft_per_example_loss`).
