@@ -72,6 +72,8 @@ def _kink(sample_rate: float, noise_multiplier: float, direction: str, centre: f
     target = centre if direction == "remove" else -centre
     if q >= 1.0:
         a = target
+    elif target > 700.0:  # exp(target) - (1 - q) = exp(target) to double precision
+        a = target - math.log(q)
     else:
         inner = math.expm1(target) + q  # exp(target) - (1 - q)
         if not inner > 0.0:

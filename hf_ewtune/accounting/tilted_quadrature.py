@@ -20,7 +20,9 @@ bounds its distance to the exact integral. The argument, term by term:
    in the strip ``|Im| < rho`` (``mu rho < pi``; ``rho`` is :func:`strip_radius`).
 2. **Majorant integrals** ``S_k >= int sup_{|zeta - x| <= rho} |f_k(zeta)| dx`` are upper Riemann sums over
    cells of width ``rho/4``: on a cell ``[a, b]`` the exponent is at most ``max(-z^2/2) + max(c ell(a),
-   c ell(b))`` and ``|D| <= max(|D(a)|, |D(b)|)`` (``ell`` is monotone), and the sup over every disk centred
+   c ell(b))``, and at most an end value plus the cell width times the largest slope towards the other end
+   (``(log w)' = -z + c mu s(z)``, ``s`` increasing); ``|D| <= max(|D(a)|, |D(b)|)`` (``ell`` is monotone),
+   and the sup over every disk centred
    in a cell is the max over the 9 cells around it. Beyond the window (below) the exponent falls at
    rate ``>= H`` and ``|D|`` grows at rate ``<= mu``, which bounds the rest in closed form (item 4).
 3. **Quadrature.** The integrals are trapezoid sums ``h sum_j f(z* + j h)`` over all ``j`` (the window
@@ -138,9 +140,19 @@ def _majorants(q, sigma, c, direction, lo, hi, margin, rho, peak, c0, c0_err) ->
     ce = c * ell
     d = np.abs(loss - c0)
     a, b = x[:-1], x[1:]
-    r, re_dev = _deviations(_sigmoid(b, q, mu) * (1.0 + 1e-9), theta)
+    sig = _sigmoid(x, q, mu)
+    r, re_dev = _deviations(sig[1:] * (1.0 + 1e-9), theta)
+    # sup of log w = -z^2/2 + c ell on [a, b]: the smaller of (i) the two parts bounded apart and (ii) an end
+    # value plus the largest slope towards the other end, (log w)' = -z + c mu s(z) in [-b + min, -a + max]
     neg_sq = np.where((a <= 0.0) & (b >= 0.0), 0.0, -0.5 * np.minimum(a * a, b * b))
-    log_sup = neg_sq + np.maximum(ce[:-1], ce[1:]) - peak + rho * rho / 2.0 + abs(c) * re_dev
+    apart = neg_sq + np.maximum(ce[:-1], ce[1:])
+    logw = -0.5 * x * x + ce
+    cms = c * mu * sig
+    slope_hi = -a + np.maximum(cms[:-1], cms[1:])
+    slope_lo = -b + np.minimum(cms[:-1], cms[1:])
+    from_a = logw[:-1] + np.maximum(slope_hi, 0.0) * cell
+    from_b = logw[1:] + np.maximum(-slope_lo, 0.0) * cell
+    log_sup = np.minimum(apart, np.minimum(from_a, from_b)) - peak + rho * rho / 2.0 + max(0.0, -c) * re_dev
     d_sup = np.maximum(d[:-1], d[1:]) + r + 2.0 * c0_err
     slack = 1e-6 * (1.0 + np.abs(log_sup) + abs(peak))
     cells = np.exp(log_sup + slack)[None, :] * (d_sup[None, :] * (1.0 + 1e-9)) ** np.arange(4)[:, None]
@@ -154,7 +166,7 @@ def _majorants(q, sigma, c, direction, lo, hi, margin, rho, peak, c0, c0_err) ->
     ends = np.array([lo, hi])
     ell_e, loss_e = _loss(ends, q, sigma, direction)
     r_e, re_e = _deviations(np.array([_sigmoid(np.array([lo]), q, mu)[0] * (1.0 + 1e-9), 1.0]), theta)
-    log_e = -0.5 * ends * ends + c * ell_e - peak + rho * rho / 2.0 + abs(c) * re_e
+    log_e = -0.5 * ends * ends + c * ell_e - peak + rho * rho / 2.0 + max(0.0, -c) * re_e
     w_e = np.exp(log_e + 1e-6 * (1.0 + np.abs(log_e) + abs(peak)))
     a_e = np.abs(loss_e - c0) + 2.0 * mu * rho + r_e + 2.0 * c0_err + 1.0
     k = np.arange(4)
