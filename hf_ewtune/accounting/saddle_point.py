@@ -85,7 +85,7 @@ def _kink(sample_rate: float, noise_multiplier: float, direction: str, centre: f
 def _mean_guess(q: float, sigma: float, t: float, direction: str) -> float:
     """A first guess of the tilted mean (trapezoid at step rho/8; only used to place the anchor)."""
     c = tilt_exponent(t, direction)
-    lo, hi, _ = window(sigma, c)
+    lo, hi, _ = window(q, sigma, c)
     h = strip_radius(sigma, c) / 8.0
     z = np.linspace(lo, hi, int(math.ceil((hi - lo) / h)) + 1)
     ell = pllr(z, sample_rate=q, noise_multiplier=sigma)
@@ -98,7 +98,7 @@ def _mean_guess(q: float, sigma: float, t: float, direction: str) -> float:
 def _anchor(q: float, sigma: float, t: float, direction: str, centre: float) -> float:
     kink = _kink(q, sigma, direction, centre)
     if kink is None or not math.isfinite(kink):
-        lo, _, _ = window(sigma, tilt_exponent(t, direction))
+        lo, _, _ = window(q, sigma, tilt_exponent(t, direction))
         return lo  # any anchor is valid; the centre L(lo) is only a worse centre (Minkowski pays for it)
     return kink
 

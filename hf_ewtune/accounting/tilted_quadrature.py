@@ -34,7 +34,7 @@ bounds its distance to the exact integral. The argument, term by term:
    plus a remainder at most ``h^4/720 int |f''''|``, and Cauchy's estimate on disks of radius ``rho``
    gives ``int |f''''| <= 24 S_3 / rho^4``: ``|T - I_3| <= h^4 w(z*) |L'(z*)|^3 / 60 + (h/rho)^4 S_3 / 30``.
 4. **Truncation.** The window ``[lo, hi]`` puts ``H`` beyond every mode bound: ``(log w)' = -z + c ell'(z)``
-   is ``<= -H`` right of ``hi = max(c, 0) mu + H`` and ``>= H`` left of ``lo = min(c, 0) mu - H``. So the
+   is ``<= -H`` right of ``hi = max(c, 0) mu + H`` and ``>= H`` left of ``lo`` (:func:`window`). So the
    nodes beyond the last summed node ``z_e`` add at most ``w(z_e) (|D(z_e)| + 1)^k / (H - k mu)`` per end
    (``A + mu s <= (A + 1) exp(mu s / (A + 1))``; ``H - 3 mu = 12``).
 5. **Floating point.** ``mu = fl(1/sigma)``, the nodes ``fl(z* + j h)`` and every value are computed in
@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy.special import expit
@@ -94,11 +95,38 @@ def strip_radius(sigma: float, c: float) -> float:
     return min(1.0, (1.0 if c < 0.0 else 2.0) * sigma)
 
 
-def window(sigma: float, c: float) -> tuple[float, float, float]:
-    """``(lo, hi, H)``: ``(log w)'`` is ``<= -H`` right of ``hi`` and ``>= H`` left of ``lo`` (item 4)."""
+@lru_cache(maxsize=4096)
+def window(q: float, sigma: float, c: float) -> tuple[float, float, float]:
+    """``(lo, hi, H)``: ``(log w)'`` is ``<= -H`` right of ``hi`` and ``>= H`` left of ``lo`` (item 4).
+
+    ``(log w)' = -z + c mu s(z)`` with ``0 <= s <= 1`` increasing, so ``hi = max(c, 0) mu + H`` and, for
+    ``c >= 0``, ``lo = -H``. For ``c < 0`` (direction "add") any ``lo`` with ``-lo + c mu s(lo) >= H`` works
+    (for ``z <= lo`` both terms only grow); it is found by bisection and checked with a margin, which keeps
+    the window about ``2 H`` wide for large tilts instead of ``|c| mu``.
+    """
     mu = 1.0 / sigma
     margin = BASE_MARGIN + 3.0 * mu
-    return min(c, 0.0) * mu - margin, max(c, 0.0) * mu + margin, margin
+    lo, hi = min(c, 0.0) * mu - margin, max(c, 0.0) * mu + margin
+    if c < 0.0:
+
+        shift = math.log(q) - math.log1p(-q) if q < 1.0 else math.inf
+
+        def ok(z: float) -> bool:
+            x = mu * z - 0.5 * mu * mu + shift
+            sig = 1.0 if x == math.inf else (1.0 / (1.0 + math.exp(-x)) if x > -700.0 else 0.0)
+            return -z + c * mu * sig - margin >= 1e-6 * (1.0 + abs(z) - c * mu)
+
+        a, b = lo, -margin
+        if ok(b):
+            return b, hi, margin
+        while b - a > 0.05:
+            m = 0.5 * (a + b)
+            if ok(m):
+                a = m
+            else:
+                b = m
+        lo = a if ok(a) else lo
+    return lo, hi, margin
 
 
 def _ell_error(z: np.ndarray, ell: np.ndarray, q: float, mu: float) -> np.ndarray:
@@ -189,7 +217,7 @@ def tilted_integrals(
     q, sigma, t = float(sample_rate), float(noise_multiplier), float(t)
     mu = 1.0 / sigma
     c = tilt_exponent(t, direction)
-    lo, hi, margin = window(sigma, c)
+    lo, hi, margin = window(q, sigma, c)
     rho = strip_radius(sigma, c)
     h = rho / NODES_PER_RADIUS
     anchor = float(anchor)
