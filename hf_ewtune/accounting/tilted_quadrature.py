@@ -163,7 +163,7 @@ def _majorants(q, sigma, c, direction, lo, hi, margin, rho, peak, c0, c0_err) ->
     mu = 1.0 / sigma
     theta = mu * rho
     cell = rho / 4.0
-    x = lo - 2.0 * rho + cell * np.arange(int(math.ceil((hi - lo + 4.0 * rho) / cell)) + 1)
+    x = lo - 3.0 * rho + cell * np.arange(int(math.ceil((hi - lo + 6.0 * rho) / cell)) + 1)
     ell, loss = _loss(x, q, sigma, direction)
     ce = c * ell
     d = np.abs(loss - c0)
@@ -186,8 +186,8 @@ def _majorants(q, sigma, c, direction, lo, hi, margin, rho, peak, c0, c0_err) ->
     cells = np.exp(log_sup + slack)[None, :] * (d_sup[None, :] * (1.0 + 1e-9)) ** np.arange(4)[:, None]
     m = cells.shape[1]
     disk = np.max(np.stack([cells[:, i:m - 8 + i] for i in range(9)]), axis=0)  # cells 4 .. m-5
-    centres = 0.5 * (a[4:m - 4] + b[4:m - 4])
-    inside = (centres >= lo - rho) & (centres <= hi + rho)
+    # every cell meeting [lo - rho, hi + rho] (overlap only over-counts); all of them have 4 cells each side
+    inside = (b[4:m - 4] >= lo - rho) & (a[4:m - 4] <= hi + rho)
     total = cell * disk[:, inside].sum(axis=1)
     # beyond lo - rho / hi + rho: sup over the disk <= w(end) (|D(end)| + 2 mu rho + r)^k, decaying at rate H;
     # s is at most 1 there (right end) or s(lo) (left end)
