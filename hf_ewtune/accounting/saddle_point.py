@@ -25,7 +25,7 @@ ICML 2023 (arXiv 2208.09595). Notation (ours, following the paper's construction
 Both are ESTIMATES. The rigorous bound (Berry-Esseen on the tilted sum, whose error carries the same
 factor ``exp(K(t) - t eps)`` as delta) is in :mod:`.saddle_point_bound`. The numerical inputs
 (``K``, ``K'``, ``K''`` and the tilted third absolute central moment) come from
-:func:`tilted_moments`, which returns each with an explicit error radius.
+:func:`tilted_moments`, which returns each with a proven error radius (:mod:`.tilted_quadrature`).
 """
 
 from __future__ import annotations
@@ -40,26 +40,14 @@ from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
 from .cumulants import pllr
-
-#: Margin (in units of the unit-variance noise) of the integration window beyond the extreme modes of the
-#: tilted density; the tails outside it are bounded explicitly (see :func:`_window`), ~exp(-200) relative.
-HALF_WIDTH = 20.0
-#: Trapezoid step; every integral is also computed at STEP / 2 and the difference, times SAFETY, is
-#: its error radius.
-STEP = 0.06
-SAFETY = 10.0
-#: Relative allowance added to every integral's error radius: floating-point rounding of sums of
-#: ~10,000 terms (< 1e4 * 1.1e-16 relative) is far below it.
-REL_FLOOR = 1e-11
-#: Largest tilt for which moments are computed (the grid grows like t / sigma).
-MAX_POINTS = 400_000
+from .tilted_quadrature import U, TiltedIntegrals, strip_radius, tilt_exponent, tilted_integrals, window
 
 DIRECTIONS = ("remove", "add")
 
 
 @dataclass(frozen=True)
 class TiltedMoments:
-    """Moments of one step's privacy loss under the tilted law ``P_t``, each with an error radius.
+    """Moments of one step's privacy loss under the tilted law ``P_t``, each with a PROVEN error radius.
 
     Attributes:
         log_mgf: ``K(t) = log E_P[exp(t L)]``; ``log_mgf_err`` bounds its error.
@@ -78,59 +66,14 @@ class TiltedMoments:
     abs3: float
 
 
-def _grid(lo: float, hi: float, step: float) -> np.ndarray:
-    n = max(2, int(math.ceil((hi - lo) / step))) + 1
-    return np.linspace(lo, hi, n)
-
-
-def _trapezoid(values: np.ndarray, z: np.ndarray) -> float:
-    h = z[1] - z[0]
-    return float(h * (values.sum() - 0.5 * (values[0] + values[-1])))
-
-
-def _window(sample_rate: float, noise_multiplier: float, t: float, direction: str) -> tuple[float, float]:
-    """Integration window ``[lo, hi]`` for the tilted density ``w(z) = phi(z) exp(c ell(z))``, ``c = 1 + t``
-    (remove) or ``-t`` (add).
-
-    Since ``0 <= ell' <= mu``, ``(log w)' = -z + c ell'(z)`` is ``<= -HALF_WIDTH`` right of ``hi`` and
-    ``>= HALF_WIDTH`` left of ``lo``; so each tail integral is at most ``w(end) / HALF_WIDTH`` (see
-    :func:`tilted_moments` for the allowance that adds).
-    """
-    mu = 1.0 / noise_multiplier
-    if direction == "remove":
-        return -HALF_WIDTH, (1.0 + t) * mu + HALF_WIDTH
-    return -t * mu - HALF_WIDTH, HALF_WIDTH
-
-
-def _log_weight(z: np.ndarray, ell: np.ndarray, t: float, direction: str) -> np.ndarray:
-    c = (1.0 + t) if direction == "remove" else -t
-    return -0.5 * z * z + c * ell
-
-
-def _raw_integrals(z: np.ndarray, sample_rate: float, noise_multiplier: float, t: float, direction: str, centre: float):
-    """Integrals (on grid ``z``, relative to the peak weight) of w, w L, w (L - centre)^2, w |L - centre|^3."""
-    peak, integrands, _, _ = _integrands(z, sample_rate, noise_multiplier, t, direction, centre)
-    return peak, np.array([_trapezoid(f, z) for f in integrands])
-
-
-def _integrands(z: np.ndarray, sample_rate: float, noise_multiplier: float, t: float, direction: str, centre: float):
-    """``(peak, (w, w L, w d^2, w |d|^3), L, d)`` on grid ``z``, with ``d = L - centre`` and w relative to its peak."""
-    ell = pllr(z, sample_rate=sample_rate, noise_multiplier=noise_multiplier)
-    loss = ell if direction == "remove" else -ell
-    logw = _log_weight(z, ell, t, direction)
-    peak = float(logw.max())
-    w = np.exp(logw - peak)
-    d = loss - centre
-    wd2 = w * d * d
-    return peak, (w, w * loss, wd2, wd2 * np.abs(d)), loss, d
-
-
 def _kink(sample_rate: float, noise_multiplier: float, direction: str, centre: float) -> float | None:
     """The unique ``z`` with ``L(z) = centre`` (``ell`` is strictly increasing), or None if there is none."""
     q, mu = sample_rate, 1.0 / noise_multiplier
     target = centre if direction == "remove" else -centre
     if q >= 1.0:
         a = target
+    elif target > 700.0:  # exp(target) - (1 - q) = exp(target) to double precision
+        a = target - math.log(q)
     else:
         inner = math.expm1(target) + q  # exp(target) - (1 - q)
         if not inner > 0.0:
@@ -140,24 +83,78 @@ def _kink(sample_rate: float, noise_multiplier: float, direction: str, centre: f
 
 
 @lru_cache(maxsize=8192)
+def quick_moments(sample_rate: float, noise_multiplier: float, t: float, direction: str) -> TiltedMoments:
+    """``K``, ``K'``, ``K''`` of one step WITHOUT error radii (trapezoid at step ``rho/8``, exponentially accurate
+    for these analytic integrands, but not checked): for the saddle-point search and the SPA estimates only.
+    The certified bound uses :func:`tilted_moments`. ``abs3`` is 0 (not computed)."""
+    q, sigma, t = float(sample_rate), float(noise_multiplier), float(t)
+    c = tilt_exponent(t, direction)
+    lo, hi, _ = window(q, sigma, c)
+    h = strip_radius(sigma, c) / 8.0
+    z = lo + h * np.arange(int(math.ceil((hi - lo) / h)) + 1)
+    ell = pllr(z, sample_rate=q, noise_multiplier=sigma)
+    logw = -0.5 * z * z + c * ell
+    peak = float(logw.max())
+    w = np.exp(logw - peak)
+    loss = ell if direction == "remove" else -ell
+    m0 = float(w.sum())
+    mean = float((w * loss).sum()) / m0
+    d = loss - mean
+    var = float((w * d * d).sum()) / m0
+    log_mgf = math.log(m0 * h) + peak - 0.5 * math.log(2.0 * math.pi)
+    return TiltedMoments(log_mgf, 0.0, mean, 0.0, var, 0.0, 0.0)
+
+
+def _anchor(q: float, sigma: float, t: float, direction: str, centre: float) -> float:
+    kink = _kink(q, sigma, direction, centre)
+    if kink is None or not math.isfinite(kink):
+        lo, _, _ = window(q, sigma, tilt_exponent(t, direction))
+        return lo  # any anchor is valid; the centre L(lo) is only a worse centre (Minkowski pays for it)
+    return kink
+
+
+def _moments_from(r: TiltedIntegrals) -> TiltedMoments | None:
+    """Interval propagation from the four integrals (module :mod:`.tilted_quadrature`) to the moments."""
+    (m0, m1, m2, m3), (e0, e1, e2, e3) = r.values, r.radii
+    if not (m0 > 0.0 and e0 < 0.5 * m0):
+        return None
+    slack = 8.0 * U
+    log_m0 = math.log(m0)
+    log_mgf = log_m0 + r.peak - 0.5 * math.log(2.0 * math.pi)
+    log_mgf_err = -math.log1p(-e0 / m0) + slack * (abs(log_m0) + abs(r.peak) + 2.0)
+    # |a/b - A/B| <= (|a - A| + |a/b| |b - B|) / (B - |b - B|)
+    r1 = m1 / m0
+    r1_err = (e1 + abs(r1) * e0) / (m0 - e0) + slack * abs(r1)
+    mean = r.c0 + r1
+    mean_err = r1_err + r.c0_err + slack * (abs(r.c0) + abs(r1))
+    r2 = m2 / m0
+    r2_err = (e2 + r2 * e0) / (m0 - e0) + slack * r2
+    var = r2 - r1 * r1
+    var_err = r2_err + 2.0 * abs(r1) * r1_err + r1_err**2 + slack * (r2 + r1 * r1)
+    # Minkowski: (E|L - mean|^3)^(1/3) <= (E|L - c0|^3)^(1/3) + |mean - c0|, with c0 the exact L(anchor)
+    rho_c = (m3 + e3) / (m0 - e0) * (1.0 + slack)
+    abs3 = (rho_c ** (1.0 / 3.0) * (1.0 + slack) + abs(r1) + r1_err) ** 3 * (1.0 + 1e-12)
+    out = (log_mgf, log_mgf_err, mean, mean_err, var, var_err, abs3)
+    if not all(math.isfinite(x) for x in out):
+        return None
+    return TiltedMoments(*(float(x) for x in out))
+
+
+@lru_cache(maxsize=8192)
 def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direction: str) -> TiltedMoments | None:
-    """CGF ``K(t)``, ``K'(t)``, ``K''(t)`` and the tilted third absolute moment of one step, with error radii.
+    """CGF ``K(t)``, ``K'(t)``, ``K''(t)`` and the tilted third absolute moment of one step, with PROVEN radii.
 
-    Numerics: the tilted density ``phi(z) exp(c ell(z))`` is integrated with the trapezoid rule on a
-    uniform grid over its window (:func:`_window`: 20 beyond the extreme modes; the truncated tails are
-    bounded by ``w(end) (|L(end) - c| + 2)^3 / (20 - 3 mu)`` and added to every error radius). The
-    integrands of ``K, K', K''`` are analytic with Gaussian tails, where the trapezoid rule converges
-    geometrically; ``|L - c|^3`` (``c`` a first estimate of the tilted mean) has one kink, at the unique
-    ``z`` with ``L(z) = c`` (``ell`` is strictly increasing), and the grid is anchored there so the kink is
-    a node (the integrand vanishes to third order at it, so the rule is O(h^4) on each side).
-    Every integral is computed at steps ``h`` and ``h/2`` (the same nodes, every other one); the ``h/2`` value is used and its error radius
-    is ``SAFETY * |I_h - I_{h/2}| + REL_FLOOR * |I|``. Radii are then propagated through the ratios
-    (interval arithmetic) into the radii of ``K, K', K''`` and into an upper bound on the third
-    absolute moment about the true mean (Minkowski: ``rho^(1/3) <= rho_c^(1/3) + |K' - c|``).
-    The quadrature radii are estimates from the step-halving difference (with a 10x margin), not a proof;
-    the tail allowance and everything after it are rigorous.
+    The integrals and their radii come from :func:`.tilted_quadrature.tilted_integrals` (its docstring
+    states the proof: a complex majorant of the integrands in a strip, the Trefethen-Weideman bound for
+    the analytic ones, Euler-Maclaurin plus Cauchy's estimate for ``|L - c0|^3`` whose kink is a node,
+    closed-form tails, and floating-point rounding term by term). The anchor is placed at the kink of the
+    first guess of the tilted mean (a second pass re-anchors if that guess was off by more than
+    ``1e-7`` standard deviations). Radii are then propagated through the ratios (interval arithmetic)
+    into ``K, K', K''``, and Minkowski (``rho^(1/3) <= rho_c^(1/3) + |K' - c0|``) turns the moment about
+    ``c0`` into an upper bound on the one about the true mean.
 
-    Returns None where the grid would exceed ``MAX_POINTS`` (very large tilts).
+    Returns None where the grid would exceed the point budget (very large tilts) or the numerics are
+    unusable (the caller then skips this tilt; any tilt gives a valid bound).
 
     Example:
         >>> m = tilted_moments(1.0, 1.0, 0.5, "remove")   # Gaussian, mu = 1: L ~ N(mu^2/2, mu^2) under P
@@ -165,54 +162,25 @@ def tilted_moments(sample_rate: float, noise_multiplier: float, t: float, direct
         (0.375, 1.0, 1.0)
     """
     q, sigma, t = float(sample_rate), float(noise_multiplier), float(t)
-    lo, hi = _window(q, sigma, t, direction)
-    if (hi - lo) / STEP * 2 > MAX_POINTS or HALF_WIDTH - 3.0 / sigma < 1.0:
-        return None  # grid too large, or sigma < 0.081: the tail allowance below needs HALF_WIDTH > 3 mu
-    # Pass 1: a centre close to the tilted mean (analytic integrands, coarse grid).
-    z = _grid(lo, hi, 4 * STEP)
-    _, first = _raw_integrals(z, q, sigma, t, direction, 0.0)
-    centre = first[1] / first[0]
-    # Pass 2: moments about `centre` on a uniform grid of step h/2 that has the kink of |L - centre|^3
-    # as a node; every other node of it is the step-h grid.
-    kink = _kink(q, sigma, direction, centre)
-    anchor = kink if kink is not None and lo < kink < hi else lo
-    fine = STEP / 2
-    k_lo = -int(math.ceil((anchor - lo) / STEP)) * 2
-    k_hi = int(math.ceil((hi - anchor) / STEP)) * 2
-    zf = anchor + fine * np.arange(k_lo, k_hi + 1)
-    peak, integrands, loss, d = _integrands(zf, q, sigma, t, direction, centre)
-    w = integrands[0]
-    an = np.array([_trapezoid(f, zf) for f in integrands])
-    an_h = np.array([_trapezoid(f[::2], zf[::2]) for f in integrands])
-    # Tails outside the window: log w falls at rate >= HALF_WIDTH there and |L|, |L - centre| grow at
-    # rate <= mu, so the tail of w |f|^k (f = L or L - centre, k <= 3) is at most
-    # w(end) (|f(end)| + 1)^k / (HALF_WIDTH - k mu); one allowance covering all four integrands:
-    ends = [
-        (float(w[i]), max(abs(float(d[i])), abs(float(loss[i])))) for i in (0, -1)
-    ]
-    tail = sum(we * (de + 2.0) ** 3 for we, de in ends) / (HALF_WIDTH - 3.0 / sigma)
-    err = SAFETY * np.abs(an - an_h) + REL_FLOOR * np.abs(an) + tail
-    m0, m1, m2, abs3 = an
-    e0, e1, e2, err3 = err
-    if not (np.all(np.isfinite(an)) and np.all(np.isfinite(err)) and 0.0 < e0 < 0.5 * m0):
-        return None  # unusable numerics: the caller skips this tilt (any tilt gives a valid bound)
-    # K(t) = log(M0) + peak - log sqrt(2 pi)  (P = N(0,1)-based weight; the mixture is phi * exp(ell)).
-    log_mgf = math.log(m0) + peak - 0.5 * math.log(2.0 * math.pi)
-    log_mgf_err = -math.log1p(-e0 / m0) + 1e-15 * (abs(log_mgf) + 1.0)
-    mean = float(m1 / m0)
-    # |a/b - A/B| <= (|a - A| + |A/B| |b - B|) / (B - |b - B|)
-    mean_err = (e1 + abs(mean) * e0) / (m0 - e0) + 1e-15 * abs(mean)
-    delta = mean - centre
-    var = float(m2 / m0 - delta * delta)
-    var_err = (e2 + (m2 / m0) * e0) / (m0 - e0) + 2.0 * abs(delta) * mean_err + mean_err**2 + 1e-15 * var
-    rho_centre = (abs3 + err3) / (m0 - e0)
-    abs3_upper = (rho_centre ** (1.0 / 3.0) + abs(delta) + mean_err) ** 3 * (1.0 + 1e-12)
-    return TiltedMoments(*(float(x) for x in (log_mgf, log_mgf_err, mean, mean_err, var, var_err, abs3_upper)))
+    if not (sigma > 0.0 and 0.0 < q <= 1.0 and t > 0.0):
+        return None
+    anchor = _anchor(q, sigma, t, direction, quick_moments(q, sigma, t, direction).mean)
+    result = None
+    for _ in range(2):
+        r = tilted_integrals(q, sigma, t, direction, anchor)
+        if r is None:
+            return None
+        result = _moments_from(r)
+        if result is None or abs(result.mean - r.c0) <= 1e-7 * math.sqrt(max(result.var, 0.0)):
+            break
+        anchor = _anchor(q, sigma, t, direction, result.mean)
+    return result
 
 
 def clear_caches() -> None:
     """Forget every cached tilted moment and saddle point (for cold timings)."""
     tilted_moments.cache_clear()
+    quick_moments.cache_clear()
     saddle_point_tilt.cache_clear()
 
 
@@ -232,11 +200,17 @@ class ComposedMoments:
     segments: int
 
 
-def composed_moments(history: Sequence[Sequence[float]], t: float, direction: str) -> ComposedMoments | None:
-    """``K(t) = sum n_j K_j(t)`` and friends for the composition (independent steps under ``P_t``)."""
+def composed_moments(
+    history: Sequence[Sequence[float]], t: float, direction: str, *, rigorous: bool = True
+) -> ComposedMoments | None:
+    """``K(t) = sum n_j K_j(t)`` and friends for the composition (independent steps under ``P_t``).
+
+    ``rigorous=False`` uses :func:`quick_moments` (no radii, no third moment): estimates and the saddle search only.
+    """
     vals = np.zeros(7)
+    moments = tilted_moments if rigorous else quick_moments
     for sigma, q, n in history:
-        m = tilted_moments(float(q), float(sigma), float(t), direction)
+        m = moments(float(q), float(sigma), float(t), direction)
         if m is None:
             return None
         vals += int(n) * np.array([m.log_mgf, m.log_mgf_err, m.mean, m.mean_err, m.var, m.var_err, m.abs3])
@@ -287,7 +261,7 @@ def psi_max(t: float) -> float:
 # --------------------------------------------------------------------------- the estimates
 def _saddle_log_delta(history, t: float, direction: str, method: str) -> tuple[float, float] | None:
     """``(eps, log delta_estimate)`` at tilt ``t`` read as the saddle point (``eps = K'(t)``)."""
-    c = composed_moments(history, t, direction)
+    c = composed_moments(history, t, direction, rigorous=False)
     if c is None:
         return None
     eps = c.mean

@@ -104,7 +104,9 @@ class SaddlePointAccountant(Accountant):
         if key not in self._cache:
             bound = spa_bound(history, delta).epsilon
             choice = (float(bound), BOUND_DESCRIPTION)
-            loose = not bound <= (1.0 + self.tolerance) * self._estimate(history, delta, "clt")
+            estimate = self._estimate(history, delta, "clt")
+            # an infinite estimate (saddle point out of range) says nothing about the bound: compute the fallback
+            loose = not (math.isfinite(estimate) and bound <= (1.0 + self.tolerance) * estimate)
             if self.fallback != "none" and (self.always_fallback or loose):
                 other = float(self._fallback_epsilon(history, delta))
                 if other < choice[0]:

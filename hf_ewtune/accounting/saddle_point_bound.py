@@ -17,8 +17,8 @@ summands) or ``C0 = 0.4748`` (Shevtsova 2011, identical summands: a single ``(si
 for EVERY ``t > 0``: the error carries the same factor ``exp(K(t) - t eps)`` as delta, hence it is
 relative to delta. Any ``eps`` at which the right side is ``<= delta`` is a valid epsilon.
 
-Floating point: ``K, K', K''`` and the third absolute moment come with error radii
-(:func:`.saddle_point.tilted_moments`). We use ``K + err``; the Gaussian term is evaluated at the
+Floating point: ``K, K', K''`` and the third absolute moment come with PROVEN error radii
+(:func:`.saddle_point.tilted_moments`, :mod:`.tilted_quadrature`). We use ``K + err``; the Gaussian term is evaluated at the
 computed ``K'``, ``K''``, and the Kolmogorov distance between that Gaussian and the one at the true
 moments (``|dm| / (s sqrt(2 pi)) + |r - 1| / (min(1, r) sqrt(2 pi e))``, ``r`` the ratio of standard
 deviations) is added to ``beta``; the Berry-Esseen term uses the upper third moment and the lower
@@ -43,7 +43,7 @@ _ROUND = 1e-12
 
 BOUND_DESCRIPTION = (
     "saddle-point accountant upper bound (exponential tilting + Berry-Esseen, Alghamdi et al. 2023; "
-    "quadrature errors estimated by step halving with a 10x margin, not proven; see docs/accounting.md)"
+    "every numerical input with a proven error radius; see docs/accounting.md)"
 )
 
 
