@@ -64,6 +64,18 @@ class NoClippingTrainer(DPTrainer):
         self._engine._factors = no_clip
 
 
+class OneNoiseShareOfTwoTrainer(NoNoiseTrainer):
+    """The per-rank-share design gone wrong in a 2-process run: each rank should add N(0, sigma^2 C^2 / 2) before
+    the all-reduce and one rank skips its share, so the released sum carries 1/sqrt(2) of the accounted noise.
+
+    Written on top of DPTrainer's rank-0-only noise, that is rank 0 adding sigma C / sqrt(2): the gradient
+    every replica releases is the same, just too little noise (measured in docs/audit.md; too small a break
+    for a one-run audit at these settings to prove).
+    """
+
+    noise_scale = 2 ** -0.5
+
+
 class NoiseAfterReduceOnRankZeroTrainer(DPTrainer):
     """Multi-process bug: the clipped sums are all-reduced FIRST, then rank 0 alone adds the noise.
 

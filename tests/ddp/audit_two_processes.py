@@ -8,7 +8,8 @@ Runs one gradient-canary audit per mechanism, one after the other in the same pr
 than the runs), with the settings of tests/test_audit_mechanism.py: claimed epsilon = 1, 1-layer 16-wide
 BERT, 100 ordinary rows + about 500 of 1000 canaries, 10 steps of expected batch 100 (50 per process), seeded.
 Mechanisms: ``real`` (DPTrainer) and ``rank0-noise`` (noise added after the all-reduce, on rank 0 only:
-``audit_helpers.NoiseAfterReduceOnRankZeroTrainer``). Rank 0 alone writes ``workdir/reports.json``: per
+``audit_helpers.NoiseAfterReduceOnRankZeroTrainer``); for docs/audit.md also ``one-share`` (one of two per-rank
+noise shares missing: ``audit_helpers.OneNoiseShareOfTwoTrainer``). Rank 0 alone writes ``workdir/reports.json``: per
 mechanism, the report plus every rank's view (world size, certified epsilon, its own lower bound).
 """
 
@@ -44,12 +45,13 @@ def main() -> int:
         return 3
     assert torch.distributed.get_backend() == "gloo", torch.distributed.get_backend()
 
-    from audit_helpers import NoiseAfterReduceOnRankZeroTrainer, tiny_audit
+    from audit_helpers import NoiseAfterReduceOnRankZeroTrainer, OneNoiseShareOfTwoTrainer, tiny_audit
     from ddp_cases import VOCAB, deterministic_dataset  # untokenized: identical data in every process
     from hf_ewtune import DPTrainer
     from hf_ewtune.testing import tiny_bert
 
-    trainers = {"real": DPTrainer, "rank0-noise": NoiseAfterReduceOnRankZeroTrainer}
+    trainers = {"real": DPTrainer, "rank0-noise": NoiseAfterReduceOnRankZeroTrainer,
+                "one-share": OneNoiseShareOfTwoTrainer}
     results = {}
     for name in opts.mechanisms.split(","):
         t0 = time.time()
