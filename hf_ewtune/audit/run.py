@@ -4,6 +4,8 @@
 set, trains once with ``DPTrainer`` (or ``trainer_class``), scores every canary, and returns an
 :class:`~hf_ewtune.audit.AuditReport` with the certified epsilon and the one-run lower bound. The audited
 copy is discarded: nothing trained with canaries is saved (checkpointing is turned off, pushing refused).
+Under ``accelerate launch`` every rank runs it: the canaries are drawn once for all ranks and every replica's
+canary scores are gathered, so noise that reaches only some replicas is caught (:mod:`~hf_ewtune.audit.processes`).
 
 Example:
     >>> from transformers import TrainingArguments
@@ -93,7 +95,8 @@ def run_audit(
             It receives what is trained: the copy, or its :class:`GradientCanaryModel` wrapper.
         confidence: Confidence of the lower bound, in (0, 1).
         gradient_multiple: Gradient canaries' gradient norm in units of the clipping norm C (>= 1).
-        seed: Seed of the canary coins and choices (``None``: OS entropy). The DP noise is seeded as usual.
+        seed: Seed of the canary coins and choices (``None``: OS entropy, drawn on rank 0 and shared by every
+            rank of a multi-process run). The DP noise is seeded as usual.
         trainer_class: The trainer to audit (default :class:`~hf_ewtune.DPTrainer`).
         privacy_args: The privacy settings, or pass :class:`~hf_ewtune.PrivacyArguments` fields as keywords.
         command: The command line to record in the report.
