@@ -64,6 +64,52 @@ class NoClippingTrainer(DPTrainer):
         self._engine._factors = no_clip
 
 
+class OneNoiseShareOfTwoTrainer(NoNoiseTrainer):
+    """The per-rank-share design gone wrong in a 2-process run: each rank should add N(0, sigma^2 C^2 / 2) before
+    the all-reduce and one rank skips its share, so the released sum carries 1/sqrt(2) of the accounted noise.
+
+    Written on top of DPTrainer's rank-0-only noise, that is rank 0 adding sigma C / sqrt(2): the gradient
+    every replica releases is the same, just too little noise (measured in docs/audit.md; too small a break
+    for a one-run audit at these settings to prove).
+    """
+
+    noise_scale = 2 ** -0.5
+
+
+class NoiseAfterReduceOnRankZeroTrainer(DPTrainer):
+    """Multi-process bug: the clipped sums are all-reduced FIRST, then rank 0 alone adds the noise.
+
+    DP-DDP adds the noise once, on rank 0, BEFORE the all-reduce, so every replica steps with the same noisy
+    gradient. Swap the two and the noise reaches rank 0's replica only: every other rank trains on the
+    noise-free clipped mean, while rank 0, the settings and the accountant all look right. (The same
+    "noise on one rank only" bug as a per-rank noise share that one rank skips, at its worst.)
+    """
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        dp = self.optimizer
+        honest = dp._settings
+        silent = dataclasses.replace(honest, noise_multiplier=0.0)
+        add_noise_and_scale = dp.add_noise_and_scale
+
+        def buggy_add_noise_and_scale():
+            step = dp._counter
+            dp._settings = silent
+            try:
+                add_noise_and_scale()  # all-reduce SUM and division by q N, without noise
+            finally:
+                dp._settings = honest
+                dp.last_step_settings = honest
+            if torch.distributed.get_rank() == 0:  # the noise, after the reduction: rank 0's replica only
+                gen = dp._generator(torch.device("cpu"), step)
+                for p in dp._params():
+                    noise = torch.normal(0.0, honest.noise_std, size=p.shape, generator=gen)
+                    p.grad.add_(noise.to(p.grad) / honest.expected_batch_size)
+
+        dp.add_noise_and_scale = buggy_add_noise_and_scale
+        return optimizer
+
+
 class OversamplingSampler(PoissonBatchSampler):
     """Draws each example with 4x the accounted rate (capped at 1)."""
 
@@ -72,15 +118,19 @@ class OversamplingSampler(PoissonBatchSampler):
 
 
 def tiny_audit(*, trainer_class=DPTrainer, num_canaries=1000, steps=10, batch_size=100, epsilon=CLAIMED_EPSILON,
-               kind="gradient", tmp_path="/tmp/hf-ewtune-audit-test", model=None, **kw):
-    """One audited run on a 1-layer, 16-wide BERT: 100 ordinary rows + about m/2 canaries, seeded."""
+               kind="gradient", tmp_path="/tmp/hf-ewtune-audit-test", model=None, train_dataset=None, **kw):
+    """One audited run on a 1-layer, 16-wide BERT: 100 ordinary rows + about m/2 canaries, seeded.
+
+    ``batch_size`` is per device (a W-process run passes 100 / W to keep the expected batch q N = 100).
+    """
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=steps,
                              per_device_train_batch_size=batch_size, disable_tqdm=True, logging_strategy="no",
-                             learning_rate=1e-3)
+                             learning_rate=1e-3, ddp_find_unused_parameters=False, dataloader_num_workers=0)
     pool = tiny_classification_dataset(TOK, n=num_canaries, max_length=8, seed=1) if kind == "input" else None
     model = model if model is not None else tiny_bert(vocab_size=len(TOK), hidden_size=16, num_layers=1)
     return run_audit(model=model, args=args,
-                     train_dataset=tiny_classification_dataset(TOK, n=100, max_length=8), num_canaries=num_canaries,
+                     train_dataset=train_dataset if train_dataset is not None
+                     else tiny_classification_dataset(TOK, n=100, max_length=8), num_canaries=num_canaries,
                      kind=kind, canary_pool=pool, target_epsilon=epsilon, max_grad_norm=1.0, seed=0, noise_seed=0,
                      trainer_class=trainer_class, **kw)
 

@@ -9,7 +9,8 @@ the certified epsilon proves a bug (clipping, noise, sampling, reduction or acco
 * :mod:`~hf_ewtune.audit.canaries` — gradient canaries (white-box) and input canaries (black-box);
 * :func:`audit_scores` — guesses from scores, best bound over a small grid of rules (Bonferroni);
 * :func:`epsilon_lower_bound` / :func:`p_value` — the paper's theorem for (eps, delta)-DP;
-* :class:`AuditReport` — certified vs audited epsilon; ``violation`` when the lower bound exceeds it.
+* :class:`AuditReport` — certified vs audited epsilon; ``violation`` when the lower bound exceeds it;
+* :mod:`~hf_ewtune.audit.processes` — multi-process runs: one canary draw, every replica's scores audited.
 
 Example:
     >>> from hf_ewtune.audit import epsilon_lower_bound

@@ -42,6 +42,9 @@ class AuditReport:
         rules_tried: Guessing rules tried (the Bonferroni factor already paid in ``epsilon_lower``).
         command: The command line that produced it (``hf-ewtune audit``), if any.
         wall_seconds: Wall time of the whole audit (loading, training, scoring), if measured.
+        num_processes: Processes of the run (``accelerate launch``); every one's scores are gathered.
+        replicas_agree: False when the processes released different canary gradients (a multi-process bug:
+            each replica was then audited, Bonferroni over them, and the largest bound is ``epsilon_lower``).
     """
 
     kind: str
@@ -60,6 +63,8 @@ class AuditReport:
     rules_tried: int
     command: str | None = None
     wall_seconds: float | None = None
+    num_processes: int = 1
+    replicas_agree: bool = True
 
     @property
     def violation(self) -> bool:
@@ -75,6 +80,8 @@ class AuditReport:
                 f"{self.certified_epsilon:.3f} (at {self.confidence:.0%} confidence). The guarantee is false: "
                 "clipping, noise, sampling or accounting is broken."
             )
+        if not self.replicas_agree:
+            lines.append(self.divergence_line())
         accuracy = self.num_correct / self.num_guesses if self.num_guesses else float("nan")
         lines += [
             f"certified epsilon (upper bound): {self.certified_epsilon:.3f} at delta = {self.delta:.1e}",
@@ -83,7 +90,8 @@ class AuditReport:
             f"{self.num_correct} of {self.num_guesses} guesses correct ({accuracy:.1%}), {self.rules_tried} rules tried",
             f"run: {self.steps} steps, sigma = {self.noise_multiplier:.4g}, q = {self.sample_rate:.4g}, "
             f"{self.train_seconds:.1f} s of training"
-            + (f", {self.wall_seconds:.1f} s in all" if self.wall_seconds is not None else ""),
+            + (f", {self.wall_seconds:.1f} s in all" if self.wall_seconds is not None else "")
+            + (f", {self.num_processes} processes" if self.num_processes > 1 else ""),
         ]
         if not self.violation:
             lines.append("no violation found (a one-run lower bound is usually far below the certified epsilon; "
@@ -91,6 +99,12 @@ class AuditReport:
         if self.command:
             lines.append(f"command: {self.command}")
         return lines
+
+    def divergence_line(self) -> str:
+        """The warning for replicas that released different gradients."""
+        return (f"REPLICAS DIVERGED: the {self.num_processes} processes released different canary gradients (DP-DDP "
+                "must give every rank the same noisy gradient; the noise or the all-reduce did not reach every rank). Every "
+                "replica was audited; the bound is the largest (Bonferroni over the processes).")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (with ``violation``); an infinite certified epsilon becomes ``"inf"``."""

@@ -4,6 +4,8 @@
 set, trains once with ``DPTrainer`` (or ``trainer_class``), scores every canary, and returns an
 :class:`~hf_ewtune.audit.AuditReport` with the certified epsilon and the one-run lower bound. The audited
 copy is discarded: nothing trained with canaries is saved (checkpointing is turned off, pushing refused).
+Under ``accelerate launch`` every rank runs it: the canaries are drawn once for all ranks and every replica's
+canary scores are gathered, so noise that reaches only some replicas is caught (:mod:`~hf_ewtune.audit.processes`).
 
 Example:
     >>> from transformers import TrainingArguments
@@ -23,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shlex
 import sys
@@ -41,7 +44,8 @@ from hf_ewtune.audit.canaries import (
     input_canary_scores,
     make_input_canaries,
 )
-from hf_ewtune.audit.guesses import audit_scores
+from hf_ewtune.audit.guesses import GuessResult, audit_scores
+from hf_ewtune.audit.processes import gather_scores, replicas_agree, shared_seed
 from hf_ewtune.audit.report import AuditReport
 from hf_ewtune.errors import PrivacyConfigError
 
@@ -91,7 +95,8 @@ def run_audit(
             It receives what is trained: the copy, or its :class:`GradientCanaryModel` wrapper.
         confidence: Confidence of the lower bound, in (0, 1).
         gradient_multiple: Gradient canaries' gradient norm in units of the clipping norm C (>= 1).
-        seed: Seed of the canary coins and choices (``None``: OS entropy). The DP noise is seeded as usual.
+        seed: Seed of the canary coins and choices (``None``: OS entropy, drawn on rank 0 and shared by every
+            rank of a multi-process run). The DP noise is seeded as usual.
         trainer_class: The trainer to audit (default :class:`~hf_ewtune.DPTrainer`).
         privacy_args: The privacy settings, or pass :class:`~hf_ewtune.PrivacyArguments` fields as keywords.
         command: The command line to record in the report.
@@ -118,6 +123,7 @@ def run_audit(
     if privacy_args is not None and privacy_kwargs:
         raise PrivacyConfigError("pass the privacy settings either as privacy_args= or as keyword arguments, not both.")
     pa = privacy_args if privacy_args is not None else PrivacyArguments(**privacy_kwargs)
+    seed = shared_seed(seed)  # multi-process: every rank must draw the same canaries
     included = draw_inclusion(num_canaries=num_canaries, seed=seed)
     model = copy.deepcopy(model)
     args.save_strategy = SaveStrategy.NO  # nothing trained with canaries reaches the disk
@@ -133,8 +139,7 @@ def run_audit(
         labels = num_labels if num_labels is not None else getattr(getattr(model, "config", None), "num_labels", None)
         if labels is None:
             raise PrivacyConfigError("kind='input' needs num_labels= (the model has no config.num_labels).")
-        canaries = make_input_canaries(pool=canary_pool, num_canaries=num_canaries, num_labels=int(labels),
-                                       seed=0 if seed is None else seed)
+        canaries = make_input_canaries(pool=canary_pool, num_canaries=num_canaries, num_labels=int(labels), seed=seed)
         trained = model
         data = concatenate_datasets([train_dataset, canaries.select(np.flatnonzero(included).tolist())])
 
@@ -162,23 +167,37 @@ def run_audit(
     else:
         scores = input_canary_scores(model=trained, canaries=canaries, collator=trainer.data_collator)
     spent = trainer.get_privacy_spent()
-    guess = audit_scores(scores=scores, included=included, delta=trainer.delta, confidence=confidence)
+    rank_scores = gather_scores(scores)  # every replica's scores (multi-process); [scores] in one process
+    agree = replicas_agree(rank_scores)
+    guess = _audit_replicas(rank_scores[:1] if agree else rank_scores, included=included, delta=trainer.delta,
+                            confidence=confidence)
     report = AuditReport(
         kind=kind, certified_epsilon=float(spent.epsilon), delta=float(trainer.delta), epsilon_lower=guess.epsilon_lower,
         confidence=confidence, num_canaries=num_canaries, num_included=int(included.sum()),
         num_guesses=guess.num_guesses, num_correct=guess.num_correct, steps=int(trainer.state.global_step),
         noise_multiplier=float(trainer.noise_multiplier), sample_rate=float(trainer.sample_rate),
         train_seconds=seconds, rules_tried=guess.rules_tried,
-        command=command,
+        command=command, num_processes=len(rank_scores), replicas_agree=agree,
     )
     engine = getattr(trainer, "_engine", None)
     if engine is not None:  # drop the clipping hooks from the discarded copy
         engine.remove()
+    if not agree:
+        logger.error(report.divergence_line())
     if report.violation:
         message = report.summary_lines()[0]
         logger.error(message)
         warnings.warn(message, PrivacyViolationWarning, stacklevel=2)
     return report
+
+
+def _audit_replicas(rank_scores: list[np.ndarray], *, included: np.ndarray, delta: float,
+                    confidence: float) -> GuessResult:
+    """The best bound over the replicas' scores, Bonferroni over them (one replica: the plain audit)."""
+    per_replica = 1.0 - (1.0 - confidence) / len(rank_scores)
+    results = [audit_scores(scores=s, included=included, delta=delta, confidence=per_replica) for s in rank_scores]
+    best = max(results, key=lambda r: r.epsilon_lower)
+    return dataclasses.replace(best, confidence=confidence)
 
 
 def command_line() -> str:

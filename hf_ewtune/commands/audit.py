@@ -76,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_audit_command(args: argparse.Namespace) -> int:
     """Run the audit from parsed options; prints the report, writes ``audit_report.json``; returns the exit status."""
     from hf_ewtune.audit.recipe import audit_text_classification
+    from hf_ewtune.audit.processes import is_main_process
     from hf_ewtune.audit.run import command_line
     from hf_ewtune.commands.train import _close_process_group, config_from_args
     from hf_ewtune.errors import PrivacyConfigError
@@ -92,11 +93,14 @@ def run_audit_command(args: argparse.Namespace) -> int:
         report = audit_text_classification(config=config, kind=args.kind, num_canaries=args.canaries,
                                            confidence=args.confidence, gradient_multiple=args.gradient_multiple,
                                            command=command_line())
+        main = is_main_process()  # under accelerate launch rank 0 alone prints and writes the report
     except (PrivacyConfigError, ValueError, OSError) as exc:
         print(f"hf-ewtune audit: error: {exc}", file=sys.stderr)
         return 2
     finally:
         _close_process_group()
+    if not main:
+        return EXIT_VIOLATION if report.violation else 0
     path = report.write_json(Path(config.output_dir) / "audit_report.json")
     print()
     print("== audit ==")
