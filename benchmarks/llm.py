@@ -4,8 +4,7 @@
 Models (``--models``):
 
 * ``smollm2``: SmolLM2-135M-Instruct with its real weights (the offline GGUF of ``hf_ewtune.data.smollm2_gguf()``,
-  dequantised once and cached as safetensors under ``$TMPDIR/hf_ewtune-bench-smollm2``); 30 layers, hidden 576,
-  vocabulary 49,152, tied embeddings.
+  dequantised to float32 at each load); 30 layers, hidden 576, vocabulary 49,152, tied embeddings.
 * ``llama1b``: a Llama-shaped model with 1B-class widths (hidden 2048, MLP 8192, 32 heads / 8 KV heads, as
   Llama-3.2-1B), ``--layers`` layers (default 1) and a ``--vocab`` vocabulary (default 8,192), random weights,
   untied embeddings (Opacus ghost clipping refuses tied parameters).
@@ -81,30 +80,17 @@ SHAPES = {  # hidden, MLP, heads, KV heads
 
 
 # --------------------------------------------------------------------------------------------- models
-def smollm2_folder() -> str:
-    """A ``from_pretrained`` folder of SmolLM2-135M-Instruct (GGUF dequantised once, cached)."""
-    folder = os.path.join(tempfile.gettempdir(), "hf_ewtune-bench-smollm2")
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        from transformers import AutoModelForCausalLM
-
-        from hf_ewtune.data import smollm2_gguf
-
-        src, gguf = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, torch_dtype="float32")
-        tmp = folder + f".tmp{os.getpid()}"
-        model.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    return folder
-
-
 def build_model(name: str, *, layers: int, vocab: int, lora: bool, ckpt: bool, untie: bool = False):
     """The model of configuration ``name`` (identically initialised in every process)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    if name == "smollm2":
-        model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), torch_dtype=torch.float32,
+    if name == "smollm2":  # the GGUF is dequantised at every load (transformers cannot save a GGUF-loaded model)
+        from hf_ewtune.data import smollm2_gguf
+
+        folder, gguf = smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32,
                                                      attn_implementation="sdpa")
     else:
         hidden, mlp, heads, kv = SHAPES[name]
@@ -363,8 +349,6 @@ def main(argv=None) -> dict:
           f"load {load_start}", flush=True)
     print(f"# batch {a.batch}, llama1b layers {a.layers}, vocab {a.vocab}, warm-up {a.warmup}, reps {a.reps}, "
           f"memory steps {a.mem_steps}", flush=True)
-    if "smollm2" in a.models:
-        run_forked(smollm2_folder)
     configs = [Config(m, f, s, c, a) for m, f, s, c in itertools.product(a.models, a.ft, a.seq, a.ckpt)]
     rows: dict[str, dict] = {}
     print(f"\n{'configuration':<34} {'method':<13} {'s/step':>8} {'x plain':>8} | {'MB added':>9} {'x plain':>8} | "
