@@ -4,8 +4,10 @@ A Llama-shaped model with SmolLM2-135M's widths (hidden 576, MLP 1536, 9 heads, 
 fewer layers and a smaller vocabulary unless ``--layers``/``--vocab`` say otherwise) and prompt/completion
 records of ``--seq`` tokens (completion-only loss). Both trainers get the same collated batch; a step is
 ``training_step`` (forward + backward; + per-example clipping for DP) plus the optimizer step (+ noise for DP).
-Each mode runs in a forked process (peak memory = peak RSS of that process, or peak CUDA memory); time ratios
-are median(DP step) / median(TRL step). Targets in issue 13: DP <= 1.15x time and <= 1.2x memory. The last
+Peak memory: each mode runs in its own forked process (peak RSS of that process, or peak CUDA memory). Time:
+one forked process holds both trainers and alternates them, one step each per round (the first round is a
+warm-up); the time ratio is the median over rounds of the within-round ratio DP step / TRL step (the
+machine's speed drifts, so only steps taken side by side are compared). Targets in issue 13: DP <= 1.15x time and <= 1.2x memory. The last
 line is a JSON object.
 
 Usage:
@@ -66,10 +68,10 @@ def _dataset(n: int, seq: int):
                               "completion": [text(completion_chars) for _ in range(n)]})
 
 
-def _one_mode(mode: str, lora: bool, a: argparse.Namespace) -> dict:
+def _build_mode(mode: str, lora: bool, a: argparse.Namespace):
+    """The trainer of ``mode`` ("trl" or "dp"), its model on the device and one collated batch."""
     import torch
 
-    reset_peak_rss()
     tok = _tokenizer()
     model = _build(a.layers, max(a.vocab, len(tok)), lora)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,24 +92,54 @@ def _one_mode(mode: str, lora: bool, a: argparse.Namespace) -> dict:
     batch = trainer.data_collator([ds[i] for i in range(a.batch)])
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this benchmark bypasses
-    model = trainer.model.to(device)
-    times = []
+    return trainer, trainer.model.to(device), batch, device
+
+
+def _step(trainer, model, batch, device: str) -> float:
+    """One ``training_step`` + optimizer step + ``zero_grad``; seconds."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    trainer.training_step(model, dict(batch))
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _memory(mode: str, lora: bool, a: argparse.Namespace) -> dict:
+    """Forked child: peak memory of one mode (peak RSS, or peak CUDA memory) over two steps (the optimizer state
+    exists from the first)."""
+    import torch
+
+    reset_peak_rss()
+    trainer, model, batch, device = _build_mode(mode, lora, a)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for rep in range(a.reps + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        trainer.training_step(model, dict(batch))
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if rep:  # the first step warms up
-            times.append(time.perf_counter() - t0)
+    for _ in range(2):
+        _step(trainer, model, batch, device)
     mem = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
-    return {"median_s": median(times), "peak_mb": mem, "device": device,
+    return {"peak_mb": mem, "device": device,
             "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def _interleaved_times(lora: bool, a: argparse.Namespace) -> dict:
+    """Forked child: both trainers in one process, one step each per round (order alternating), first round warm-up.
+
+    Returns the per-round step times of each mode (so a ratio compares steps taken seconds apart, under the same
+    machine load)."""
+    built = {mode: _build_mode(mode, lora, a) for mode in ("trl", "dp")}
+    times: dict[str, list[float]] = {"trl": [], "dp": []}
+    for rep in range(a.reps + 1):
+        order = ("trl", "dp") if rep % 2 == 0 else ("dp", "trl")
+        for mode in order:
+            t = _step(*built[mode])
+            if rep:  # the first round warms up
+                times[mode].append(t)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,13 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.layers, a.batch, a.seq, a.reps, a.vocab = 1, 2, 64, 2, 512
     result: dict = {"settings": vars(a), "cpu_load": cpu_load()}
+    print(f"# sft.py {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  load {result['cpu_load']}", flush=True)
     for name, lora in (("lora", True), ("full", False)):
-        trl_r = run_forked(_one_mode, "trl", lora, a)
-        dp_r = run_forked(_one_mode, "dp", lora, a)
-        result[name] = {"trl": trl_r, "dp": dp_r, "time_ratio": dp_r["median_s"] / trl_r["median_s"],
-                        "memory_ratio": dp_r["peak_mb"] / trl_r["peak_mb"]}
+        trl_r = run_forked(_memory, "trl", lora, a)
+        dp_r = run_forked(_memory, "dp", lora, a)
+        times = run_forked(_interleaved_times, lora, a)
+        for r, mode in ((trl_r, "trl"), (dp_r, "dp")):
+            r["median_s"], r["times"] = median(times[mode]), times[mode]
+        ratio = median([d / t for d, t in zip(times["dp"], times["trl"])])
+        result[name] = {"trl": trl_r, "dp": dp_r, "time_ratio": ratio, "memory_ratio": dp_r["peak_mb"] / trl_r["peak_mb"]}
         print(f"{name:5s} TRL {trl_r['median_s']:.3f} s  DP {dp_r['median_s']:.3f} s  time x{result[name]['time_ratio']:.2f}"
               f"  memory {trl_r['peak_mb']:.0f} -> {dp_r['peak_mb']:.0f} MB (x{result[name]['memory_ratio']:.2f})")
+    result["cpu_load_end"] = cpu_load()
+    print(f"# load at end {result['cpu_load_end']}")
     print(json.dumps(result))
     return 0
 

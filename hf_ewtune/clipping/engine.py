@@ -37,6 +37,7 @@ from .checkpointing import (RecomputeCapture, catch_output_grads, check_leaks, i
                             is_reentrant_checkpoint_node, raw_gradient_guard)
 from .functorch_fallback import direct_trainable
 from .groups import UnitLayout, unit_norms_sq
+from .linear import note_gram_readers
 from .validation import batch_mixing_problem, choose_rule, model_problems, raise_problems
 
 FLAT_EPS = 1e-6
@@ -187,6 +188,8 @@ class ClippingEngine:
             norm_sq: dict[int, torch.Tensor] = {}
             pe_sum: dict[int, torch.Tensor] = {}
             merged = layout is not None and not layout.singletons
+            if records and records[0].shared is not None:  # free each Gram matrix after its last reader
+                note_gram_readers(records[0].shared, [plist[0] for plist in uses.values() if len(plist) == 1])
             if merged:
                 norm_sq, pe_sum = unit_norms_sq(uses, layout, dtype)
             for pid, plist in (() if merged else uses.items()):

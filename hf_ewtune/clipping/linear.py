@@ -2,14 +2,33 @@
 
 Norms use the ghost identity ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` when ``2 T^2 < d_in d_out`` and
 instantiate ``G_i^T A_i`` otherwise; the clipped sum is one GEMM ``(c * G)^T A`` over all tokens.
+
+The Gram matrix ``A A^T`` (``B T^2`` floats) of an input shared by several layers (Q/K/V, gate/up) is computed
+once per backward and freed after its last reader (:func:`note_gram_readers`), so at most the Grams of one input
+are alive at a time instead of one per distinct input of the whole model (``2 L + 1`` for a Llama of ``L`` layers
+at long sequences, where ghost norms are picked for the MLP).
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch import nn
 
 from ._base import Record, Rule, compute_dtype, storage_key, tensor_arg
+
+
+_GRAM_READERS = "gram_readers"
+
+
+def note_gram_readers(shared: dict, uses: list[tuple[Record, str]]) -> None:
+    """Count, per recorded input, how many weight norms of ``uses`` may read its Gram matrix.
+
+    :meth:`LinearRule.norm_sq` then drops a cached Gram matrix from ``shared`` once its last reader is done. Without
+    this note (e.g. the per-unit merged records of :mod:`.groups`) the cache lives as long as ``shared``.
+    """
+    shared[_GRAM_READERS] = Counter(rec.key for rec, role in uses if isinstance(rec.rule, LinearRule) and role == "weight")
 
 
 def use_ghost(t: int, d_in: int, d_out: int) -> bool:
@@ -57,14 +76,21 @@ class LinearRule(Rule):
         if role == "bias":
             return g.sum(1).pow(2).sum(1)
         t = a.shape[1]
+        shared = rec.shared if rec.shared is not None else {}
+        readers = shared.get(_GRAM_READERS)
+        if readers is not None:
+            readers[rec.key] -= 1
         if t == 1:
             return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
         if use_ghost(t, a.shape[2], g.shape[2]):
-            shared = rec.shared if rec.shared is not None else {}
             gram_key = ("gram", rec.key, a.dtype)  # Q/K/V (and LoRA A) share their input: one A A^T for all
             aa = shared.get(gram_key)
             if aa is None:
-                aa = shared[gram_key] = torch.bmm(a, a.transpose(1, 2))
+                aa = torch.bmm(a, a.transpose(1, 2))
+            if readers is None or readers[rec.key] > 0:
+                shared[gram_key] = aa  # a later layer reads the same input
+            else:
+                shared.pop(gram_key, None)  # the last reader: free it as soon as this norm is done
             return (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         pe = self.per_example(rec, role)
         # Keep it for the clipped sum only while it is small next to the stored activations (LoRA factors);
