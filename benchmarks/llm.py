@@ -90,8 +90,11 @@ def build_model(name: str, *, layers: int, vocab: int, lora: bool, ckpt: bool, u
         from hf_ewtune.data import smollm2_gguf
 
         folder, gguf = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32,
-                                                     attn_implementation="sdpa")
+        from hf_ewtune.recipes.models import dequantized_copy
+
+        # transformers flags a GGUF-loaded model as quantized (Trainer refuses it): train a plain copy
+        model = dequantized_copy(AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf, torch_dtype=torch.float32, attn_implementation="sdpa"))
     else:
         hidden, mlp, heads, kv = SHAPES[name]
         model = LlamaForCausalLM(LlamaConfig(
