@@ -20,8 +20,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from hf_ewtune.accounting import PLDAccountant, RandomAllocationAccountant, ShuffledAccountant
-from hf_ewtune.accounting.random_allocation import add_epsilon, random_allocation_epsilon, remove_epsilon
+from hf_ewtune.accounting import PLDAccountant, RandomAllocationAccountant, RDPAccountant, ShuffledAccountant
+from hf_ewtune.accounting.random_allocation import (
+    add_epsilon,
+    jensen_add_epsilon,
+    lattice_add_epsilon,
+    random_allocation_epsilon,
+    remove_epsilon,
+)
 from hf_ewtune.accounting.random_allocation_mc import mc_epsilon_lower_bound
 from hf_ewtune.sampling import steps_per_epoch_for
 
@@ -33,35 +39,42 @@ SETTINGS = (  # name, sigma, N, B, steps, delta
 
 
 def table() -> None:
-    print("| setting | q | T | steps | sigma | delta | Poisson (PLD) | random allocation (remove / add) | shuffled |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| setting | q | T | steps | sigma | delta | Poisson (PLD) | Poisson (RDP) | random allocation (remove / add lattice; add Jensen) "
+          "| shuffled |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, sigma, n, b, steps, delta in SETTINGS:
         q = b / n
         spe = steps_per_epoch_for(q)
         poisson = PLDAccountant()
+        rdp = RDPAccountant()
         ra = RandomAllocationAccountant()
         shuffled = ShuffledAccountant.for_sampler(num_examples=n, batch_size=b, steps_per_epoch=spe)
-        for acc in (poisson, ra, shuffled):
+        for acc in (poisson, rdp, ra, shuffled):
             acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
         h = tuple(ra.history)
-        print(f"| {name} | {q:.6f} | {spe} | {steps} | {sigma} | {delta:g} | {poisson.get_epsilon(delta):.3f} | "
-              f"{ra.get_epsilon(delta):.3f} ({remove_epsilon(h, delta):.3f} / {add_epsilon(h, delta):.3f}) | "
+        print(f"| {name} | {q:.6f} | {spe} | {steps} | {sigma} | {delta:g} | {poisson.get_epsilon(delta):.3f} | {rdp.get_epsilon(delta):.3f} | "
+              f"{ra.get_epsilon(delta):.3f} ({remove_epsilon(h, delta):.3f} / {lattice_add_epsilon(h, delta):.3f}; "
+              f"Jensen {jensen_add_epsilon(h, delta):.3f}) | "
               f"{shuffled.get_epsilon(delta):.3f} |")
 
 
 def grid(samples: int, delta: float) -> None:
     print(f"one epoch, delta = {delta:g}, {samples} Monte Carlo samples per direction")
-    print(f"{'T':>4} {'sigma':>5} {'certified':>9} {'MC lower':>9} {'(remove':>8} {'add)':>6} {'ok':>3} {'s':>5}")
+    print(f"{'T':>4} {'sigma':>5} {'certified':>9} {'MC lower':>9} | {'remove':>7} {'MC':>7} | {'add':>7} {'MC':>7} "
+          f"{'ok':>3} {'s':>5}")
     bad = 0
     for t in (4, 10, 50, 200):
         for sigma in (0.6, 0.8, 1.0, 2.0):
             start = time.perf_counter()
-            cert = random_allocation_epsilon(((sigma, 1.0 / t, t),), delta)
+            h = ((sigma, 1.0 / t, t),)
+            cert = random_allocation_epsilon(h, delta)
+            rem, add = remove_epsilon(h, delta), add_epsilon(h, delta)
             lo = mc_epsilon_lower_bound(noise_multiplier=sigma, steps_per_epoch=t, delta=delta, samples=samples,
                                         seed=t * 1000 + int(sigma * 100))
-            ok = cert >= lo["epsilon_lower"]
+            ok = cert >= lo["epsilon_lower"] and rem >= lo["remove"] and add >= lo["add"]
             bad += not ok
-            print(f"{t:>4} {sigma:>5} {cert:>9.4f} {lo['epsilon_lower']:>9.4f} {lo['remove']:>8.4f} {lo['add']:>6.4f} "
+            print(f"{t:>4} {sigma:>5} {cert:>9.4f} {lo['epsilon_lower']:>9.4f} | {rem:>7.4f} {lo['remove']:>7.4f} | "
+                  f"{add:>7.4f} {lo['add']:>7.4f} "
                   f"{'yes' if ok else 'NO':>3} {time.perf_counter() - start:>5.1f}")
     print("all sound" if not bad else f"{bad} settings UNSOUND")
 

@@ -17,10 +17,12 @@ from hf_ewtune.accounting import (
     gaussian_epsilon,
 )
 from hf_ewtune.accounting.random_allocation import (
-    add_epsilon,
     epochs_touched,
+    jensen_add_epsilon,
+    lattice_add_epsilon,
     log_sum_moments,
     random_allocation_epsilon,
+    remove_epsilon,
     remove_rdp,
 )
 from hf_ewtune.accounting.random_allocation_mc import mc_epsilon_lower_bound
@@ -106,7 +108,8 @@ def test_moments_of_the_sum_match_the_multinomial_expansion(sigma, t, a):
 def test_one_step_per_epoch_is_the_gaussian_mechanism():
     assert remove_rdp(1.5, 1)[:3] == pytest.approx([a / (2 * 1.5**2) for a in (2, 3, 4)], rel=1e-8)
     history = ((1.5, 1.0, 4),)  # T = 1, 4 epochs: mu = 2 / 1.5, no shift
-    assert add_epsilon(history, 1e-5) == gaussian_epsilon(2 / 1.5, 1e-5)
+    assert jensen_add_epsilon(history, 1e-5) == gaussian_epsilon(2 / 1.5, 1e-5)  # Jensen is exact for T = 1
+    assert lattice_add_epsilon(history, 1e-5) >= gaussian_epsilon(2 / 1.5, 1e-5)  # the lattice PLD is above it
     assert random_allocation_epsilon(history, 1e-5) >= gaussian_epsilon(2 / 1.5, 1e-5)
 
 
@@ -128,12 +131,14 @@ def test_epochs_partial_epochs_and_restarts_are_counted():
 @pytest.mark.parametrize("sigma", [0.8, 1.0, 2.0])
 def test_certified_epsilon_is_never_below_the_monte_carlo_lower_bound(t, sigma):
     delta = 1e-3
-    certified = random_allocation_epsilon(((sigma, 1.0 / t, t),), delta)  # one epoch of T steps
+    history = ((sigma, 1.0 / t, t),)  # one epoch of T steps
+    certified = random_allocation_epsilon(history, delta)
     lower = mc_epsilon_lower_bound(noise_multiplier=sigma, steps_per_epoch=t, delta=delta, samples=40_000,
                                    seed=t * 10 + int(sigma * 10))
-    assert lower["epsilon_lower"] > 0.0  # the lower bound is informative ...
-    assert certified >= lower["epsilon_lower"]  # ... and the certificate is above it
-    assert certified >= lower["remove"] and certified >= lower["add"]
+    assert lower["remove"] > 0.0 and lower["add"] > 0.0  # the lower bounds are informative ...
+    assert certified >= lower["epsilon_lower"]  # ... and the certificate is above them, direction by direction
+    assert remove_epsilon(history, delta) >= lower["remove"]
+    assert jensen_add_epsilon(history, delta) >= lower["add"] and lattice_add_epsilon(history, delta) >= lower["add"]
 
 
 def test_monte_carlo_lower_bound_catches_an_unsound_epsilon():
@@ -157,7 +162,8 @@ def test_main_job_random_allocation_sits_between_poisson_and_shuffled():
     # the add direction is exactly the shifted Gaussian of the module docstring (2 epochs of T = 45)
     mu, shift = math.sqrt(2 / (45 * sigma**2)), 2 * (1 - 1 / 45) / (2 * sigma**2)
     eps_add = shift + gaussian_epsilon(mu, delta)
-    assert add_epsilon(tuple(ra.history), delta) == pytest.approx(eps_add, rel=1e-12)
+    assert jensen_add_epsilon(tuple(ra.history), delta) == pytest.approx(eps_add, rel=1e-12)
+    assert lattice_add_epsilon(tuple(ra.history), delta) < eps_add  # the lattice PLD is tighter here
     gauss_delta = norm.cdf(-(eps_add - shift) / mu + mu / 2) - math.exp(eps_add - shift) * norm.cdf(
         -(eps_add - shift) / mu - mu / 2)
     assert gauss_delta <= delta

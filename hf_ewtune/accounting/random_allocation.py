@@ -33,7 +33,15 @@ Why the bound below holds, line by line (units: gradients divided by C, noise st
    ``E_Q[(1 - e^(eps - L))_+]`` grows with the loss L, so ``delta_add(eps) <= delta_Gauss(mu, eps - c)``; over
    epochs the Gaussians add: ``mu^2 = sum E / (T sigma^2)``, ``c = sum E (1 - 1/T) / (2 sigma^2)``, and
    ``eps_add = c + gaussian_epsilon(mu, delta)`` (Balle & Wang 2018, exact Gaussian profile).
-5. The published eps is ``max(eps_remove, eps_add)``: add-or-remove-one needs both directions.
+5. **Add direction, tighter: a pessimistic lattice PLD.** Round every ``Y_i`` DOWN to the lattice ``h N``
+   and cap it at ``M`` (``Y'_i = min(h floor(Y_i / h), M) <= Y_i``), so ``S' = sum_i Y'_i <= sum_i Y_i`` and
+   the loss ``L' = log(T / S') >= L`` for the same x: by the monotonicity of step 4, the privacy profile of L'
+   bounds that of L. ``Y'`` has an exact lattice PMF (normal CDF differences of ``log Y ~ N(-1/(2 sigma^2),
+   1/sigma^2)``); the PMF of ``S'`` is its T-fold convolution (direct sums of non-negative terms, no FFT);
+   ``S' = 0`` is an infinite loss (infinity mass). Each loss is rounded UP to dp-accounting's grid and the
+   per-epoch PMFs are composed with dp-accounting's pessimistic ``PLDPmf`` (``self_compose`` / ``compose``).
+   ``eps_add`` is the smaller of this and step 4's value (both are upper bounds).
+6. The published eps is ``max(eps_remove, eps_add)``: add-or-remove-one needs both directions.
 
 Adjacency: **add-or-remove-one example** (as for Poisson sampling). Not covered: user-level runs (refused).
 
@@ -64,6 +72,10 @@ SAMPLING = "random allocation (balls-in-bins)"
 ORDERS = tuple(range(2, 257))
 #: Relative margin on the log-moments for floating-point rounding (all summed terms are positive).
 LOG_MARGIN = 1e-9
+#: Add-direction lattice PLD (step 5): lattice step h and cap M of Y, and dp-accounting's loss grid.
+ADD_LATTICE = 0.01
+ADD_CAP = 4.0
+ADD_LOSS_GRID = 1e-4
 
 
 def _steps_per_epoch(sample_rate: float) -> int:
@@ -151,10 +163,62 @@ def add_parameters(history: tuple) -> tuple[float, float]:
     return math.sqrt(mu2), shift
 
 
-def add_epsilon(history: tuple, delta: float) -> float:
-    """eps of the add direction: ``c + gaussian_epsilon(mu, delta)`` (step 4)."""
+def jensen_add_epsilon(history: tuple, delta: float) -> float:
+    """eps of the add direction by Jensen: ``c + gaussian_epsilon(mu, delta)`` (step 4)."""
     mu, shift = add_parameters(history)
     return shift + gaussian_epsilon(mu, delta)
+
+
+@lru_cache(maxsize=64)
+def _lattice_sum_pmf(noise_multiplier: float, steps_per_epoch: int) -> np.ndarray:
+    """PMF of ``S' = sum of T iid Y'`` on the lattice ``h N`` (step 5)."""
+    from scipy.stats import norm
+
+    h, k_max = ADD_LATTICE, int(round(ADD_CAP / ADD_LATTICE))
+    mean, sd = -0.5 / noise_multiplier**2, 1.0 / noise_multiplier
+    z = (np.log(h * np.arange(1, k_max + 1)) - mean) / sd  # P(Y < k h) = Phi(z_k), k = 1..k_max
+    cdf, sf = norm.cdf(z), norm.sf(z)
+    one = np.empty(k_max + 1)
+    one[0] = cdf[0]
+    one[1:k_max] = np.where(z[1:] <= 0.0, cdf[1:] - cdf[:-1], sf[:-1] - sf[1:])  # the accurate side of Phi
+    one[k_max] = sf[-1]
+    one = np.clip(one, 0.0, None)
+    result, power, t = None, one, int(steps_per_epoch)
+    while t:
+        if t & 1:
+            result = power if result is None else np.convolve(result, power)
+        t >>= 1
+        if t:
+            power = np.convolve(power, power)
+    return result
+
+
+def _add_epoch_pmf(noise_multiplier: float, steps_per_epoch: int):
+    """dp-accounting ``PLDPmf`` of one epoch's add-direction loss ``L' = log(T / S')``, rounded up (step 5)."""
+    from dp_accounting.pld import pld_pmf
+
+    pmf = _lattice_sum_pmf(float(noise_multiplier), int(steps_per_epoch))
+    k = np.arange(1, len(pmf))
+    loss = math.log(steps_per_epoch) - np.log(k * ADD_LATTICE)
+    idx = np.ceil(loss / ADD_LOSS_GRID).astype(np.int64)  # rounded UP: pessimistic
+    lower = int(idx.min())
+    probs = np.bincount(idx - lower, weights=pmf[1:])
+    return pld_pmf.DensePLDPmf(ADD_LOSS_GRID, lower, probs, float(pmf[0]), True)
+
+
+def lattice_add_epsilon(history: tuple, delta: float) -> float:
+    """eps of the add direction from the composed lattice PLDs (step 5)."""
+    total = None
+    for (sigma, q, _), epochs in zip(history, epochs_touched(history)):
+        pmf = _add_epoch_pmf(sigma, _steps_per_epoch(q))
+        pmf = pmf.self_compose(epochs) if epochs > 1 else pmf
+        total = pmf if total is None else total.compose(pmf)
+    return max(float(total.get_epsilon_for_delta(delta)), 0.0)
+
+
+def add_epsilon(history: tuple, delta: float) -> float:
+    """eps of the add direction: the smaller of the Jensen (step 4) and lattice PLD (step 5) bounds."""
+    return min(jensen_add_epsilon(history, delta), lattice_add_epsilon(history, delta))
 
 
 def random_allocation_epsilon(history: tuple, delta: float) -> float:
@@ -162,7 +226,7 @@ def random_allocation_epsilon(history: tuple, delta: float) -> float:
 
     Example:
         >>> h = ((1.0, 1.0, 3),)   # T = 1: every example in every step, the plain Gaussian (mu = sqrt(3))
-        >>> add_epsilon(h, 1e-5) == gaussian_epsilon(math.sqrt(3), 1e-5)
+        >>> jensen_add_epsilon(h, 1e-5) == gaussian_epsilon(math.sqrt(3), 1e-5)
         True
     """
     delta = check_delta(delta)
@@ -171,7 +235,11 @@ def random_allocation_epsilon(history: tuple, delta: float) -> float:
         return 0.0
     if any(s == 0.0 for s, _, _ in history):
         return math.inf
-    return max(remove_epsilon(history, delta), add_epsilon(history, delta))
+    remove = remove_epsilon(history, delta)
+    jensen = jensen_add_epsilon(history, delta)
+    if jensen <= remove:  # max(remove, min(jensen, lattice)) is then `remove`: skip the lattice PLD
+        return remove
+    return max(remove, min(jensen, lattice_add_epsilon(history, delta)))
 
 
 class RandomAllocationAccountant(Accountant):
@@ -205,8 +273,9 @@ class RandomAllocationAccountant(Accountant):
         return (
             "hf_ewtune random-allocation bound (Feldman & Shenfeld 2025; dominating pair of Chua et al. 2025): "
             "remove direction by the exact integer-order Renyi divergence composed over epochs and converted by "
-            f"dp-accounting {dp_accounting_version()}; add direction by Jensen's inequality and the exact Gaussian "
-            f"privacy profile; {ADJACENCY}, one participation per example per epoch of round(1/q) steps"
+            f"dp-accounting {dp_accounting_version()}; add direction by a pessimistic lattice PLD composed with "
+            f"dp-accounting's PLD (or Jensen + the Gaussian profile, if smaller); {ADJACENCY}, one participation per "
+            "example per epoch of round(1/q) steps"
         )
 
     def _certified_epsilon(self, history, delta):
@@ -235,4 +304,5 @@ class RandomAllocationAccountant(Accountant):
         )
 
 
-__all__ = ["RandomAllocationAccountant", "random_allocation_epsilon", "remove_rdp", "add_epsilon", "remove_epsilon"]
+__all__ = ["RandomAllocationAccountant", "add_epsilon", "jensen_add_epsilon", "lattice_add_epsilon",
+           "random_allocation_epsilon", "remove_epsilon", "remove_rdp"]
