@@ -32,7 +32,8 @@ from .registry import (
 from .random_allocation import RandomAllocationAccountant
 from .report import PrivacyReport
 from .saddle_point_accountant import SaddlePointAccountant
-from .shuffled import ShuffledAccountant, accountant_for_sampling, gaussian_epsilon
+from .for_sampling import accountant_for_sampling
+from .shuffled import ShuffledAccountant, gaussian_epsilon
 
 __all__ = [
     "ACCOUNTANTS",
