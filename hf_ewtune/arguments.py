@@ -84,6 +84,12 @@ class PrivacyArguments:
         poisson_sampling: Draw every logical batch by Poisson sampling (what ``accountant`` analyses). With
             ``False``, shuffled fixed-size batches are used and certified by their own, looser bound (no
             amplification, replace-one adjacency: :class:`~hf_ewtune.accounting.ShuffledAccountant`).
+        sampling: How logical batches are drawn, overriding ``poisson_sampling``: ``"poisson"``, ``"shuffled"``
+            or ``"random_allocation"`` (balls-in-bins: every example in one uniformly random step of each epoch
+            of ``round(1/q)`` steps, so it is seen exactly once per epoch and batch sizes vary; certified by
+            :class:`~hf_ewtune.accounting.random_allocation.RandomAllocationAccountant`, add-or-remove-one
+            adjacency; example-level only). ``None`` (default): from ``poisson_sampling``. Shuffled and random
+            allocation are accounted by their own bounds, whatever ``accountant`` says.
         noise_seed: Seed for the noise and the Poisson sampling. ``None`` (default, recommended) seeds them
             from ``secrets`` (OS entropy: unpredictable but not a CSPRNG). A fixed seed makes runs
             reproducible — for tests only, since a known seed lets anyone remove the noise.
@@ -120,6 +126,11 @@ class PrivacyArguments:
     )
     clipping: str = field(default="flat", metadata={"help": "flat | per_layer | automatic."})
     poisson_sampling: bool = field(default=True, metadata={"help": "Poisson-sample each logical batch."})
+    sampling: Optional[str] = field(
+        default=None,
+        metadata={"help": "poisson | shuffled | random_allocation (balls-in-bins: each example in one random step "
+                          "per epoch). Default: from poisson_sampling."},
+    )
     noise_seed: Optional[int] = field(
         default=None, metadata={"help": "Seed for noise and sampling (default: OS entropy). Tests only."}
     )
@@ -169,6 +180,19 @@ class PrivacyArguments:
         return dataclasses.asdict(self)
 
 
+def sampling_mode(settings: Any) -> str:
+    """The run's sampling: ``"poisson"``, ``"shuffled"`` or ``"random_allocation"`` (``sampling``, else from
+    ``poisson_sampling``).
+
+    Example:
+        >>> sampling_mode(PrivacyArguments(noise_multiplier=1.0, sampling="random_allocation"))
+        'random_allocation'
+    """
+    from hf_ewtune.sampling import resolve_sampling
+
+    return resolve_sampling(getattr(settings, "sampling", None), poisson=settings.poisson_sampling)
+
+
 def validate_privacy_fields(settings: Any) -> None:
     """Check the privacy fields of ``settings`` (a ``PrivacyArguments`` or ``DPTrainingArguments``).
 
@@ -187,6 +211,14 @@ def validate_privacy_fields(settings: Any) -> None:
     check_accountant_name(settings.accountant)
     check_choice(settings.clipping, CLIPPING_STYLES, name="clipping")
     check_bool(settings.poisson_sampling, name="poisson_sampling")
+    from hf_ewtune.sampling import resolve_sampling
+
+    mode = resolve_sampling(getattr(settings, "sampling", None), poisson=settings.poisson_sampling)
+    if mode == "random_allocation" and settings.user_id_column is not None:
+        raise PrivacyConfigError(
+            "sampling='random_allocation' is not supported with user_id_column (user-level privacy): its certified "
+            "bound is for example-level add-or-remove adjacency only. Use the default Poisson sampling for "
+            "user-level runs, or drop user_id_column.")
     check_bool(settings.certify_calibration, name="certify_calibration")
     check_optional_int(settings.noise_seed, name="noise_seed")
     check_optional_int(settings.max_physical_batch_size, name="max_physical_batch_size", minimum=1)

@@ -273,10 +273,12 @@ class PrivacyCallback(TrainerCallback, HoldsDPSettings):
         if "epsilon" in logs:
             eps = logs["epsilon"]
             logger.info(
-                "DP training done: %d steps, epsilon = %s (certified, delta=%.3g)%s.",
+                "DP training done: %d steps, epsilon = %s (certified by %s, delta=%.3g; sampling: %s)%s.",
                 self.steps,
                 "inf" if math.isinf(eps) else f"{eps:.4g}",
+                getattr(self.accountant, "certifier_label", "?"),
                 self.delta,
+                getattr(self.accountant, "sampling", "Poisson sampling"),
                 f"; Edgeworth estimate {logs['epsilon_edgeworth']:.4g} (not a guarantee)" if "epsilon_edgeworth" in logs else "",
             )
         return control

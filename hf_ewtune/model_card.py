@@ -59,6 +59,8 @@ _EXAMPLE_UNITS = frozenset({"", DEFAULT_UNIT, "one training example (add/remove 
 NOT_POISSON = "shuffled fixed-size batches; accounting ASSUMES Poisson"
 SHUFFLED = "shuffled fixed-size batches"
 SHUFFLED_MECHANISM = "DP-SGD (Gaussian, shuffled fixed-size batches, no amplification)"
+RANDOM_ALLOCATION = "random allocation (balls-in-bins)"
+RANDOM_ALLOCATION_MECHANISM = "DP-SGD (Gaussian, random allocation / balls-in-bins batches)"
 CERTIFIED = "certified upper bound"
 NOT_CERTIFIED = "NOT certified: computed assuming Poisson sampling, which this run did not use"
 EDGEWORTH_LABEL = "estimate (not a guarantee)"
@@ -199,7 +201,8 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
         from hf_ewtune import __version__ as library_version
     unit = privacy_unit_of(state)
     meta: dict[str, Any] = {
-        "mechanism": SHUFFLED_MECHANISM if mode == "shuffled" else MECHANISM,
+        "mechanism": {"shuffled": SHUFFLED_MECHANISM, "random_allocation": RANDOM_ALLOCATION_MECHANISM}.get(
+            mode, MECHANISM),
         "privacy_unit": unit,
         "adjacency": f"replace-one {unit}" if mode == "shuffled" else (
             ADJACENCY if unit == DEFAULT_UNIT else (USER_ADJACENCY if unit == USER_UNIT else f"add-or-remove-one {unit}")),
@@ -213,7 +216,8 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
         "max_grad_norm": _as_float(state.get("max_grad_norm")),
         "clipping": state.get("clipping"),
         "sampling_rate": _public_rate(_as_float(state.get("sample_rate")), _publish_n(state, include_dataset_size)),
-        "sampling": {"poisson": "Poisson", "shuffled": SHUFFLED}.get(mode, NOT_POISSON),
+        "sampling": {"poisson": "Poisson", "shuffled": SHUFFLED, "random_allocation": RANDOM_ALLOCATION}.get(
+            mode, NOT_POISSON),
         "steps": int(state["steps"]) if state.get("steps") is not None else int(getattr(report, "steps", 0)),
         "epochs": _as_float(state.get("epochs")),
         "world_size": state.get("world_size"),
@@ -338,8 +342,8 @@ def _sampling_mode(poisson: Any, accountant_name: str | None) -> str:
     """``"poisson"``; ``"shuffled"`` (shuffled batches, certified by the shuffled-batch accountant); or
     ``"assumed-poisson"`` (shuffled batches accounted as if Poisson-sampled: NOT certified; states written
     before the shuffled-batch accountant existed)."""
-    if accountant_name == "shuffled":
-        return "shuffled"
+    if accountant_name in ("shuffled", "random_allocation"):
+        return accountant_name
     return "poisson" if poisson is True else "assumed-poisson"
 
 
@@ -450,6 +454,12 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
     certified = meta["epsilon_is"] == CERTIFIED
     if poisson:
         caveat = ""
+    elif meta["sampling"] == RANDOM_ALLOCATION and certified:
+        caveat = (
+            " This run used random allocation (balls-in-bins) batches: every example was put in one uniformly "
+            "random step of each epoch. ε is certified for exactly that sampling by the random-allocation bound "
+            f"(Feldman & Shenfeld 2025), under {meta['adjacency']} adjacency."
+        )
     elif certified:
         caveat = (
             " This run used shuffled fixed-size batches; ε is certified for exactly that sampling by a bound "
@@ -497,7 +507,8 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         "noise_multiplier": _num(meta.get("noise_multiplier")),
         "max_grad_norm": _num(meta.get("max_grad_norm")),
         "clipping": meta.get("clipping") or "flat",
-        "sampling": "Poisson sampling" if poisson else (SHUFFLED if certified else f"{NOT_POISSON} sampling"),
+        "sampling": "Poisson sampling" if poisson else (
+            meta["sampling"] if certified else f"{NOT_POISSON} sampling"),
         "sample_rate": _num(meta.get("sampling_rate")) + (" (rounded up)" if meta.get("sampling_rate_note") else ""),
         "steps": _num(meta.get("steps")),
         "epochs": _num(meta.get("epochs"), 3),
@@ -631,6 +642,9 @@ def format_privacy_report(privacy_state: Mapping[str, Any], *, include_dataset_s
         lines.append(f"  target epsilon: {_num(meta['target_epsilon'])}; stopped early: {_num(meta['stopped_early'])}")
     if not certified:
         lines.append("  CAVEAT: the run did not use Poisson sampling; the accounting assumes it.")
+    elif meta["sampling"] == RANDOM_ALLOCATION:
+        lines.append(f"  {RANDOM_ALLOCATION} batches, certified by the random-allocation bound ({meta['adjacency']} "
+                     "adjacency)")
     elif meta["sampling"] != "Poisson":
         lines.append(f"  shuffled fixed-size batches, certified without amplification ({meta['adjacency']} adjacency)")
     if meta.get("delta_note"):

@@ -28,6 +28,9 @@ from hf_ewtune.privacy_state import PrivacyState
 
 SHUFFLED_NOTE = ("Batches were shuffled fixed-size batches; epsilon is certified for them by the shuffled-batch bound "
                  "(replace-one adjacency, no amplification).")
+RANDOM_ALLOCATION_NOTE = ("Batches were drawn by random allocation (balls-in-bins: every example in one uniformly random "
+                          "step of each epoch); epsilon is certified for them by the random-allocation bound "
+                          "(add-or-remove-one adjacency).")
 USER_SEED = "user-provided noise_seed (reproducible, NOT private)"
 ENTROPY_SEED = "torch generators seeded from OS entropy via secrets (unpredictable, not a CSPRNG)"
 
@@ -61,7 +64,10 @@ def setup_record(
             the unit is ``"user"``, q and the expected batch count users, and the state records the number of
             users and the per-user cap.
     """
+    from hf_ewtune.arguments import sampling_mode
+
     pa = privacy_args
+    mode = sampling_mode(pa)
     expected = settings.expected_batch_size
     return PrivacyState(
         accountant=str(getattr(accountant, "name", pa.accountant)),
@@ -76,9 +82,9 @@ def setup_record(
         clipping=pa.clipping,
         sensitivity=settings.sensitivity,
         expected_batch_size=int(expected) if float(expected).is_integer() else expected,
-        poisson_sampling=pa.poisson_sampling,
-        sampling_assumed_by_accounting="poisson" if pa.poisson_sampling else "shuffled",
-        sampling_note=None if pa.poisson_sampling else SHUFFLED_NOTE,
+        poisson_sampling=mode == "poisson",
+        sampling_assumed_by_accounting=mode,
+        sampling_note={"poisson": None, "shuffled": SHUFFLED_NOTE, "random_allocation": RANDOM_ALLOCATION_NOTE}[mode],
         world_size=world_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
         per_device_train_batch_size=per_device_train_batch_size,

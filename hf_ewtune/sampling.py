@@ -12,10 +12,17 @@ epoch uses a generator seeded from ``(seed, epoch)``, so epochs are independent 
 with a fixed seed reproduces the same draws as the uninterrupted one (with the default entropy seed a
 resumed run simply continues with fresh draws).
 
-With ``poisson=False`` the logical batches are shuffled fixed-size batches of exactly ``round(q N)``
-examples (consecutive blocks of a stream of random permutations, a fresh stream per epoch). They are
-accounted by :class:`hf_ewtune.accounting.ShuffledAccountant` (a certified bound without amplification,
-replace-one adjacency); an example occurs at most ``ceil(steps_per_epoch * b / N)`` times per epoch.
+With ``poisson=False`` the logical batches are shuffled batches of ``b = round(q N)`` examples: each epoch
+cuts ONE fresh random permutation into consecutive blocks of ``b`` (the last block shorter when
+``steps_per_epoch * b > N``), so an example occurs at most once per epoch. They are accounted by
+:class:`hf_ewtune.accounting.ShuffledAccountant` (a certified bound without amplification, replace-one
+adjacency). Only a sampler given more steps than one permutation can fill (an empty last block) reads a
+stream of permutations instead (see :func:`hf_ewtune.accounting.shuffled.shuffled_participation`).
+
+With ``sampling="random_allocation"`` (balls-in-bins) every example is put in ONE step of the epoch, drawn
+uniformly and independently for each example and each epoch: every example is used exactly once per epoch and
+the batch sizes vary (Binomial(N, 1/T)). The noise and the normalisation use the expected batch size, as for
+Poisson. Accounted by :class:`hf_ewtune.accounting.random_allocation.RandomAllocationAccountant`.
 
 Example:
     >>> s = PoissonBatchSampler(100, 0.1, num_micro_batches=2, seed=0)
@@ -39,6 +46,8 @@ from torch.utils.data import Sampler
 from hf_ewtune.errors import PrivacyConfigError
 
 EMPTY_BATCH_KEY = "__hf_ewtune_empty_batch__"
+#: The batch samplings DPTrainer offers (``PrivacyArguments.sampling``), each with its certified accountant.
+SAMPLINGS = ("poisson", "shuffled", "random_allocation")
 
 
 def steps_per_epoch_for(sample_rate: float) -> int:
@@ -49,6 +58,27 @@ def steps_per_epoch_for(sample_rate: float) -> int:
         (100, 3, 1)
     """
     return max(1, int(round(1.0 / sample_rate)))
+
+
+def resolve_sampling(sampling: str | None, *, poisson: bool = True, argument: str = "sampling") -> str:
+    """The sampling mode: ``sampling`` if given, else ``"poisson"`` / ``"shuffled"`` from the ``poisson`` flag.
+
+    Raises:
+        PrivacyConfigError: an unknown mode, or ``poisson=False`` together with a mode other than ``"shuffled"``.
+
+    Example:
+        >>> resolve_sampling(None, poisson=False), resolve_sampling("random_allocation")
+        ('shuffled', 'random_allocation')
+    """
+    if sampling is None:
+        return "poisson" if poisson else "shuffled"
+    if sampling not in SAMPLINGS:
+        raise PrivacyConfigError(f"{argument} must be one of {list(SAMPLINGS)} (or None), got {sampling!r}.")
+    if not poisson and sampling != "shuffled":
+        raise PrivacyConfigError(
+            f"{argument}={sampling!r} contradicts poisson_sampling=False (which means shuffled batches); leave "
+            f"poisson_sampling at its default True when choosing {argument}.")
+    return sampling
 
 
 def new_seed() -> int:
@@ -76,6 +106,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         seed: Seed shared by all ranks (default: fresh OS entropy; in multi-process runs pass the seed
             broadcast from rank 0).
         poisson: ``False`` gives shuffled fixed-size batches of ``round(q N)`` examples instead.
+        sampling: ``"poisson"``, ``"shuffled"`` or ``"random_allocation"`` (overrides ``poisson``; giving
+            ``poisson=False`` with another sampling than ``"shuffled"`` is refused).
 
     Example:
         >>> s = PoissonBatchSampler(10, 0.5, num_micro_batches=4, rank=1, world_size=2, seed=3)
@@ -94,6 +126,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         steps_per_epoch: int | None = None,
         seed: int | None = None,
         poisson: bool = True,
+        sampling: str | None = None,
     ) -> None:
         if num_samples <= 0:
             raise PrivacyConfigError(f"num_samples must be > 0, got {num_samples}.")
@@ -118,7 +151,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         if self.steps_per_epoch < 1:
             raise PrivacyConfigError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}.")
         self.seed = int(seed) if seed is not None else new_seed()
-        self.poisson = bool(poisson)
+        self.sampling = resolve_sampling(sampling, poisson=poisson)
+        self.poisson = self.sampling == "poisson"
         self.fixed_batch_size = max(1, int(round(self.sample_rate * self.num_samples)))
         self.epoch = 0
 
@@ -138,11 +172,23 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 mask = torch.rand(self.num_samples, generator=gen) < self.sample_rate
                 yield mask.nonzero().flatten()
             return
-        stream = torch.empty(0, dtype=torch.long)
+        if self.sampling == "random_allocation":
+            bins = torch.randint(self.steps_per_epoch, (self.num_samples,), generator=gen)
+            order = torch.argsort(bins, stable=True)
+            counts = torch.bincount(bins, minlength=self.steps_per_epoch).tolist()
+            yield from torch.split(order, counts)
+            return
+        b, n = self.fixed_batch_size, self.num_samples
+        if (self.steps_per_epoch - 1) * b < n:  # one permutation per epoch: each example at most once
+            perm = torch.randperm(n, generator=gen)
+            for s in range(self.steps_per_epoch):
+                yield perm[s * b : (s + 1) * b]
+            return
+        stream = torch.empty(0, dtype=torch.long)  # more steps than one permutation fills
         for _ in range(self.steps_per_epoch):
-            while stream.numel() < self.fixed_batch_size:
-                stream = torch.cat([stream, torch.randperm(self.num_samples, generator=gen)])
-            batch, stream = stream[: self.fixed_batch_size], stream[self.fixed_batch_size :]
+            while stream.numel() < b:
+                stream = torch.cat([stream, torch.randperm(n, generator=gen)])
+            batch, stream = stream[:b], stream[b:]
             yield batch
 
     def split(self, logical_batch: torch.Tensor) -> list[list[int]]:

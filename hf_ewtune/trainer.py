@@ -316,12 +316,14 @@ class DPTrainer(Trainer):
         return sigma, budget_steps, None
 
     def _accounting(self) -> Any:
-        """What the run is accounted with: ``privacy_args.accountant`` (a name) under Poisson sampling, or a
-        :class:`~hf_ewtune.accounting.ShuffledAccountant` (its own certified bound) for shuffled batches."""
+        """What the run is accounted with: ``privacy_args.accountant`` (a name) under Poisson sampling, or the
+        certified bound of the sampling used (:class:`~hf_ewtune.accounting.ShuffledAccountant` for shuffled
+        batches, :class:`~hf_ewtune.accounting.random_allocation.RandomAllocationAccountant` for random allocation)."""
         from hf_ewtune.accounting import accountant_for_sampling
+        from hf_ewtune.arguments import sampling_mode
 
         n, q = self.num_train_examples, self.sample_rate
-        return accountant_for_sampling(self.privacy_args.accountant, poisson=self.privacy_args.poisson_sampling,
+        return accountant_for_sampling(self.privacy_args.accountant, sampling=sampling_mode(self.privacy_args),
                                        num_examples=n, batch_size=max(1, int(round(q * n))),
                                        steps_per_epoch=self.steps_per_epoch)
 
@@ -517,6 +519,8 @@ class DPTrainer(Trainer):
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         """A plain DataLoader over :class:`~hf_ewtune.sampling.PoissonBatchSampler` (not accelerate-prepared)."""
+        from hf_ewtune.arguments import sampling_mode
+
         dataset = self.train_dataset
         collator = self.data_collator
         try:
@@ -535,7 +539,7 @@ class DPTrainer(Trainer):
             world_size=self.args.world_size,
             steps_per_epoch=self.steps_per_epoch,
             seed=self._sampling_seed(),
-            poisson=self.privacy_args.poisson_sampling,
+            sampling=sampling_mode(self.privacy_args),
         )
         if self.user_plan is not None:  # Poisson over users, whole users per micro-batch (user_level.py)
             from hf_ewtune.user_level import user_dataloader_parts

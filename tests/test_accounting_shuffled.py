@@ -155,7 +155,8 @@ def test_cli_prints_epsilon_per_sampling_mode(capsys):
     shuffled = json.loads(capsys.readouterr().out)
     assert shuffled["accountant"] == "shuffled" and shuffled["adjacency"] == "replace-one example"
     assert "shuffled-batch bound" in shuffled["certified_by"] and shuffled["epsilon"] > poisson["epsilon"]
-    # 45 steps x 256 > 11477: an epoch reads two permutations, so P = M = 2 and mu = 2 sqrt(2 * 2 * 2) / sigma
-    assert shuffled["epsilon"] == pytest.approx(gaussian_epsilon(2 * math.sqrt(8) / 0.8405, 1e-6))
+    # 45 steps x 256 > 11477: each epoch cuts ONE permutation (the last batch shorter), so P = M = 1 and
+    # mu = 2 sqrt(2 epochs) / sigma (before the fix an epoch wrapped into a second permutation: P = M = 2, sqrt(8))
+    assert shuffled["epsilon"] == pytest.approx(gaussian_epsilon(2 * math.sqrt(2) / 0.8405, 1e-6))
     assert cli.main(["epsilon", *setting, "--sampling", "shuffled"]) == 2
     assert "--dataset-size" in capsys.readouterr().err

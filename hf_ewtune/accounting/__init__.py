@@ -1,5 +1,6 @@
 """Privacy accounting for DP-SGD with Poisson sampling: certified PLD/RDP and the Edgeworth estimate;
-shuffled fixed-size batches get their own certified bound (:class:`ShuffledAccountant`, no amplification).
+shuffled fixed-size batches get their own certified bound (:class:`ShuffledAccountant`, no amplification), and
+random allocation (balls-in-bins) batches theirs (:class:`RandomAllocationAccountant`).
 
 Every epsilon returned by ``get_epsilon`` is a CERTIFIED upper bound (dp-accounting PLD by default);
 the Edgeworth (EW-Tune) number is available as an estimate and is labelled as such in reports.
@@ -28,9 +29,11 @@ from .registry import (
     register_accountant,
     unregister_accountant,
 )
+from .random_allocation import RandomAllocationAccountant
 from .report import PrivacyReport
 from .saddle_point_accountant import SaddlePointAccountant
-from .shuffled import ShuffledAccountant, accountant_for_sampling, gaussian_epsilon
+from .for_sampling import accountant_for_sampling
+from .shuffled import ShuffledAccountant, gaussian_epsilon
 
 __all__ = [
     "ACCOUNTANTS",
@@ -40,6 +43,7 @@ __all__ = [
     "PLDAccountant",
     "PrivacyReport",
     "RDPAccountant",
+    "RandomAllocationAccountant",
     "SaddlePointAccountant",
     "accountant_class",
     "ShuffledAccountant",

@@ -15,6 +15,7 @@ from .base import Accountant
 from .certified import PLDAccountant, RDPAccountant
 from .edgeworth_accountant import EdgeworthAccountant
 from .saddle_point_accountant import SaddlePointAccountant
+from .random_allocation import RandomAllocationAccountant
 from .shuffled import ShuffledAccountant
 
 ACCOUNTANTS: dict[str, type[Accountant]] = {
@@ -24,7 +25,8 @@ ACCOUNTANTS: dict[str, type[Accountant]] = {
 }
 # Accountants for a sampling other than Poisson: DPTrainer picks them itself (never selectable as
 # ``accountant=``, whose choices all analyse Poisson sampling), but saved states name them.
-_SAMPLING_ACCOUNTANTS: dict[str, type[Accountant]] = {"shuffled": ShuffledAccountant}
+_SAMPLING_ACCOUNTANTS: dict[str, type[Accountant]] = {
+    "shuffled": ShuffledAccountant, "random_allocation": RandomAllocationAccountant}
 _ALIASES = {"ew": "edgeworth", "spa": "saddle_point", "saddle-point": "saddle_point"}
 _BUILTIN = frozenset(ACCOUNTANTS)
 
@@ -118,7 +120,8 @@ register_accountant(SaddlePointAccountant)
 
 def make_accountant(name: str = "edgeworth", **options: Any) -> Accountant:
     """Create an accountant by name: ``"edgeworth"`` (default), ``"pld"``, ``"rdp"``, ``"saddle_point"`` (Poisson sampling) or
-    ``"shuffled"`` (shuffled fixed-size batches; needs ``steps_per_epoch=``, see :class:`ShuffledAccountant`).
+    ``"shuffled"`` (shuffled fixed-size batches; needs ``steps_per_epoch=``, see :class:`ShuffledAccountant`) or
+    ``"random_allocation"`` (balls-in-bins batches, see :class:`RandomAllocationAccountant`).
 
     Example:
         >>> make_accountant("pld").name

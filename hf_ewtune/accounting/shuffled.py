@@ -1,11 +1,12 @@
 """Certified accounting for shuffled fixed-size batches (``poisson_sampling=False``), without amplification.
 
 What the sampler does (:class:`hf_ewtune.sampling.PoissonBatchSampler` with ``poisson=False``): each epoch
-reads ``steps_per_epoch`` consecutive blocks of ``b`` indices from a stream of independent random
-permutations of the N examples (a fresh stream per epoch). An example occurs once per permutation, so in one
-epoch it occurs at most ``P = ceil(steps_per_epoch * b / N)`` times (1 when the epoch uses at most N
-indices), and at most ``M`` times in one batch (``M = 1`` when the epoch stays within one permutation, else
-at most 2, since ``b <= N``).
+draws ONE random permutation of the N examples (a fresh one per epoch) and step ``s`` takes its block
+``[s b, (s+1) b)``; the last block of the epoch is shorter when ``steps_per_epoch * b > N`` (and some
+examples sit the epoch out when it is < N). So an example occurs at most once per epoch and per batch
+(``P = M = 1``). Only a sampler configured with more steps than one permutation can fill (last block empty:
+``(steps_per_epoch - 1) b >= N``, never the case for DPTrainer's ``round(N/b)`` steps) reads consecutive blocks
+of a stream of permutations instead, and then ``P = ceil(steps_per_epoch * b / N)`` and ``M <= 2``.
 
 Adjacency: **replace-one example** (datasets of the same size N differing in one record). Both datasets are
 run with the same permutations (the sampler only sees indices), so exactly the batches holding the replaced
@@ -86,18 +87,30 @@ def shuffled_participation(*, num_examples: int, batch_size: int, steps_per_epoc
     """``(P, M)``: most occurrences of one example per epoch and in one batch, for the shuffled sampler.
 
     Example:
-        >>> shuffled_participation(num_examples=11476, batch_size=256, steps_per_epoch=45)
-        (2, 2)
-        >>> shuffled_participation(num_examples=11520, batch_size=256, steps_per_epoch=45)
+        >>> shuffled_participation(num_examples=11476, batch_size=256, steps_per_epoch=45)  # one permutation
         (1, 1)
+        >>> shuffled_participation(num_examples=100, batch_size=30, steps_per_epoch=5)  # 4 blocks fill it: a stream
+        (2, 2)
     """
     n, b, spe = int(num_examples), int(batch_size), int(steps_per_epoch)
     if n < 1 or not 1 <= b <= n or spe < 1:
         raise PrivacyConfigError(
             f"need num_examples >= batch_size >= 1 and steps_per_epoch >= 1, got {n}, {b}, {spe}."
         )
+    if epoch_fits_one_permutation(num_examples=n, batch_size=b, steps_per_epoch=spe):
+        return 1, 1
     per_epoch = -(-spe * b // n)  # permutations the epoch reads from
-    return per_epoch, (1 if per_epoch == 1 else 2)
+    return per_epoch, 2
+
+
+def epoch_fits_one_permutation(*, num_examples: int, batch_size: int, steps_per_epoch: int) -> bool:
+    """Whether the shuffled sampler cuts each epoch from ONE permutation (every block non-empty).
+
+    Example:
+        >>> epoch_fits_one_permutation(num_examples=11476, batch_size=256, steps_per_epoch=45)
+        True
+    """
+    return (int(steps_per_epoch) - 1) * int(batch_size) < int(num_examples)
 
 
 class ShuffledAccountant(Accountant):
@@ -112,6 +125,8 @@ class ShuffledAccountant(Accountant):
     """
 
     name = "shuffled"
+    #: the sampling this accountant certifies (named in logs)
+    sampling = f"{SAMPLING} (no amplification)"
 
     def __init__(self, *, steps_per_epoch: int, participations_per_epoch: int = 1, max_per_step: int = 1) -> None:
         super().__init__()
@@ -208,22 +223,5 @@ class ShuffledAccountant(Accountant):
             noise_multiplier=last[0],
             sample_rate=last[1],
             adjacency=ADJACENCY,
-            sampling=f"{SAMPLING} (no amplification)",
+            sampling=self.sampling,
         )
-
-
-def accountant_for_sampling(
-    accountant: str, *, poisson: bool, num_examples: int, batch_size: int, steps_per_epoch: int
-) -> str | Accountant:
-    """What DPTrainer accounts with: ``accountant`` (a name) for Poisson sampling, else a :class:`ShuffledAccountant`.
-
-    Example:
-        >>> accountant_for_sampling("edgeworth", poisson=True, num_examples=100, batch_size=10, steps_per_epoch=10)
-        'edgeworth'
-        >>> accountant_for_sampling("pld", poisson=False, num_examples=100, batch_size=10, steps_per_epoch=10).name
-        'shuffled'
-    """
-    if poisson:
-        return accountant
-    return ShuffledAccountant.for_sampler(num_examples=num_examples, batch_size=batch_size,
-                                          steps_per_epoch=steps_per_epoch)

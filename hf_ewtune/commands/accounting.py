@@ -115,9 +115,10 @@ def _add_setting(parser: argparse.ArgumentParser, *, defaults: dict | None = Non
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sampling", choices=("poisson", "shuffled"), default="poisson",
-                        help="how batches are drawn: Poisson sampling (--accountant), or shuffled fixed-size batches "
-                             "(certified without amplification, replace-one adjacency; needs --dataset-size)")
+    parser.add_argument("--sampling", choices=("poisson", "shuffled", "random_allocation"), default="poisson",
+                        help="how batches are drawn: Poisson sampling (--accountant), shuffled fixed-size batches "
+                             "(certified without amplification, replace-one adjacency; needs --dataset-size), or "
+                             "random allocation / balls-in-bins (its own certified bound, round(1/q) steps per epoch)")
     parser.add_argument("--dataset-size", type=_dataset_size, default=None,
                         help="training-set size N (--sampling shuffled: batch round(q N), round(1/q) steps per epoch)")
 
@@ -131,7 +132,7 @@ def _accounting(args: argparse.Namespace, command: str):
         return None
     n = args.dataset_size or 1
     return accountant_for_sampling(
-        args.accountant, poisson=args.sampling == "poisson", num_examples=n,
+        args.accountant, sampling=args.sampling, num_examples=n,
         batch_size=max(1, round(args.sample_rate * n)), steps_per_epoch=max(1, round(1.0 / args.sample_rate)))
 
 
@@ -215,7 +216,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
             print(f"  Edgeworth first guess: sigma_EW = {result.sigma_edgeworth:.4f} "
                   f"(the Edgeworth estimate alone would under-noise by "
                   f"{100 * (1 - result.sigma_edgeworth / result.noise_multiplier):.1f}%)")
-    sampling = "Poisson sampling" if args.sampling == "poisson" else "shuffled fixed-size batches (replace-one)"
+    sampling = {"poisson": "Poisson sampling", "shuffled": "shuffled fixed-size batches (replace-one)",
+                "random_allocation": "random allocation (balls-in-bins)"}[args.sampling]
     print(f"  sample rate {args.sample_rate:g}, {args.steps} steps, {sampling}; took {result.seconds:.2f} s")
     return 0
 
