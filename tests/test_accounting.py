@@ -261,3 +261,15 @@ def test_certified_epsilon_equals_dp_accounting_pld_on_a_grid(sigma, q, m, delta
     direct = _direct(DpPLD(value_discretization_interval=1e-3), [_event(sigma, q, m)], delta)
     assert acc.get_epsilon(delta) == direct
     assert acc.estimate_epsilon(delta) > 0  # the estimate is reported beside it, never instead of it
+
+
+def test_calibration_reports_its_own_wall_time():
+    """Regression: ``seconds`` was measured from the search's starting sigma (a name clash), not the clock."""
+    import time
+
+    from hf_ewtune.accounting.calibration import calibrate
+
+    t0 = time.perf_counter()
+    result = calibrate(target_epsilon=3, delta=1e-5, sample_rate=0.01, steps=300)
+    elapsed = time.perf_counter() - t0
+    assert 0.0 < result.seconds <= elapsed

@@ -167,7 +167,7 @@ def calibrate(
         >>> r.certified and r.epsilon <= 3 and round(r.noise_multiplier, 2)
         0.71
     """
-    start = time.perf_counter()
+    started = time.perf_counter()
     target, delta, q, steps = _validate(target_epsilon, delta, sample_rate, steps)
     acc = _fresh(accountant)
     template = acc
@@ -191,7 +191,7 @@ def calibrate(
             sigma_edgeworth=sigma_ew,
             certified=eps <= target,
             accountant=acc.name,
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - started,
             target_epsilon=target,
             delta=delta,
             sample_rate=q,
