@@ -101,3 +101,20 @@ def local_noise_(grad: Any, *, std: float, generator: torch.Generator) -> None:
     noise = torch.normal(mean=0.0, std=std, size=local.shape, generator=generator, device=local.device,
                          dtype=torch.float32)
     local.add_(noise.to(local.dtype))
+
+
+def max_over_ranks(count: int, *, device: torch.device) -> int:
+    """The largest ``count`` over all ranks (``count`` itself without a process group).
+
+    Under FSDP2 every rank must run the same number of forwards per micro-batch; a rank with fewer physical
+    chunks (or an empty Poisson slice) pads with zero-weight dummy rows up to this number.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    if torch.distributed.get_world_size() == 1:
+        return count
+    if torch.distributed.get_backend() != "nccl":
+        device = torch.device("cpu")
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
