@@ -20,9 +20,13 @@ Contract (checked by ``tests/test_fsdp.py`` on 2 CPU processes with gloo):
   forwards and backwards. A rank whose Poisson slice is empty runs :func:`zero_weight_loss` on a dummy row
   (its loss is multiplied by 0: the clipped contribution is exactly zero) instead of skipping.
 
-Unsupported (refused with an error naming them): FSDP1 (``FullyShardedDataParallel``), FSDP2 CPU offload
-(``offload_policy=CPUOffloadPolicy``), DeepSpeed ZeRO, and ``Trainer``'s ``fsdp=`` / accelerate FSDP plugin
-(``DPTrainer`` still refuses it: see docs/distributed.md).
+``DPTrainer`` uses the same pieces under ``Trainer``'s ``fsdp=True, fsdp_config={"version": 2}`` / accelerate's FSDP
+plugin with ``fsdp_version: 2`` (``tests/test_fsdp_trainer.py``): an empty Poisson slice, or fewer physical chunks
+than another rank (:func:`max_over_ranks`), runs zero-weight dummy rows.
+
+Unsupported (refused with an error naming them): FSDP1 (``FullyShardedDataParallel``, accelerate's
+``fsdp_version: 1``), FSDP CPU offload (``offload_policy=CPUOffloadPolicy``, ``fsdp_offload_params``), FSDP's own
+activation checkpointing, DeepSpeed ZeRO (see docs/distributed.md).
 """
 
 from __future__ import annotations
