@@ -668,6 +668,9 @@ class DPTrainer(Trainer):
             batch_size = self._micro_batch_size(inputs)
             limit = self.privacy_args.max_physical_batch_size or batch_size
             chunks = list(whole_unit_chunks(batch_size, limit, units))
+        # FSDP2: every rank runs as many forwards as the busiest one (all-gathers in step). Agreed BEFORE any
+        # forward, so that this all-reduce meets the other ranks' all-reduce, not their first all-gather.
+        forwards = max_over_ranks(len(chunks), device=self.args.device) if self.is_fsdp2 else len(chunks)
         for sl in chunks:
             chunk = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
                      for k, v in inputs.items()}
@@ -675,14 +678,13 @@ class DPTrainer(Trainer):
             losses = check_per_example_losses(self.compute_per_example_loss(model, chunk), rows)
             self._engine.backward(losses, units=None if units is None else units[sl])
             total = total + losses.detach().sum().to(total.device)
-        if self.is_fsdp2:  # every rank runs as many forwards as the busiest one (FSDP2's all-gathers in step)
-            missing = max_over_ranks(len(chunks), device=self.args.device) - len(chunks)
-            if missing > 0:
-                dummy = inputs.get(DUMMY_ROW_KEY) if empty else {
-                    k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
-                    for k, v in inputs.items()}
-                for _ in range(missing):
-                    self._zero_weight_backward(model, dummy)
+        missing = forwards - len(chunks)
+        if missing > 0:
+            dummy = inputs.get(DUMMY_ROW_KEY) if empty else {
+                k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
+                for k, v in inputs.items()}
+            for _ in range(missing):
+                self._zero_weight_backward(model, dummy)
         return total / norm
 
     def _zero_weight_backward(self, model: torch.nn.Module, dummy: dict[str, Any] | None) -> None:
