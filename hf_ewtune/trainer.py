@@ -647,6 +647,10 @@ class DPTrainer(Trainer):
         if empty and not self.is_fsdp2:
             return torch.zeros((), device=self.args.device)
         require_attached(self._engine)
+        if self.is_fsdp2 and hasattr(model, "set_requires_gradient_sync"):
+            # FSDP2's own gradient sync never sees a gradient (the engine reduce-scatters clipped sums itself); the
+            # Trainer's no_sync for accumulation would only change FSDP2's state machine: keep it as in one step.
+            model.set_requires_gradient_sync(True)
         inputs = self._prepare_inputs(inputs)
         inputs = dict(inputs)
         # Forward through the unwrapped module: DDP must neither sync gradients (we all-reduce the noisy

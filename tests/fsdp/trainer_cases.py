@@ -119,7 +119,10 @@ class Counts(TrainerCallback):
 class CountingDPTrainer(DPTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if os.environ.get("TRAINER_CASES_VERBOSE"):
-            print(f"[rank {_rank()}] micro-batch empty={is_empty_batch(inputs)} step={self.state.global_step}", flush=True)
+            kinds = {n: type(p).__name__ for n, p in self.model.named_parameters() if n.endswith(("model.norm.weight",
+                                                                                                "embed_tokens.weight"))}
+            print(f"[rank {_rank()}] micro-batch empty={is_empty_batch(inputs)} step={self.state.global_step} {kinds}",
+                  flush=True)
         if is_empty_batch(inputs):
             self.counts.empties += 1
         else:
