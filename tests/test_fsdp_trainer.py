@@ -217,3 +217,40 @@ def test_fsdp2_accelerate_config_file_passes_the_privacy_checks(monkeypatch):
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", str(fsdp["fsdp_offload_params"]).lower())
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", str(fsdp["fsdp_activation_checkpointing"]).lower())
     reject_sharded_training(None)
+
+
+def test_torch_func_rule_does_not_refire_the_hooks_of_accelerates_fsdp2_tail_group(tmp_path):
+    """accelerate shards [final norm, embed_tokens, lm_head] as ONE FSDP2 group; the RMSNorm's per-example
+    recomputation used to call the module, re-fire the group's pre-forward hook (an all-gather) and leave
+    embed_tokens holding the unsharded parameter (the next forward then mixed Tensor and DTensor). One process
+    (gloo, world size 1) is enough to show it; the clipped sums must equal the unsharded engine's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from hf_ewtune.clipping import ClippingEngine
+    from tests.test_clipping_llama import tiny_llama
+    from tests.test_clipping_oracle import gpt2_batch, lm_loss
+
+    ref = tiny_llama()
+    ref_engine = ClippingEngine(ref, max_grad_norm=0.05)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard([model.model.norm, model.model.embed_tokens, model.lm_head], mesh=mesh, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh)
+        engine = ClippingEngine(model, max_grad_norm=0.05)
+        for seed in (1, 2):  # the second forward is the one that failed
+            batch = gpt2_batch(b=3, t=8, seed=seed)
+            engine.backward(lm_loss(model, batch))
+            ref_engine.backward(lm_loss(ref, batch))
+            assert isinstance(model.model.embed_tokens.weight, DTensor)
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        for n, p in ref.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+    finally:
+        torch.distributed.destroy_process_group()
