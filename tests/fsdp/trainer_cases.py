@@ -241,8 +241,7 @@ def main() -> int:
             results[name] = run_case(name, world, opts.workdir)
         if state.is_main_process:
             print(f"[trainer_cases] {name}: {time.time() - t0:.1f} s", flush=True)
-    if state.is_main_process:
-        torch.save(results, os.path.join(opts.workdir, "results.pt"))
+            torch.save(results, os.path.join(opts.workdir, "results.pt"))  # after every case (debugging)
     _barrier()
     torch.distributed.destroy_process_group()
     return 0
