@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 import sys
 from typing import Any
 
@@ -60,14 +61,15 @@ def case_settings(name: str) -> dict[str, Any]:
     # q = 1 x 2 x 2 / 48: each rank's micro-batch holds 1 example in expectation, so empty slices on one rank
     # (and ranks with 2-3 examples, i.e. 2-3 physical chunks at max_physical_batch_size=1) happen every step.
     base = dict(n=48, per_device=1, ga=2, max_steps=3, sigma=0.0, clip=0.05, lr=0.5, lora=False, bf16=False,
-                dtype=torch.float64, save_steps=None, noise_seed=11, physical=1)
+                dtype=torch.float64, save_steps=None, noise_seed=11, physical=1, state_dict_type="FULL_STATE_DICT")
     cases = {
         "full": dict(),
         "lora": dict(lora=True, lr=1.0),
         "bf16": dict(bf16=True, dtype=torch.float32, physical=None),
         # pure noise: sigma = 1000, one SGD step with lr 1 (the clipped signal is 1e-3 of the noise)
         "variance": dict(sigma=1000.0, max_steps=1, lr=1.0, noise_seed=None, physical=None),
-        "resume": dict(sigma=1.0, max_steps=4, save_steps=2, noise_seed=None, physical=None, lr=1e-2),
+        "resume": dict(sigma=1.0, max_steps=4, save_steps=2, noise_seed=None, physical=None, lr=1e-2,
+                       state_dict_type=os.environ.get("TRAINER_CASES_STATE_DICT", "SHARDED_STATE_DICT")),
     }
     out = dict(base)
     out.update(cases[name])
@@ -98,7 +100,7 @@ def model_for(settings: dict[str, Any]) -> torch.nn.Module:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
-                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(n) % 2**31))
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))  # not hash(): salted per process
     return model
 
 
@@ -134,7 +136,7 @@ def build_trainer(name: str, world: int, output_dir: str) -> CountingDPTrainer:
     s = case_settings(name)
     per_device = s["per_device"] * 2 // world
     fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                        "state_dict_type": "FULL_STATE_DICT"}) if world > 1 else {}
+                                        "state_dict_type": s["state_dict_type"]}) if world > 1 else {}
     args = TrainingArguments(
         output_dir=output_dir, use_cpu=True, report_to="none", max_steps=s["max_steps"],
         per_device_train_batch_size=per_device, gradient_accumulation_steps=s["ga"], learning_rate=s["lr"],
