@@ -188,7 +188,13 @@ class DPTrainer(Trainer):
         """
         plugins: list[str] = []
         if getattr(self, "is_fsdp_enabled", False):
-            plugins += unsupported_fsdp_plugin(self.accelerator.state.fsdp_plugin)
+            plugin = self.accelerator.state.fsdp_plugin
+            plugins += unsupported_fsdp_plugin(plugin)
+            if "FULL_STATE_DICT" in str(getattr(plugin, "state_dict_type", "")):
+                logger.warning(
+                    "DPTrainer: FSDP2 with state_dict_type FULL_STATE_DICT: saving a checkpoint crashed in hf_ewtune's "
+                    "2-process CPU tests (transformers' save_pretrained met a DTensor on rank 0); resuming is tested "
+                    "with fsdp_config={'state_dict_type': 'SHARDED_STATE_DICT'} (see docs/distributed.md).")
         elif getattr(args, "fsdp", None) and int(getattr(args, "world_size", 1)) > 1:
             logger.warning(
                 "DPTrainer: TrainingArguments.fsdp is set but accelerate did not enable FSDP (accelerate %s shards "

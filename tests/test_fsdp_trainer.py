@@ -13,8 +13,9 @@ library code a GPU run uses. Checked:
 * bf16 (FSDP2 ``MixedPrecisionPolicy``): sharded fp32 master weights, the update close to the fp32 1-process one;
 * pure noise through the Trainer: per-coordinate variance (sigma C lr / B)^2 (not double, not half), every
   coordinate noised, the two ranks' shards different draws;
-* a run stopped at checkpoint-2 (FSDP model + optimizer state + ``_privacy_state.json``) and resumed in a fresh
-  trainer has the uninterrupted run's accountant history and epsilon.
+* a run stopped at checkpoint-2 (SHARDED_STATE_DICT FSDP model + optimizer state + ``_privacy_state.json``) and
+  resumed in a fresh trainer has the uninterrupted run's accountant history and epsilon (FULL_STATE_DICT saves
+  crash on CPU: docs/distributed.md).
 
 The fast tests at the end check the refusals (FSDP1, CPU offload, FSDP activation checkpointing, XLA, DeepSpeed).
 """
