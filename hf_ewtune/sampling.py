@@ -48,6 +48,9 @@ from hf_ewtune.errors import PrivacyConfigError
 EMPTY_BATCH_KEY = "__hf_ewtune_empty_batch__"
 #: The batch samplings DPTrainer offers (``PrivacyArguments.sampling``), each with its certified accountant.
 SAMPLINGS = ("poisson", "shuffled", "random_allocation")
+#: Under FSDP2, the empty marker also carries one collated dummy row under this key (a zero-weight forward keeps
+#: the ranks' all-gathers in step; its contribution is exactly zero).
+DUMMY_ROW_KEY = "__hf_ewtune_dummy_row__"
 
 
 def steps_per_epoch_for(sample_rate: float) -> int:
@@ -204,17 +207,25 @@ class PoissonBatchSampler(Sampler[list[int]]):
 class EmptyAwareCollator:
     """Wrap a collate function so that an empty micro-batch becomes ``{EMPTY_BATCH_KEY: True}``.
 
+    With ``dummy_features`` (FSDP2), the marker also holds ``collate_fn(dummy_features)`` under
+    :data:`DUMMY_ROW_KEY`: the rank runs it with weight 0 so that its forwards match the other ranks'.
+
     Example:
         >>> c = EmptyAwareCollator(lambda feats: {"n": len(feats)})
         >>> c([]), c([1, 2])
         ({'__hf_ewtune_empty_batch__': True}, {'n': 2})
+        >>> EmptyAwareCollator(lambda feats: {"n": len(feats)}, dummy_features=[7])([])[DUMMY_ROW_KEY]
+        {'n': 1}
     """
 
-    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], *, dummy_features: list[Any] | None = None) -> None:
         self.collate_fn = collate_fn
+        self.dummy_features = dummy_features
 
     def __call__(self, features: list[Any]) -> Any:
         if len(features) == 0:
+            if self.dummy_features is not None:
+                return {EMPTY_BATCH_KEY: True, DUMMY_ROW_KEY: self.collate_fn(list(self.dummy_features))}
             return {EMPTY_BATCH_KEY: True}
         return self.collate_fn(features)
 

@@ -47,6 +47,7 @@ import os
 import warnings
 from typing import Any
 
+import accelerate
 import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
@@ -56,7 +57,8 @@ from hf_ewtune.batch_checks import check_micro_batch, check_training_data
 from hf_ewtune.callbacks import PrivacyCallback
 from hf_ewtune.dp_settings import DPSettings, read_only_setting
 from hf_ewtune.engine_lifecycle import require_attached
-from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError
+from hf_ewtune.distributed.fsdp import max_over_ranks, zero_weight_loss
+from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, PrivacyStateError
 from hf_ewtune.hub_safety import hub_checkpoint_notice, trainer_uploads_through_safety_net
 from hf_ewtune.large_delta import refuse_large_delta
 from hf_ewtune.loss_contract import batch_size_of, check_loss_settings, check_per_example_losses, default_per_example_loss
@@ -69,10 +71,13 @@ from hf_ewtune.user_level import UNITS_KEY, check_resumed_unit, whole_unit_chunk
 from hf_ewtune.training_arguments import (
     check_training_arguments,
     reject_sharded_training,
+    unsupported_fsdp_plugin,
     resolve_privacy_settings,
     trainer_facing_copy,
 )
 from hf_ewtune.sampling import (
+    DUMMY_ROW_KEY,
+    EMPTY_BATCH_KEY,
     DPDataLoader,
     EmptyAwareCollator,
     PoissonBatchSampler,
@@ -177,11 +182,33 @@ class DPTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------- set-up
     def _reject_sharded_training(self, args: Any) -> None:
-        """Raise for FSDP, DeepSpeed or Megatron-LM (arguments, accelerate config or plugins): DDP only."""
-        plugins = tuple(name for flag, name in (("is_fsdp_enabled", "FSDP (accelerate plugin)"),
-                                                ("is_deepspeed_enabled", "DeepSpeed (accelerate plugin)"))
-                        if getattr(self, flag, False))
-        reject_sharded_training(args, plugins=plugins)
+        """Raise for the sharded set-ups DP training does not cover (arguments, accelerate config or plugins).
+
+        DDP and FSDP2 (accelerate's FSDP plugin with ``fsdp_version=2``, no CPU offload) are supported.
+        """
+        plugins: list[str] = []
+        if getattr(self, "is_fsdp_enabled", False):
+            plugin = self.accelerator.state.fsdp_plugin
+            plugins += unsupported_fsdp_plugin(plugin)
+            if "FULL_STATE_DICT" in str(getattr(plugin, "state_dict_type", "")):
+                logger.warning(
+                    "DPTrainer: FSDP2 with state_dict_type FULL_STATE_DICT: saving a checkpoint crashed in hf_ewtune's "
+                    "2-process CPU tests (transformers' save_pretrained met a DTensor on rank 0); resuming is tested "
+                    "with fsdp_config={'state_dict_type': 'SHARDED_STATE_DICT'} (see docs/distributed.md).")
+        elif getattr(args, "fsdp", None) and int(getattr(args, "world_size", 1)) > 1:
+            logger.warning(
+                "DPTrainer: TrainingArguments.fsdp is set but accelerate did not enable FSDP (accelerate %s shards "
+                "only on accelerators, never on CPU processes): training runs as DDP, with the same guarantee.",
+                accelerate.__version__)
+        if getattr(self, "is_deepspeed_enabled", False):
+            plugins.append("DeepSpeed (accelerate plugin)")
+        reject_sharded_training(args, plugins=tuple(plugins))
+
+    @property
+    def is_fsdp2(self) -> bool:
+        """Whether accelerate shards the model with FSDP2 (``fully_shard``): every rank must then run the same
+        forwards and backwards (a rank with an empty Poisson slice runs a zero-weight dummy row)."""
+        return bool(getattr(self, "is_fsdp_enabled", False))
 
     # One frozen DPSettings feeds the optimizer's noise and the accountant: these are read-only after set-up.
     noise_multiplier = read_only_setting("noise_multiplier", draft_until_frozen=True)
@@ -194,6 +221,10 @@ class DPTrainer(Trainer):
         self._check_environment()
         n = self._training_set_size()
         units = self._plan_users(n)  # U users (user_id_column set, see user_level.py) or the N rows
+        if self.is_fsdp2 and self.user_plan is not None:
+            raise PrivacyConfigError(
+                "user_id_column (user-level DP) is not supported with FSDP2 yet (not tested); train user-level runs "
+                "with DDP (`accelerate launch --multi_gpu`) or one process.")
         self._plan_sampling(units)
         self.delta = self._resolve_delta(units)
         self.noise_multiplier, budget_steps, self.calibration = self._resolve_noise_and_budget()
@@ -549,7 +580,8 @@ class DPTrainer(Trainer):
             sampler = PoissonBatchSampler(self.num_train_examples, self.sample_rate, **sampler_kwargs)
         params: dict[str, Any] = {
             "batch_sampler": sampler,
-            "collate_fn": EmptyAwareCollator(collator),
+            # FSDP2: an empty slice still runs a (zero-weight) forward; it needs a row to run (lockstep)
+            "collate_fn": EmptyAwareCollator(collator, dummy_features=[dataset[0]] if self.is_fsdp2 else None),
             "num_workers": self.args.dataloader_num_workers,
             "pin_memory": self.args.dataloader_pin_memory,
         }
@@ -621,35 +653,68 @@ class DPTrainer(Trainer):
         """
         model.train()
         norm = float(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
-        if is_empty_batch(inputs):
+        empty = is_empty_batch(inputs)
+        if empty and not self.is_fsdp2:
             return torch.zeros((), device=self.args.device)
         require_attached(self._engine)
+        if self.is_fsdp2 and hasattr(model, "set_requires_gradient_sync"):
+            # FSDP2's own gradient sync never sees a gradient (the engine reduce-scatters clipped sums itself); the
+            # Trainer's no_sync for accumulation would only change FSDP2's state machine: keep it as in one step.
+            model.set_requires_gradient_sync(True)
         inputs = self._prepare_inputs(inputs)
         inputs = dict(inputs)
-        units = inputs.pop(UNITS_KEY, None)  # user-level DP: each row's user (rows of a user clipped as one)
-        if (units is None) != (self.user_plan is None):
-            raise PrivacyConfigError(
-                "user-level DP (user_id_column) needs every training batch from DPTrainer's user sampler, which tags "
-                "each row with its user; this batch " + ("is untagged." if units is None else "is tagged but "
-                "user_id_column is not set.") + " Train through DPTrainer.get_train_dataloader.")
-        if units is not None:
-            norm *= self.user_plan.mean_rows_per_step()
-        check_micro_batch(inputs, model=self.model, task=self.per_example_loss_task)
-        batch_size = self._micro_batch_size(inputs)
-        limit = self.privacy_args.max_physical_batch_size or batch_size
-        total = torch.zeros((), device=self.args.device)
         # Forward through the unwrapped module: DDP must neither sync gradients (we all-reduce the noisy
         # sums ourselves) nor broadcast buffers on forwards that some ranks skip (empty micro-batches).
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        for sl in whole_unit_chunks(batch_size, limit, units):
+        total = torch.zeros((), device=self.args.device)
+        chunks: list[Any] = []
+        if not empty:
+            units = inputs.pop(UNITS_KEY, None)  # user-level DP: each row's user (rows of a user clipped as one)
+            if (units is None) != (self.user_plan is None):
+                raise PrivacyConfigError(
+                    "user-level DP (user_id_column) needs every training batch from DPTrainer's user sampler, which "
+                    "tags each row with its user; this batch " + ("is untagged." if units is None else "is tagged "
+                    "but user_id_column is not set.") + " Train through DPTrainer.get_train_dataloader.")
+            if units is not None:
+                norm *= self.user_plan.mean_rows_per_step()
+            check_micro_batch(inputs, model=self.model, task=self.per_example_loss_task)
+            batch_size = self._micro_batch_size(inputs)
+            limit = self.privacy_args.max_physical_batch_size or batch_size
+            chunks = list(whole_unit_chunks(batch_size, limit, units))
+        # FSDP2: every rank runs as many forwards as the busiest one (all-gathers in step). Agreed BEFORE any
+        # forward, so that this all-reduce meets the other ranks' all-reduce, not their first all-gather.
+        forwards = max_over_ranks(len(chunks), device=self.args.device) if self.is_fsdp2 else len(chunks)
+        for sl in chunks:
             chunk = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
                      for k, v in inputs.items()}
             rows = len(range(batch_size)[sl]) if isinstance(sl, slice) else len(sl)
             losses = check_per_example_losses(self.compute_per_example_loss(model, chunk), rows)
             self._engine.backward(losses, units=None if units is None else units[sl])
             total = total + losses.detach().sum().to(total.device)
+        missing = forwards - len(chunks)
+        if missing > 0:
+            dummy = inputs.get(DUMMY_ROW_KEY) if empty else {
+                k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
+                for k, v in inputs.items()}
+            for _ in range(missing):
+                self._zero_weight_backward(model, dummy)
         return total / norm
+
+    def _zero_weight_backward(self, model: torch.nn.Module, dummy: dict[str, Any] | None) -> None:
+        """FSDP2 lockstep: the forward and clipped backward of one dummy row whose loss is multiplied by 0.
+
+        ``dummy`` is the empty marker's :data:`~hf_ewtune.sampling.DUMMY_ROW_KEY` row (the first training example,
+        collated) or the first row of this rank's micro-batch. Its per-example gradient, hence its clipped
+        contribution to every ``p.grad``, is exactly zero.
+        """
+        if dummy is None:
+            raise PrivacyStateError(
+                "under FSDP2 an empty micro-batch must carry a dummy row (DPTrainer.get_train_dataloader adds it); "
+                "train through DPTrainer's own dataloader.")
+        dummy = {k: v for k, v in dict(dummy).items() if k not in (UNITS_KEY, EMPTY_BATCH_KEY, DUMMY_ROW_KEY)}
+        losses = check_per_example_losses(self.compute_per_example_loss(model, dummy), 1)
+        self._engine.backward(zero_weight_loss(losses))
 
     def _micro_batch_size(self, inputs: dict[str, Any]) -> int:
         """Number of privacy units in a micro-batch (default: the rows of ``labels``, else of the first batched

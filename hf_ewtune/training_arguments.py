@@ -10,7 +10,7 @@ only clipping that makes sense under DP. ``DPTrainer`` turns the Trainer's clipp
 on its own copy of the arguments (``trainer.args.max_grad_norm == 0``); the object you pass is never changed.
 
 Settings that DP-SGD cannot honour (fp16, ``auto_find_batch_size``, ``group_by_length``, a non-random
-``train_sampling_strategy``, FSDP/DeepSpeed, ``torch_compile``) raise
+``train_sampling_strategy``, FSDP1/FSDP CPU offload/DeepSpeed, ``torch_compile``) raise
 :class:`~hf_ewtune.errors.PrivacyConfigError` in ``__post_init__``, so a bad command line fails while parsing.
 
 Example:
@@ -106,28 +106,100 @@ def check_training_arguments(args: Any) -> None:
 
 
 def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None:
-    """Raise for FSDP, DeepSpeed or Megatron-LM (from the arguments, the accelerate config's environment or ``plugins``).
+    """Raise for the sharded set-ups DP training does not cover (arguments, accelerate config environment, ``plugins``).
 
-    Multi-process DP training is supported with DDP only (``accelerate launch --multi_gpu``): see
-    docs/distributed.md for what sharded training would need.
+    FSDP2 (``fsdp_config={"version": 2}``, accelerate's ``fsdp_version: 2``) without CPU offload is supported
+    (:mod:`hf_ewtune.distributed.fsdp`). Refused: FSDP1, FSDP CPU offload, FSDP's own activation checkpointing,
+    FSDP on XLA, DeepSpeed and Megatron-LM (see docs/distributed.md).
     """
     used = list(plugins)
     if args is not None and getattr(args, "fsdp", None):
-        used.append("FSDP (TrainingArguments.fsdp)")
+        used.extend(unsupported_fsdp_arguments(args))
     if args is not None and getattr(args, "deepspeed", None):
         used.append("DeepSpeed (TrainingArguments.deepspeed)")
-    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-                      ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
-        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+    if _env_flag("ACCELERATE_USE_FSDP") and not (args is not None and getattr(args, "fsdp", None)):
+        # (with TrainingArguments.fsdp, accelerate sets ACCELERATE_USE_FSDP itself; the arguments decide)
+        used.extend(unsupported_fsdp_environment())
+    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
+        if _env_flag(var):
             used.append(f"{name} (accelerate config, {var})")
     if used:
         raise PrivacyConfigError(
-            f"DPTrainer does not support sharded training: {', '.join(dict.fromkeys(used))}. Missing: per-example "
+            f"DPTrainer does not support this sharded training: {', '.join(dict.fromkeys(used))}. Missing: per-example "
             "clipping across sharded parameters (each example's gradient norm must be summed over all shards "
-            "before clipping, and nothing may reduce unclipped gradients; FSDP and ZeRO reduce-scatter them "
-            "inside backward). Use DDP instead: `accelerate launch --multi_gpu --num_processes N ...` with a "
+            "before clipping, and nothing may reduce unclipped gradients; FSDP1 and ZeRO reduce-scatter them "
+            "inside backward). Use FSDP2 without CPU offload (TrainingArguments(fsdp=True, fsdp_config={'version': 2}) "
+            "or accelerate's `fsdp_version: 2`), or DDP: `accelerate launch --multi_gpu --num_processes N ...` with a "
             "config without fsdp/deepspeed (see docs/distributed.md)."
         )
+
+
+def _env_flag(var: str) -> bool:
+    return os.environ.get(var, "").lower() in ("1", "true", "yes")
+
+
+def _fsdp_config(args: Any) -> dict[str, Any]:
+    """``args.fsdp_config`` as a dict with the ``fsdp_`` prefixes dropped (before or after ``__post_init__``)."""
+    cfg = getattr(args, "fsdp_config", None)
+    if isinstance(cfg, str):
+        import json
+
+        try:
+            with open(cfg, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (OSError, ValueError):  # TrainingArguments reports an unreadable file itself
+            cfg = {}
+    cfg = dict(cfg or {})
+    return {(k[5:] if k.startswith("fsdp_") else k): v for k, v in cfg.items()}
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def unsupported_fsdp_arguments(args: Any) -> list[str]:
+    """The FSDP settings of ``TrainingArguments.fsdp``/``fsdp_config`` that DP training refuses (empty: FSDP2 is fine)."""
+    cfg = _fsdp_config(args)
+    legacy = args.fsdp if isinstance(args.fsdp, (str, list)) else ""
+    legacy = " ".join(legacy) if isinstance(legacy, list) else legacy
+    found = []
+    if int(cfg.get("version", 2)) != 2:
+        found.append(f"FSDP1 (TrainingArguments.fsdp_config version={cfg.get('version')})")
+    if _truthy(cfg.get("cpu_offload", False)) or "offload" in legacy.split():
+        found.append("FSDP CPU offload (TrainingArguments.fsdp offload / fsdp_config cpu_offload)")
+    if _truthy(cfg.get("activation_checkpointing", False)):
+        found.append("FSDP activation checkpointing (fsdp_config activation_checkpointing; use "
+                     "gradient_checkpointing=True instead)")
+    if _truthy(cfg.get("xla", False)):
+        found.append("FSDP on XLA (fsdp_config xla)")
+    return found
+
+
+def unsupported_fsdp_environment() -> list[str]:
+    """The FSDP settings an ``accelerate launch`` FSDP config exported (``FSDP_*``) that DP training refuses."""
+    found = []
+    version = os.environ.get("FSDP_VERSION", "1")  # accelerate's own default is FSDP1
+    if version.strip() != "2":
+        found.append(f"FSDP1 (accelerate config, ACCELERATE_USE_FSDP with FSDP_VERSION={version})")
+    if _env_flag("FSDP_OFFLOAD_PARAMS"):
+        found.append("FSDP CPU offload (accelerate config, FSDP_OFFLOAD_PARAMS)")
+    if _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        found.append("FSDP activation checkpointing (accelerate config, FSDP_ACTIVATION_CHECKPOINTING; use "
+                     "gradient_checkpointing=True instead)")
+    return found
+
+
+def unsupported_fsdp_plugin(plugin: Any) -> list[str]:
+    """What an accelerate ``FullyShardedDataParallelPlugin`` enables that DP training refuses (empty: fine)."""
+    found = []
+    if int(getattr(plugin, "fsdp_version", 1) or 1) != 2:
+        found.append(f"FSDP1 (accelerate plugin, fsdp_version={getattr(plugin, 'fsdp_version', None)})")
+    offload = getattr(plugin, "cpu_offload", None)
+    if type(offload).__name__ == "CPUOffloadPolicy" or getattr(offload, "offload_params", False) or offload is True:
+        found.append("FSDP CPU offload (accelerate plugin, cpu_offload)")
+    if getattr(plugin, "activation_checkpointing", False):
+        found.append("FSDP activation checkpointing (accelerate plugin; use gradient_checkpointing=True instead)")
+    return found
 
 
 def resolve_privacy_settings(args: Any, privacy_args: PrivacyArguments | None, privacy_kwargs: dict[str, Any]) -> PrivacyArguments:

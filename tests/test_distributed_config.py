@@ -25,6 +25,7 @@ def _dataset(n=16):
 
 def test_fsdp_is_rejected_before_training_naming_what_is_missing(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", fsdp="full_shard",
+                             fsdp_config={"version": 1},  # FSDP1 (FSDP2 is supported since; see test_fsdp_trainer.py)
                              per_device_train_batch_size=4, max_steps=1)
     with pytest.raises(PrivacyConfigError, match="FSDP") as info:
         DPTrainer(model=tiny_bert(), args=args, train_dataset=_dataset(), noise_multiplier=1.0)

@@ -11,6 +11,10 @@ Notes:
       active dropout the gradients differ from the forward's masks (still a per-example function: the
       clipping guarantee holds).
     * The autocast state of the forward is restored for the recomputation.
+    * A module that is itself an FSDP2 unit (or a member of a grouped unit, e.g. accelerate's tail group
+      ``fully_shard([final_norm, embed_tokens, lm_head])``) is re-run through ``module.forward`` with its
+      parameters swapped in, bypassing its hooks: calling it would fire FSDP2's pre-forward hook, which
+      all-gathers the group again and leaves the group's OTHER modules holding unsharded parameters.
 """
 
 from __future__ import annotations
@@ -20,11 +24,21 @@ import contextlib
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._base import Record, Rule
 
 _DEVICES = ("cpu", "cuda")
+
+
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    """Whether ``module`` carries FSDP2 forward hooks of its own (a ``fully_shard`` unit or group member)."""
+    try:
+        from torch.distributed._composable_state import _get_module_state
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return _get_module_state(module) is not None
 
 
 class FunctorchRule(Rule):
@@ -69,13 +83,18 @@ class FunctorchRule(Rule):
                        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b]
         grads = [torch.zeros(sh, dtype=dt, device=dev) if g is None else g for (sh, dt, dev), g in zip(rec.out_meta, rec.grads)]
         params = data.get("params") or {r: getattr(module, r).detach() for r in self.roles}
+        fsdp_unit = _is_fsdp_unit(module)
 
         def loss_fn(p: dict, batched: list, gs: list) -> torch.Tensor:
             leaves = list(in_leaves)
             for pos, t in zip(batched_pos, batched):
                 leaves[pos] = t.unsqueeze(0)
             args, kwargs = tree_unflatten(leaves, in_spec)
-            out = functional_call(module, p, args, kwargs, strict=False)
+            if fsdp_unit:  # FSDP2 hooks must not fire again (see the module notes)
+                with _reparametrize_module(module, p, strict=False):
+                    out = module.forward(*args, **kwargs)
+            else:
+                out = functional_call(module, p, args, kwargs, strict=False)
             out_leaves, _ = tree_flatten(out)
             total = 0.0
             for j, g in zip(out_idx, gs):

@@ -20,9 +20,13 @@ Contract (checked by ``tests/test_fsdp.py`` on 2 CPU processes with gloo):
   forwards and backwards. A rank whose Poisson slice is empty runs :func:`zero_weight_loss` on a dummy row
   (its loss is multiplied by 0: the clipped contribution is exactly zero) instead of skipping.
 
-Unsupported (refused with an error naming them): FSDP1 (``FullyShardedDataParallel``), FSDP2 CPU offload
-(``offload_policy=CPUOffloadPolicy``), DeepSpeed ZeRO, and ``Trainer``'s ``fsdp=`` / accelerate FSDP plugin
-(``DPTrainer`` still refuses it: see docs/distributed.md).
+``DPTrainer`` uses the same pieces under ``Trainer``'s ``fsdp=True, fsdp_config={"version": 2}`` / accelerate's FSDP
+plugin with ``fsdp_version: 2`` (``tests/test_fsdp_trainer.py``): an empty Poisson slice, or fewer physical chunks
+than another rank (:func:`max_over_ranks`), runs zero-weight dummy rows.
+
+Unsupported (refused with an error naming them): FSDP1 (``FullyShardedDataParallel``, accelerate's
+``fsdp_version: 1``), FSDP CPU offload (``offload_policy=CPUOffloadPolicy``, ``fsdp_offload_params``), FSDP's own
+activation checkpointing, DeepSpeed ZeRO (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -101,3 +105,20 @@ def local_noise_(grad: Any, *, std: float, generator: torch.Generator) -> None:
     noise = torch.normal(mean=0.0, std=std, size=local.shape, generator=generator, device=local.device,
                          dtype=torch.float32)
     local.add_(noise.to(local.dtype))
+
+
+def max_over_ranks(count: int, *, device: torch.device) -> int:
+    """The largest ``count`` over all ranks (``count`` itself without a process group).
+
+    Under FSDP2 every rank must run the same number of forwards per micro-batch; a rank with fewer physical
+    chunks (or an empty Poisson slice) pads with zero-weight dummy rows up to this number.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    if torch.distributed.get_world_size() == 1:
+        return count
+    if torch.distributed.get_backend() != "nccl":
+        device = torch.device("cpu")
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())

@@ -1,0 +1,253 @@
+"""``DPTrainer`` under accelerate's FSDP2 plugin (``TrainingArguments(fsdp=True, fsdp_config={"version": 2})``).
+
+Run by ``torchrun --nproc_per_node 2`` (gloo, CPU) and, as the references, in one process without FSDP (the
+same function, W = 1, ``per_device_train_batch_size`` doubled so q N and the Poisson draws are identical).
+
+accelerate 1.16 never enables FSDP on CPU processes: ``AcceleratorState.__init__`` (accelerate/state.py, the
+``elif self.distributed_type in [MULTI_GPU, MULTI_MLU, ..., MULTI_NEURON]`` branch) is the only place that turns
+``distributed_type`` into ``FSDP`` and keeps the ``fsdp_plugin``; ``MULTI_CPU`` is not in that list, so on CPU
+the plugin is dropped and ``Trainer`` silently trains with DDP. :func:`emulate_accelerate_fsdp_on_cpu` (TEST
+ONLY, not a user setting) runs that branch's two assignments for ``MULTI_CPU`` too; everything else
+(``fully_shard`` of every decoder layer and the root by accelerate's ``fsdp2_prepare_model``, the optimizer
+re-bound to the ``DTensor`` parameters, FSDP checkpoints) is accelerate's and transformers' own code path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zlib
+import sys
+from typing import Any
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
+
+from hf_ewtune import DPTrainer  # noqa: E402
+from hf_ewtune.distributed.fsdp import is_sharded  # noqa: E402
+from hf_ewtune.sampling import is_empty_batch  # noqa: E402
+
+CASES = ("full", "lora", "bf16", "variance", "resume")
+VOCAB = 200
+
+
+def emulate_accelerate_fsdp_on_cpu() -> None:
+    """TEST ONLY: let accelerate keep its FSDP plugin on CPU processes, as it does on GPUs (see module docstring)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "_hf_ewtune_emulated", False):
+        return
+
+    def __init__(self, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP  # what the MULTI_GPU branch does
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+
+    __init__._hf_ewtune_emulated = True  # type: ignore[attr-defined]
+    AcceleratorState.__init__ = __init__
+
+
+def case_settings(name: str) -> dict[str, Any]:
+    """Per case: data size, per-device batch (for W = 2), GA, steps, sigma, C, precision, LoRA, saves."""
+    # q = 1 x 2 x 2 / 48: each rank's micro-batch holds 1 example in expectation, so empty slices on one rank
+    # (and ranks with 2-3 examples, i.e. 2-3 physical chunks at max_physical_batch_size=1) happen every step.
+    base = dict(n=48, per_device=1, ga=2, max_steps=3, sigma=0.0, clip=0.05, lr=0.5, lora=False, bf16=False,
+                dtype=torch.float64, save_steps=None, noise_seed=11, physical=1, state_dict_type="FULL_STATE_DICT")
+    cases = {
+        "full": dict(),
+        "lora": dict(lora=True, lr=1.0),
+        "bf16": dict(bf16=True, dtype=torch.float32, physical=None),
+        # pure noise: sigma = 1000, one SGD step with lr 1 (the clipped signal is 1e-3 of the noise)
+        "variance": dict(sigma=1000.0, max_steps=1, lr=1.0, noise_seed=None, physical=None),
+        "resume": dict(sigma=1.0, max_steps=4, save_steps=2, noise_seed=None, physical=None, lr=1e-2,
+                       state_dict_type=os.environ.get("TRAINER_CASES_STATE_DICT", "SHARDED_STATE_DICT")),
+    }
+    out = dict(base)
+    out.update(cases[name])
+    return out
+
+
+def dataset(n: int, *, seq_len: int = 8, seed: int = 0):
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, seq_len), generator=gen)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                              "labels": ids.tolist()})
+
+
+def model_for(settings: dict[str, Any]) -> torch.nn.Module:
+    """Tiny Llama, tied embeddings, RMSNorm (the torch.func rule); LoRA on q/v if asked."""
+    from tests.test_clipping_llama import tiny_llama
+
+    model = tiny_llama(settings["dtype"])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    if settings["lora"]:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=2,
+                                                 lora_alpha=4, lora_dropout=0.0))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))  # not hash(): salted per process
+    return model
+
+
+class Counts(TrainerCallback):
+    """Per optimizer step: this rank's examples, empty micro-batches and the forwards the engine ran."""
+
+    def __init__(self) -> None:
+        self.examples: list[int] = []
+        self.empties = 0
+        self.current = 0
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.examples.append(self.current)
+        self.current = 0
+        return control
+
+
+class CountingDPTrainer(DPTrainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if os.environ.get("TRAINER_CASES_VERBOSE"):
+            kinds = {n: type(p).__name__ for n, p in self.model.named_parameters() if n.endswith(("model.norm.weight",
+                                                                                                "embed_tokens.weight"))}
+            print(f"[rank {_rank()}] micro-batch empty={is_empty_batch(inputs)} step={self.state.global_step} {kinds}",
+                  flush=True)
+        if is_empty_batch(inputs):
+            self.counts.empties += 1
+        else:
+            self.counts.current += int(inputs["labels"].shape[0])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def build_trainer(name: str, world: int, output_dir: str) -> CountingDPTrainer:
+    s = case_settings(name)
+    per_device = s["per_device"] * 2 // world
+    fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                        "state_dict_type": s["state_dict_type"]}) if world > 1 else {}
+    args = TrainingArguments(
+        output_dir=output_dir, use_cpu=True, report_to="none", max_steps=s["max_steps"],
+        per_device_train_batch_size=per_device, gradient_accumulation_steps=s["ga"], learning_rate=s["lr"],
+        optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, warmup_steps=0, bf16=s["bf16"],
+        save_strategy="steps" if s["save_steps"] else "no", save_steps=s["save_steps"] or 500,
+        logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0, **fsdp,
+    )
+    trainer = CountingDPTrainer(
+        model=model_for(s), args=args, train_dataset=dataset(s["n"]), noise_multiplier=s["sigma"],
+        max_grad_norm=s["clip"], noise_seed=s["noise_seed"], max_physical_batch_size=s["physical"],
+    )
+    trainer.counts = Counts()
+    trainer.add_callback(trainer.counts)
+    return trainer
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, gathered to full size (a collective under FSDP2)."""
+    return {n: (p.full_tensor() if is_sharded(p) else p.detach()).detach().cpu().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
+    import warnings
+
+    out_dir = os.path.join(workdir, f"{name}-w{world}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = build_trainer(name, world, out_dir)
+        initial = full_params(trainer.model)
+        trainer.train()
+    result: dict[str, Any] = {
+        "params": full_params(trainer.model), "initial": initial,
+        "sharded": any(is_sharded(p) for p in trainer.model.parameters()),
+        "fsdp_enabled": trainer.is_fsdp_enabled, "model_class": type(trainer.model).__name__,
+        "param_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
+        "steps": trainer.privacy_callback.steps, "expected_batch_size": trainer.expected_batch_size,
+        "sample_rate": trainer.sample_rate, "noise_std": trainer.noise_multiplier * trainer._engine.sensitivity,
+    }
+    if name == "resume":
+        result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
+        result["uninterrupted_epsilon"] = float(trainer.get_privacy_spent().epsilon)
+        ckpt = os.path.join(workdir, f"{name}-w{world}-stopped", "checkpoint-2")
+        if _rank() == 0:
+            shutil.copytree(os.path.join(out_dir, "checkpoint-2"), ckpt, dirs_exist_ok=True)
+        _barrier()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            resumed = build_trainer(name, world, os.path.join(workdir, f"{name}-w{world}-resumed"))
+            resumed.train(resume_from_checkpoint=ckpt)
+        result["checkpoint_files"] = sorted(os.listdir(ckpt))
+        result["resumed"] = resumed.privacy_callback.accountant.state_dict()
+        result["resumed_steps"] = resumed.privacy_callback.steps
+        result["resumed_global_step"] = resumed.state.global_step
+        result["resumed_epsilon"] = float(resumed.get_privacy_spent().epsilon)
+    mine = {"examples": trainer.counts.examples, "empties": trainer.counts.empties}
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        result["per_rank"] = gathered
+    else:
+        result["per_rank"] = [mine]
+    return result
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def main() -> int:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--cases", default=",".join(CASES))
+    opts = parser.parse_args()
+    if os.environ.get("TRAINER_CASES_DUMP_AFTER_S"):  # debugging a hang: print every rank's stack, then exit
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["TRAINER_CASES_DUMP_AFTER_S"]), exit=True)
+    emulate_accelerate_fsdp_on_cpu()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)  # gloo, from torchrun's environment
+    world = state.num_processes
+    results = {}
+    for name in opts.cases.split(","):
+        t0 = time.time()
+        if os.environ.get("TRAINER_CASES_KEEP_GOING"):  # debugging: report a failing case and go on
+            try:
+                results[name] = run_case(name, world, opts.workdir)
+            except Exception:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+                continue
+        else:
+            results[name] = run_case(name, world, opts.workdir)
+        if state.is_main_process:
+            print(f"[trainer_cases] {name}: {time.time() - t0:.1f} s", flush=True)
+            torch.save(results, os.path.join(opts.workdir, "results.pt"))  # after every case (debugging)
+    _barrier()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
