@@ -63,7 +63,7 @@ from scipy.special import gammaln, logsumexp
 
 from ._validation import check_delta
 from .base import Accountant
-from .report import PrivacyReport
+from .report import PrivacyReport, report_without_edgeworth
 from .shuffled import gaussian_epsilon
 
 ADJACENCY = "add-or-remove-one example"
@@ -283,25 +283,8 @@ class RandomAllocationAccountant(Accountant):
 
     def get_privacy_spent(self, delta: float = 1e-5) -> PrivacyReport:
         """The certified epsilon; no Edgeworth estimate (it models Poisson sampling, not random allocation)."""
-        epsilon = self.get_epsilon(delta)
-        history = tuple(self._history)
-        last = history[-1] if history else (None, None, 0)
-        return PrivacyReport(
-            epsilon=epsilon,
-            delta=delta,
-            certified_by=self.certified_by,
-            accountant=self.name,
-            edgeworth_error_bound={
-                "delta_x": None, "delta_y": None, "epsilon_lower": None, "epsilon_upper": None, "certified": False,
-                "reason": "not applicable: the Edgeworth expansion models Poisson sampling, this run used random allocation",
-            },
-            steps=self.steps,
-            history=list(history),
-            noise_multiplier=last[0],
-            sample_rate=last[1],
-            adjacency=ADJACENCY,
-            sampling=SAMPLING,
-        )
+        return report_without_edgeworth(
+            self, delta, run_was="used random allocation", adjacency=ADJACENCY, sampling=SAMPLING)
 
 
 __all__ = ["RandomAllocationAccountant", "add_epsilon", "jensen_add_epsilon", "lattice_add_epsilon",

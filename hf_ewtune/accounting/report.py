@@ -104,3 +104,36 @@ class PrivacyReport:
                     f"{_fmt(bound.get('epsilon_upper'))}]; {bound.get('reason', '')}"
                 )
         return "\n".join(lines)
+
+
+def report_without_edgeworth(
+    accountant: Any, delta: float, *, run_was: str, adjacency: str, sampling: str
+) -> PrivacyReport:
+    """The report of an accountant for a sampling the Edgeworth expansion does not model (certified epsilon only).
+
+    Args:
+        accountant: The accountant (``get_epsilon``, ``certified_by``, ``name``, ``steps`` and its ``_history``).
+        delta: The delta to report at.
+        run_was: How the run sampled, completing "this run ..." in the not-applicable reason.
+        adjacency: The adjacency the certified epsilon is for.
+        sampling: The sampling's name.
+    """
+    epsilon = accountant.get_epsilon(delta)
+    history = tuple(accountant._history)
+    last = history[-1] if history else (None, None, 0)
+    return PrivacyReport(
+        epsilon=epsilon,
+        delta=delta,
+        certified_by=accountant.certified_by,
+        accountant=accountant.name,
+        edgeworth_error_bound={
+            "delta_x": None, "delta_y": None, "epsilon_lower": None, "epsilon_upper": None, "certified": False,
+            "reason": f"not applicable: the Edgeworth expansion models Poisson sampling, this run {run_was}",
+        },
+        steps=accountant.steps,
+        history=list(history),
+        noise_multiplier=last[0],
+        sample_rate=last[1],
+        adjacency=adjacency,
+        sampling=sampling,
+    )

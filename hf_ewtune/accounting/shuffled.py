@@ -42,7 +42,7 @@ from hf_ewtune.errors import PrivacyConfigError
 
 from ._validation import check_delta
 from .base import Accountant
-from .report import PrivacyReport
+from .report import PrivacyReport, report_without_edgeworth
 
 ADJACENCY = "replace-one example"
 SAMPLING = "shuffled fixed-size batches"
@@ -206,22 +206,5 @@ class ShuffledAccountant(Accountant):
 
     def get_privacy_spent(self, delta: float = 1e-5) -> PrivacyReport:
         """The certified epsilon; no Edgeworth estimate (it models Poisson sampling, not shuffling)."""
-        epsilon = self.get_epsilon(delta)
-        history = tuple(self._history)
-        last = history[-1] if history else (None, None, 0)
-        return PrivacyReport(
-            epsilon=epsilon,
-            delta=delta,
-            certified_by=self.certified_by,
-            accountant=self.name,
-            edgeworth_error_bound={
-                "delta_x": None, "delta_y": None, "epsilon_lower": None, "epsilon_upper": None, "certified": False,
-                "reason": "not applicable: the Edgeworth expansion models Poisson sampling, this run was shuffled",
-            },
-            steps=self.steps,
-            history=list(history),
-            noise_multiplier=last[0],
-            sample_rate=last[1],
-            adjacency=ADJACENCY,
-            sampling=self.sampling,
-        )
+        return report_without_edgeworth(
+            self, delta, run_was="was shuffled", adjacency=ADJACENCY, sampling=self.sampling)
