@@ -143,3 +143,27 @@ def plan_users_after_preparation(trainer: Any, n: int, *, given_columns: tuple[s
             f"(TRL's) dataset preparation consumed it (prepared columns: {sorted(prepared)}). Copy the user ids into a "
             "column TRL does not read (e.g. dataset.add_column('user_id', ...)) and name that one.")
     return plan(n)
+
+
+class TRLPrivacySeams:
+    """The privacy seams every DP TRL trainer overrides the same way; put it first among the bases.
+
+    Subclasses set ``default_unit`` (the privacy unit named on the card when no ``user_id_column`` is given)
+    and ``_given_columns`` (the columns of the dataset the user passed, before TRL prepared it).
+    """
+
+    default_unit: str
+
+    def _check_environment(self) -> None:
+        # args=None: TRL built its own config (gradient_checkpointing=True by default); same treatment as a given one.
+        self.args = without_checkpointing(self.args, trainer_name=type(self).__name__)
+        super()._check_environment()  # type: ignore[misc]
+
+    def _setup_privacy(self) -> None:
+        self.privacy_args = with_default_unit(self.privacy_args, self.default_unit)  # left alone with user_id_column
+        super()._setup_privacy()  # type: ignore[misc]
+
+    def _plan_users(self, n: int) -> int:
+        """Users (all of their rows or records) read from TRL's prepared dataset (see docs/user_level.md)."""
+        plan = super()._plan_users  # type: ignore[misc]
+        return plan_users_after_preparation(self, n, given_columns=self._given_columns, plan=plan)

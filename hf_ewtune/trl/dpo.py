@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from hf_ewtune.trl.compat import (
+    TRLPrivacySeams,
     dataset_columns,
-    plan_users_after_preparation,
     reject_bypassing_overrides,
     require_trl,
-    with_default_unit,
     without_checkpointing,
 )
 
@@ -176,7 +175,7 @@ def dpo_record_loss(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tens
     raise PrivacyConfigError(f"loss_type={loss_type!r} is not per record; use one of {PER_RECORD_LOSSES}.")
 
 
-class DPDPOTrainer(DPTrainer, DPOTrainer):
+class DPDPOTrainer(TRLPrivacySeams, DPTrainer, DPOTrainer):
     """TRL's ``DPOTrainer`` with DP-SGD; one preference record is one privacy unit (see the module docstring).
 
     Arguments are keyword-only (``model=``, ``ref_model=``, ``args=``, ``train_dataset=``, ``processing_class=``,
@@ -188,6 +187,8 @@ class DPDPOTrainer(DPTrainer, DPOTrainer):
         PrivacyConfigError: a setting listed in the module docstring, an override DP cannot see through, or any of
             ``DPTrainer``'s checks (all before training).
     """
+
+    default_unit = DPO_UNIT
 
     def __init__(self, *, model: Any, ref_model: Any = None, args: Any = None, **kwargs: Any) -> None:
         reject_bypassing_overrides(self, owner=DPDPOTrainer, loss_bases=(DPOTrainer, DPDPOTrainer))
@@ -205,19 +206,6 @@ class DPDPOTrainer(DPTrainer, DPOTrainer):
             )
         check_dpo_settings(self.args)
         self.data_collator = PairedRecordCollator(self.data_collator)
-
-    def _check_environment(self) -> None:
-        # args=None: TRL built its own config (gradient_checkpointing=True by default); same treatment as a given one.
-        self.args = without_checkpointing(self.args, trainer_name=type(self).__name__)
-        super()._check_environment()
-
-    def _setup_privacy(self) -> None:
-        self.privacy_args = with_default_unit(self.privacy_args, DPO_UNIT)  # left alone with user_id_column
-        super()._setup_privacy()
-
-    def _plan_users(self, n: int) -> int:
-        """Users (all of their preference records) read from TRL's prepared dataset (see docs/user_level.md)."""
-        return plan_users_after_preparation(self, n, given_columns=self._given_columns, plan=super()._plan_users)
 
     def _micro_batch_size(self, inputs: dict[str, Any]) -> int:
         ids = inputs.get("chosen_input_ids")

@@ -31,11 +31,10 @@ from typing import Any
 import torch
 
 from hf_ewtune.trl.compat import (
+    TRLPrivacySeams,
     dataset_columns,
-    plan_users_after_preparation,
     reject_bypassing_overrides,
     require_trl,
-    with_default_unit,
     without_checkpointing,
 )
 
@@ -122,7 +121,7 @@ def sft_per_example_loss(logits: torch.Tensor, labels: torch.Tensor, *, loss_typ
     return tok.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
 
-class DPSFTTrainer(DPTrainer, SFTTrainer):
+class DPSFTTrainer(TRLPrivacySeams, DPTrainer, SFTTrainer):
     """TRL's ``SFTTrainer`` with differentially private training (DP-SGD, Poisson sampling, one example per unit).
 
     Takes ``SFTTrainer``'s arguments plus the privacy settings in one of ``DPTrainer``'s three forms:
@@ -134,6 +133,8 @@ class DPSFTTrainer(DPTrainer, SFTTrainer):
         PrivacyConfigError: packing / padding-free batches, ``compute_loss_func``, label smoothing, an MoE auxiliary
             loss, an override DP cannot see through, or any of ``DPTrainer``'s checks (all before training).
     """
+
+    default_unit = SFT_UNIT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         reject_bypassing_overrides(self, owner=DPSFTTrainer, loss_bases=(SFTTrainer,))
@@ -171,19 +172,6 @@ class DPSFTTrainer(DPTrainer, SFTTrainer):
                 "the model's MoE router auxiliary loss is a batch-level term that couples examples (not clipped per "
                 "example). Set SFTConfig(router_aux_loss_coef=0.0) to train without it."
             )
-
-    def _check_environment(self) -> None:
-        # args=None: TRL built its own config (gradient_checkpointing=True by default); same treatment as a given one.
-        self.args = without_checkpointing(self.args, trainer_name=type(self).__name__)
-        super()._check_environment()
-
-    def _setup_privacy(self) -> None:
-        self.privacy_args = with_default_unit(self.privacy_args, SFT_UNIT)  # left alone with user_id_column
-        super()._setup_privacy()
-
-    def _plan_users(self, n: int) -> int:
-        """Users read from TRL's prepared dataset (the id column survives TRL's maps; see docs/user_level.md)."""
-        return plan_users_after_preparation(self, n, given_columns=self._given_columns, plan=super()._plan_users)
 
     def compute_per_example_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """TRL's SFT loss of each example of the micro-batch, ``Tensor[B]`` (see :func:`sft_per_example_loss`).
