@@ -28,16 +28,17 @@ sys.path.insert(0, ROOT)
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from hf_ewtune import DPTrainer  # noqa: E402
+from hf_ewtune.callbacks import _dp_optimizer  # noqa: E402
 from hf_ewtune.distributed.fsdp import is_sharded  # noqa: E402
 from hf_ewtune.sampling import is_empty_batch  # noqa: E402
 
-CASES = ("full", "lora", "bf16", "variance", "resume")
+CASES = ("full", "lora", "bf16", "variance", "resume", "resume_full")
 VOCAB = 200
 
 
 def emulate_accelerate_fsdp_on_cpu() -> None:
     """TEST ONLY: let accelerate keep its FSDP plugin on CPU processes, as it does on GPUs (see module docstring)."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     original = AcceleratorState.__init__
@@ -51,6 +52,10 @@ def emulate_accelerate_fsdp_on_cpu() -> None:
             if self._mixed_precision != "no":
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
+            # ...and the line after that branch: every later AcceleratorState() copies PartialState's shared state
+            # over its own, so without this the next one (the Trainer makes several) reverts to MULTI_CPU and
+            # accelerate's FSDP2 paths (get_state_dict's full gather for FULL_STATE_DICT saves) are skipped.
+            PartialState._shared_state["distributed_type"] = self.distributed_type
 
     __init__._hf_ewtune_emulated = True  # type: ignore[attr-defined]
     AcceleratorState.__init__ = __init__
@@ -61,7 +66,8 @@ def case_settings(name: str) -> dict[str, Any]:
     # q = 1 x 2 x 2 / 48: each rank's micro-batch holds 1 example in expectation, so empty slices on one rank
     # (and ranks with 2-3 examples, i.e. 2-3 physical chunks at max_physical_batch_size=1) happen every step.
     base = dict(n=48, per_device=1, ga=2, max_steps=3, sigma=0.0, clip=0.05, lr=0.5, lora=False, bf16=False,
-                dtype=torch.float64, save_steps=None, noise_seed=11, physical=1, state_dict_type="FULL_STATE_DICT")
+                dtype=torch.float64, save_steps=None, noise_seed=11, physical=1, state_dict_type="FULL_STATE_DICT",
+                optim="sgd")
     cases = {
         "full": dict(),
         "lora": dict(lora=True, lr=1.0),
@@ -70,6 +76,11 @@ def case_settings(name: str) -> dict[str, Any]:
         "variance": dict(sigma=1000.0, max_steps=1, lr=1.0, noise_seed=None, physical=None),
         "resume": dict(sigma=1.0, max_steps=4, save_steps=2, noise_seed=None, physical=None, lr=1e-2,
                        state_dict_type=os.environ.get("TRAINER_CASES_STATE_DICT", "SHARDED_STATE_DICT")),
+        # transformers' default FULL_STATE_DICT: a from_pretrained folder per checkpoint, optimizer state gathered.
+        # AdamW: torch's full-state-dict optimizer LOAD needs one tensor in the optimizer state (plain SGD has none:
+        # "Expected device to be set", torch/distributed/checkpoint/state_dict.py; docs/distributed.md).
+        "resume_full": dict(sigma=1.0, max_steps=4, save_steps=2, noise_seed=None, physical=None, lr=1e-2,
+                            state_dict_type="FULL_STATE_DICT", optim="adamw_torch"),
     }
     out = dict(base)
     out.update(cases[name])
@@ -140,7 +151,7 @@ def build_trainer(name: str, world: int, output_dir: str) -> CountingDPTrainer:
     args = TrainingArguments(
         output_dir=output_dir, use_cpu=True, report_to="none", max_steps=s["max_steps"],
         per_device_train_batch_size=per_device, gradient_accumulation_steps=s["ga"], learning_rate=s["lr"],
-        optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, warmup_steps=0, bf16=s["bf16"],
+        optim=s["optim"], lr_scheduler_type="constant", weight_decay=0.0, warmup_steps=0, bf16=s["bf16"],
         save_strategy="steps" if s["save_steps"] else "no", save_steps=s["save_steps"] or 500,
         logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0, **fsdp,
     )
@@ -176,7 +187,7 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         "steps": trainer.privacy_callback.steps, "expected_batch_size": trainer.expected_batch_size,
         "sample_rate": trainer.sample_rate, "noise_std": trainer.noise_multiplier * trainer._engine.sensitivity,
     }
-    if name == "resume":
+    if name.startswith("resume"):
         result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
         result["uninterrupted_epsilon"] = float(trainer.get_privacy_spent().epsilon)
         ckpt = os.path.join(workdir, f"{name}-w{world}-stopped", "checkpoint-2")
@@ -192,6 +203,19 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         result["resumed_steps"] = resumed.privacy_callback.steps
         result["resumed_global_step"] = resumed.state.global_step
         result["resumed_epsilon"] = float(resumed.get_privacy_spent().epsilon)
+        # DPOptimizer.step calls that took noise: the DCP optimizer-state initialisation at a save or a load (an
+        # lr-0 step on zero gradients) must not count.
+        result["optimizer_steps"] = _dp_optimizer(trainer.optimizer).steps_taken
+        result["resumed_optimizer_steps"] = _dp_optimizer(resumed.optimizer).steps_taken
+        if s_type(name) == "FULL_STATE_DICT":  # the final save: a from_pretrained folder holding the trained weights
+            final = os.path.join(out_dir, "final")
+            trainer.save_model(final)  # every rank (the full state dict is gathered)
+            _barrier()
+            if _rank() == 0:
+                from safetensors.torch import load_file
+
+                result["final_files"] = sorted(os.listdir(final))
+                result["final_weights"] = load_file(os.path.join(final, "model.safetensors"))
     mine = {"examples": trainer.counts.examples, "empties": trainer.counts.empties}
     if world > 1:
         gathered: list = [None] * world
@@ -200,6 +224,10 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
     else:
         result["per_rank"] = [mine]
     return result
+
+
+def s_type(name: str) -> str:
+    return case_settings(name)["state_dict_type"]
 
 
 def _rank() -> int:
