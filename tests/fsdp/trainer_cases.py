@@ -32,7 +32,7 @@ from hf_ewtune.callbacks import _dp_optimizer  # noqa: E402
 from hf_ewtune.distributed.fsdp import is_sharded  # noqa: E402
 from hf_ewtune.sampling import is_empty_batch  # noqa: E402
 
-CASES = ("full", "lora", "bf16", "variance", "resume", "resume_full")
+CASES = ("full", "lora", "bf16", "variance", "ckpt", "resume", "resume_full")
 VOCAB = 200
 
 
@@ -67,10 +67,16 @@ def case_settings(name: str) -> dict[str, Any]:
     # (and ranks with 2-3 examples, i.e. 2-3 physical chunks at max_physical_batch_size=1) happen every step.
     base = dict(n=48, per_device=1, ga=2, max_steps=3, sigma=0.0, clip=0.05, lr=0.5, lora=False, bf16=False,
                 dtype=torch.float64, save_steps=None, noise_seed=11, physical=1, state_dict_type="FULL_STATE_DICT",
-                optim="sgd")
+                optim="sgd", checkpointing=None)
     cases = {
         "full": dict(),
         "lora": dict(lora=True, lr=1.0),
+        # 'full' with activation (gradient) checkpointing of every decoder layer: HF's default kwargs
+        # (use_reentrant=False in transformers 5) and use_reentrant=True; the 1-process reference is 'full'
+        "ckpt": dict(checkpointing={}),
+        # refused before training (PrivacyConfigError; the engine also refuses a model checkpointed that way): the
+        # full backward reentrant blocks need lets FSDP2 reduce-scatter raw gradients (the update came out wrong)
+        "ckpt_reentrant": dict(checkpointing={"use_reentrant": True}),
         "bf16": dict(bf16=True, dtype=torch.float32, physical=None),
         # pure noise: sigma = 1000, one SGD step with lr 1 (the clipped signal is 1e-3 of the noise)
         "variance": dict(sigma=1000.0, max_steps=1, lr=1.0, noise_seed=None, physical=None),
@@ -122,6 +128,7 @@ class Counts(TrainerCallback):
         self.examples: list[int] = []
         self.empties = 0
         self.current = 0
+        self.layer_calls = 0  # forwards of layer 0's first norm (twice per micro-batch with checkpointing)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.examples.append(self.current)
@@ -146,6 +153,8 @@ class CountingDPTrainer(DPTrainer):
 def build_trainer(name: str, world: int, output_dir: str) -> CountingDPTrainer:
     s = case_settings(name)
     per_device = s["per_device"] * 2 // world
+    checkpointing = {} if s["checkpointing"] is None else dict(
+        gradient_checkpointing=True, gradient_checkpointing_kwargs=s["checkpointing"] or None)
     fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                                         "state_dict_type": s["state_dict_type"]}) if world > 1 else {}
     args = TrainingArguments(
@@ -153,7 +162,7 @@ def build_trainer(name: str, world: int, output_dir: str) -> CountingDPTrainer:
         per_device_train_batch_size=per_device, gradient_accumulation_steps=s["ga"], learning_rate=s["lr"],
         optim=s["optim"], lr_scheduler_type="constant", weight_decay=0.0, warmup_steps=0, bf16=s["bf16"],
         save_strategy="steps" if s["save_steps"] else "no", save_steps=s["save_steps"] or 500,
-        logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0, **fsdp,
+        logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0, **fsdp, **checkpointing,
     )
     trainer = CountingDPTrainer(
         model=model_for(s), args=args, train_dataset=dataset(s["n"]), noise_multiplier=s["sigma"],
@@ -161,6 +170,10 @@ def build_trainer(name: str, world: int, output_dir: str) -> CountingDPTrainer:
     )
     trainer.counts = Counts()
     trainer.add_callback(trainer.counts)
+    layers = [m for n, m in trainer.model.named_modules() if type(m).__name__.endswith("LlamaDecoderLayer")]
+    # on a sub-module: the decoder layer's own hooks run outside the checkpointed function (once per forward)
+    layers[0].input_layernorm.register_forward_pre_hook(
+        lambda *_: setattr(trainer.counts, "layer_calls", trainer.counts.layer_calls + 1))
     return trainer
 
 
@@ -216,7 +229,10 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
 
                 result["final_files"] = sorted(os.listdir(final))
                 result["final_weights"] = load_file(os.path.join(final, "model.safetensors"))
-    mine = {"examples": trainer.counts.examples, "empties": trainer.counts.empties}
+    mine = {"examples": trainer.counts.examples, "empties": trainer.counts.empties,
+            "layer_calls": trainer.counts.layer_calls}
+    result["checkpointing"] = bool(getattr(trainer.accelerator.unwrap_model(trainer.model), "is_gradient_checkpointing",
+                                           False))
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
