@@ -128,7 +128,7 @@ class Counts(TrainerCallback):
         self.examples: list[int] = []
         self.empties = 0
         self.current = 0
-        self.layer_calls = 0  # forwards of layer 0's first norm (twice per micro-batch with checkpointing)
+        self.layer_calls = 0  # forwards of layer 0's q_proj (twice per micro-batch with checkpointing)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.examples.append(self.current)
@@ -171,8 +171,9 @@ def build_trainer(name: str, world: int, output_dir: str) -> CountingDPTrainer:
     trainer.counts = Counts()
     trainer.add_callback(trainer.counts)
     layers = [m for n, m in trainer.model.named_modules() if type(m).__name__.endswith("LlamaDecoderLayer")]
-    # on a sub-module: the decoder layer's own hooks run outside the checkpointed function (once per forward)
-    layers[0].input_layernorm.register_forward_pre_hook(
+    # on a Linear inside: the decoder layer's own hooks run outside the checkpointed function (once per forward), and
+    # the engine re-runs RMSNorms (torch.func rule) through their forward
+    layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda *_: setattr(trainer.counts, "layer_calls", trainer.counts.layer_calls + 1))
     return trainer
 
