@@ -1,6 +1,6 @@
 """``DPTrainer`` under accelerate's FSDP2 plugin (``fsdp=True, fsdp_config={"version": 2}``) on 2 CPU processes.
 
-Two ``torchrun --standalone --nproc_per_node 2 tests/fsdp/trainer_cases.py`` launches (training cases; resume)
+Two ``torchrun --standalone --nproc_per_node 2 tests/fsdp/trainer_cases.py`` launches (training cases; resumes)
 run the cases (marked ``slow``); the 1-process references run in this process WITHOUT FSDP on the same global Poisson batches.
 accelerate 1.16 drops the FSDP plugin on CPU processes, so the launch script applies a test-only emulation of
 accelerate's GPU branch (``trainer_cases.emulate_accelerate_fsdp_on_cpu``, docstring there); every other piece
@@ -13,11 +13,15 @@ library code a GPU run uses. Checked:
 * bf16 (FSDP2 ``MixedPrecisionPolicy``): sharded fp32 master weights, the update close to the fp32 1-process one;
 * pure noise through the Trainer: per-coordinate variance (sigma C lr / B)^2 (not double, not half), every
   coordinate noised, the two ranks' shards different draws;
-* a run stopped at checkpoint-2 (SHARDED_STATE_DICT FSDP model + optimizer state + ``_privacy_state.json``) and
-  resumed in a fresh trainer has the uninterrupted run's accountant history and epsilon (FULL_STATE_DICT saves
-  crash on CPU: docs/distributed.md).
+* ``gradient_checkpointing=True`` (HF's default, non-reentrant): the sigma = 0 update equals the 1-process run
+  without checkpointing, and the recomputation really ran;
+* a run stopped at checkpoint-2 (FSDP model + optimizer state + ``_privacy_state.json``; SHARDED_STATE_DICT with
+  SGD and FULL_STATE_DICT with AdamW) and resumed in a fresh trainer has the uninterrupted run's accountant history
+  and epsilon; FULL_STATE_DICT writes the trained weights as a ``from_pretrained`` folder; torch DCP's lr-0
+  optimizer-state initialisation at save/load is not counted as a DPOptimizer step.
 
-The fast tests at the end check the refusals (FSDP1, CPU offload, FSDP activation checkpointing, XLA, DeepSpeed).
+The fast tests at the end check the refusals (FSDP1, CPU offload, FSDP activation checkpointing, reentrant
+gradient checkpointing with FSDP2, XLA, DeepSpeed).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def _launch(workdir: str, cases: tuple[str, ...]) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    """One launch for the training cases (resume has its own launch: a checkpoint failure stays separate)."""
+    """One launch for the training cases (the resumes have their own launch: a checkpoint failure stays separate)."""
     return _launch(str(tmp_path_factory.mktemp("fsdp_trainer")), ("full", "lora", "bf16", "variance", "ckpt"))
 
 
