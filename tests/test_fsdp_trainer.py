@@ -225,13 +225,14 @@ def test_unsupported_fsdp_arguments_are_refused_naming_them(tmp_path, kw, named)
                   noise_multiplier=1.0)
 
 
-def test_fsdp2_arguments_pass_the_privacy_checks(tmp_path):
+def test_fsdp2_arguments_pass_the_privacy_checks(tmp_path, monkeypatch):
     from hf_ewtune.training_arguments import reject_sharded_training
 
     reject_sharded_training(_args(tmp_path, fsdp=True, fsdp_config={"version": 2}))  # no error
     reject_sharded_training(_args(tmp_path, fsdp=True, fsdp_config={"version": 2}, gradient_checkpointing=True))
-    reject_sharded_training(_args(tmp_path, gradient_checkpointing=True,  # no FSDP: reentrant is fine
-                                  gradient_checkpointing_kwargs={"use_reentrant": True}))
+    no_fsdp = _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)  # TrainingArguments(fsdp=...) above may export it
+    reject_sharded_training(no_fsdp)  # without FSDP reentrant checkpointing is fine
 
 
 def test_full_state_dict_with_plain_sgd_is_flagged_as_not_resumable(tmp_path):
