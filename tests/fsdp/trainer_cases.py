@@ -7,7 +7,8 @@ accelerate 1.16 never enables FSDP on CPU processes: ``AcceleratorState.__init__
 ``elif self.distributed_type in [MULTI_GPU, MULTI_MLU, ..., MULTI_NEURON]`` branch) is the only place that turns
 ``distributed_type`` into ``FSDP`` and keeps the ``fsdp_plugin``; ``MULTI_CPU`` is not in that list, so on CPU
 the plugin is dropped and ``Trainer`` silently trains with DDP. :func:`emulate_accelerate_fsdp_on_cpu` (TEST
-ONLY, not a user setting) runs that branch's two assignments for ``MULTI_CPU`` too; everything else
+ONLY, not a user setting) runs that branch's assignments (and the copy of ``distributed_type`` into
+``PartialState._shared_state`` right after it) for ``MULTI_CPU`` too; everything else
 (``fully_shard`` of every decoder layer and the root by accelerate's ``fsdp2_prepare_model``, the optimizer
 re-bound to the ``DTensor`` parameters, FSDP checkpoints) is accelerate's and transformers' own code path.
 """
