@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,7 @@ from hf_ewtune.sampling import derive_seed, new_seed
 
 logger = logging.getLogger(__name__)
 _SHARD_STREAM = 0x5348  # separates the per-shard noise streams from the rank-0 stream
+_DCP_INIT = "_init_optim_state"  # torch.distributed.checkpoint.state_dict: an lr-0 step() on zero gradients
 
 
 def _dist_info() -> tuple[int, int]:
@@ -195,6 +197,33 @@ class DPOptimizer(torch.optim.Optimizer, HoldsDPSettings):
             return world > 1
         return bool(self._distributed) and world > 1
 
+    def _is_dcp_state_initialisation(self) -> bool:
+        """Whether this ``step()`` is torch DCP's optimizer-state initialisation, not a training step.
+
+        True only when called (within a few frames) from ``torch.distributed.checkpoint``'s ``_init_optim_state``
+        AND every gradient is absent or exactly zero (DCP sets zeros; this rank's values are checked, no
+        collective). Both are facts about the caller, never about the data: a real step, even one with all-zero
+        clipped sums or learning rate 0 (warm-up), is always noised and counted.
+        """
+        frame = sys._getframe(2)  # skip this method and step()
+        for _ in range(4):  # accelerate / torch may add a wrapper frame or two
+            if frame is None:
+                return False
+            code = frame.f_code
+            if code.co_name == _DCP_INIT and "checkpoint" in code.co_filename:
+                break
+            frame = frame.f_back
+        else:
+            return False
+        for p in self._params():
+            grad = p.grad
+            if grad is None:
+                continue
+            local = grad.to_local() if is_sharded(grad) else grad
+            if bool(local.any()):
+                return False
+        return True
+
     @torch.no_grad()
     def add_noise_and_scale(self) -> None:
         """Turn the accumulated clipped sums in ``p.grad`` into the noisy mean gradient (in place)."""
@@ -238,11 +267,21 @@ class DPOptimizer(torch.optim.Optimizer, HoldsDPSettings):
         self.last_step_settings = settings
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        """Noise, (all-reduce), scale by ``1/expected_batch_size``, then the inner optimizer's step."""
+        """Noise, (all-reduce), scale by ``1/expected_batch_size``, then the inner optimizer's step.
+
+        torch's distributed checkpointing (``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, which
+        accelerate's FSDP2 checkpoints call at every save and load) initialises an optimizer without state by
+        calling ``step()`` on all-zero gradients at learning rate 0 (``_init_optim_state``). That call is not a
+        training step: it is passed to the inner optimizer only (which builds its state, as DCP intends), with no
+        noise drawn and no step counted (:meth:`_is_dcp_state_initialisation`).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._is_dcp_state_initialisation():
+            self.original_optimizer.step()
+            return loss
         self.add_noise_and_scale()
         self._counter += 1
         self.steps_taken += 1

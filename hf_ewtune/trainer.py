@@ -57,7 +57,7 @@ from hf_ewtune.batch_checks import check_micro_batch, check_training_data
 from hf_ewtune.callbacks import PrivacyCallback
 from hf_ewtune.dp_settings import DPSettings, read_only_setting
 from hf_ewtune.engine_lifecycle import require_attached
-from hf_ewtune.distributed.fsdp import max_over_ranks, zero_weight_loss
+from hf_ewtune.distributed.fsdp import full_state_dict_resume_problem, max_over_ranks, zero_weight_loss
 from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, PrivacyStateError
 from hf_ewtune.hub_safety import hub_checkpoint_notice, trainer_uploads_through_safety_net
 from hf_ewtune.large_delta import refuse_large_delta
@@ -190,11 +190,9 @@ class DPTrainer(Trainer):
         if getattr(self, "is_fsdp_enabled", False):
             plugin = self.accelerator.state.fsdp_plugin
             plugins += unsupported_fsdp_plugin(plugin)
-            if "FULL_STATE_DICT" in str(getattr(plugin, "state_dict_type", "")):
-                logger.warning(
-                    "DPTrainer: FSDP2 with state_dict_type FULL_STATE_DICT: saving a checkpoint crashed in hf_ewtune's "
-                    "2-process CPU tests (transformers' save_pretrained met a DTensor on rank 0); resuming is tested "
-                    "with fsdp_config={'state_dict_type': 'SHARDED_STATE_DICT'} (see docs/distributed.md).")
+            problem = full_state_dict_resume_problem(plugin, args)
+            if problem:
+                logger.warning("DPTrainer: %s", problem)
         elif getattr(args, "fsdp", None) and int(getattr(args, "world_size", 1)) > 1:
             logger.warning(
                 "DPTrainer: TrainingArguments.fsdp is set but accelerate did not enable FSDP (accelerate %s shards "

@@ -120,6 +120,11 @@ def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None
     if _env_flag("ACCELERATE_USE_FSDP") and not (args is not None and getattr(args, "fsdp", None)):
         # (with TrainingArguments.fsdp, accelerate sets ACCELERATE_USE_FSDP itself; the arguments decide)
         used.extend(unsupported_fsdp_environment())
+    if args is not None and (getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP")) and (
+            reentrant_checkpointing(args)):
+        used.append("reentrant activation checkpointing with FSDP2 (gradient_checkpointing_kwargs={'use_reentrant': "
+                    "True} makes the engine run a full backward, whose raw unclipped gradients FSDP2 reduce-scatters; "
+                    "use use_reentrant=False, Hugging Face's default)")
     for var, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
         if _env_flag(var):
             used.append(f"{name} (accelerate config, {var})")
@@ -132,6 +137,34 @@ def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None
             "or accelerate's `fsdp_version: 2`), or DDP: `accelerate launch --multi_gpu --num_processes N ...` with a "
             "config without fsdp/deepspeed (see docs/distributed.md)."
         )
+
+
+def reentrant_checkpointing(args: Any) -> bool:
+    """Whether ``args`` turn on activation (gradient) checkpointing with ``use_reentrant=True``.
+
+    transformers 5 calls it ``activation_checkpointing`` (``gradient_checkpointing`` is the deprecated alias) and
+    defaults to ``use_reentrant=False`` when no kwargs are given.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> reentrant_checkpointing(NS(activation_checkpointing=True, activation_checkpointing_kwargs=None))
+        False
+        >>> reentrant_checkpointing(NS(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}))
+        True
+    """
+    on = getattr(args, "activation_checkpointing", None)
+    on = getattr(args, "gradient_checkpointing", False) if on is None else on
+    if not on:
+        return False
+    for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        kwargs = getattr(args, name, None)
+        if isinstance(kwargs, str) and kwargs.strip().startswith("{"):
+            import json
+
+            kwargs = json.loads(kwargs)
+        if isinstance(kwargs, dict) and "use_reentrant" in kwargs:
+            return _truthy(kwargs["use_reentrant"])
+    return False
 
 
 def _env_flag(var: str) -> bool:

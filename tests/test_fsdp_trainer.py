@@ -1,6 +1,6 @@
 """``DPTrainer`` under accelerate's FSDP2 plugin (``fsdp=True, fsdp_config={"version": 2}``) on 2 CPU processes.
 
-Two ``torchrun --standalone --nproc_per_node 2 tests/fsdp/trainer_cases.py`` launches (training cases; resume)
+Two ``torchrun --standalone --nproc_per_node 2 tests/fsdp/trainer_cases.py`` launches (training cases; resumes)
 run the cases (marked ``slow``); the 1-process references run in this process WITHOUT FSDP on the same global Poisson batches.
 accelerate 1.16 drops the FSDP plugin on CPU processes, so the launch script applies a test-only emulation of
 accelerate's GPU branch (``trainer_cases.emulate_accelerate_fsdp_on_cpu``, docstring there); every other piece
@@ -13,11 +13,15 @@ library code a GPU run uses. Checked:
 * bf16 (FSDP2 ``MixedPrecisionPolicy``): sharded fp32 master weights, the update close to the fp32 1-process one;
 * pure noise through the Trainer: per-coordinate variance (sigma C lr / B)^2 (not double, not half), every
   coordinate noised, the two ranks' shards different draws;
-* a run stopped at checkpoint-2 (SHARDED_STATE_DICT FSDP model + optimizer state + ``_privacy_state.json``) and
-  resumed in a fresh trainer has the uninterrupted run's accountant history and epsilon (FULL_STATE_DICT saves
-  crash on CPU: docs/distributed.md).
+* ``gradient_checkpointing=True`` (HF's default, non-reentrant): the sigma = 0 update equals the 1-process run
+  without checkpointing, and the recomputation really ran;
+* a run stopped at checkpoint-2 (FSDP model + optimizer state + ``_privacy_state.json``; SHARDED_STATE_DICT with
+  SGD and FULL_STATE_DICT with AdamW) and resumed in a fresh trainer has the uninterrupted run's accountant history
+  and epsilon; FULL_STATE_DICT writes the trained weights as a ``from_pretrained`` folder; torch DCP's lr-0
+  optimizer-state initialisation at save/load is not counted as a DPOptimizer step.
 
-The fast tests at the end check the refusals (FSDP1, CPU offload, FSDP activation checkpointing, XLA, DeepSpeed).
+The fast tests at the end check the refusals (FSDP1, CPU offload, FSDP activation checkpointing, reentrant
+gradient checkpointing with FSDP2, XLA, DeepSpeed).
 """
 
 from __future__ import annotations
@@ -61,13 +65,19 @@ def _launch(workdir: str, cases: tuple[str, ...]) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    """One launch for the training cases (resume has its own launch: a checkpoint failure stays separate)."""
-    return _launch(str(tmp_path_factory.mktemp("fsdp_trainer")), ("full", "lora", "bf16", "variance"))
+    """One launch for the training cases (the resumes have their own launch: a checkpoint failure stays separate)."""
+    return _launch(str(tmp_path_factory.mktemp("fsdp_trainer")), ("full", "lora", "bf16", "variance", "ckpt"))
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory):
-    return _launch(str(tmp_path_factory.mktemp("fsdp_trainer_resume")), ("resume",))["resume"]
+def resumed_runs(tmp_path_factory):
+    return _launch(str(tmp_path_factory.mktemp("fsdp_trainer_resume")), ("resume", "resume_full"))
+
+
+@pytest.fixture(params=["resume", "resume_full"])
+def resumed(resumed_runs, request):
+    """SHARDED_STATE_DICT (plain SGD) and FULL_STATE_DICT (transformers' default; AdamW) checkpoints."""
+    return resumed_runs[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +160,43 @@ def test_resumed_fsdp2_trainer_keeps_its_spent_budget(resumed):
     assert r["resumed_epsilon"] == pytest.approx(r["uninterrupted_epsilon"], rel=1e-12)
 
 
+@pytest.mark.slow
+def test_full_state_dict_saves_a_from_pretrained_folder_with_the_trained_weights(resumed_runs):
+    """FULL_STATE_DICT used to crash at the first save in this test (rank 0 met DTensors in save_pretrained):
+    the CPU emulation left PartialState at MULTI_CPU, so accelerate's get_state_dict skipped its FSDP2 gather."""
+    r = resumed_runs["resume_full"]
+    _assert_fsdp2(r)
+    assert {"model.safetensors", "config.json", "_privacy_state.json"} <= set(r["checkpoint_files"])
+    assert {"model.safetensors", "config.json", "_privacy_state.json", "README.md"} <= set(r["final_files"])
+    saved = r["final_weights"]
+    for name, p in r["params"].items():  # the gathered trained parameters, not the initial ones
+        torch.testing.assert_close(saved[name], p, rtol=0, atol=0, msg=name)
+    assert max(float((p - r["initial"][n]).abs().max()) for n, p in r["params"].items()) > 0
+
+
+@pytest.mark.slow
+def test_dcp_optimizer_state_initialisation_is_not_counted_as_a_step(resumed_runs):
+    """torch DCP calls DPOptimizer.step at lr 0 to build a missing optimizer state: plain SGD at every save and
+    load, AdamW at the load. Only the 4 (2 resumed) real steps count."""
+    for case in ("resume", "resume_full"):
+        r = resumed_runs[case]
+        assert r["optimizer_steps"] == r["steps"] == 4, case
+        assert r["resumed_optimizer_steps"] == 2, case
+
+
+@pytest.mark.slow
+def test_non_reentrant_gradient_checkpointing_under_fsdp2_equals_one_process(sharded, single):
+    """gradient_checkpointing=True with Hugging Face's default kwargs (use_reentrant=False in transformers 5):
+    the 'full' case's update, against the 1-process run WITHOUT checkpointing and without FSDP."""
+    two, one, plain = sharded["ckpt"], single("full"), sharded["full"]
+    _assert_fsdp2(two)
+    assert two["checkpointing"] and not plain["checkpointing"]
+    for rank_ckpt, rank_plain in zip(two["per_rank"], plain["per_rank"]):  # the recomputation really ran
+        assert rank_ckpt["layer_calls"] == 2 * rank_plain["layer_calls"] > 0
+    for name, p in one["params"].items():
+        torch.testing.assert_close(two["params"][name], p, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ------------------------------------------------------------------------------------------- fast refusals
 def _args(tmp_path, **kw):
     from transformers import TrainingArguments
@@ -163,6 +210,10 @@ def _args(tmp_path, **kw):
     (dict(fsdp=True, fsdp_config={"version": 2, "cpu_offload": True}), "CPU offload"),
     (dict(fsdp="full_shard offload"), "CPU offload"),
     (dict(fsdp=True, fsdp_config={"fsdp_version": 2, "fsdp_activation_checkpointing": True}), "activation checkpointing"),
+    (dict(fsdp=True, fsdp_config={"version": 2}, gradient_checkpointing=True,
+          gradient_checkpointing_kwargs={"use_reentrant": True}), "reentrant activation checkpointing"),
+    (dict(fsdp=True, fsdp_config={"version": 2}, activation_checkpointing=True,
+          activation_checkpointing_kwargs={"use_reentrant": True}), "use_reentrant=False"),
 ])
 def test_unsupported_fsdp_arguments_are_refused_naming_them(tmp_path, kw, named):
     from hf_ewtune import DPTrainer
@@ -174,10 +225,55 @@ def test_unsupported_fsdp_arguments_are_refused_naming_them(tmp_path, kw, named)
                   noise_multiplier=1.0)
 
 
-def test_fsdp2_arguments_pass_the_privacy_checks(tmp_path):
+def test_fsdp2_arguments_pass_the_privacy_checks(tmp_path, monkeypatch):
     from hf_ewtune.training_arguments import reject_sharded_training
 
     reject_sharded_training(_args(tmp_path, fsdp=True, fsdp_config={"version": 2}))  # no error
+    reject_sharded_training(_args(tmp_path, fsdp=True, fsdp_config={"version": 2}, gradient_checkpointing=True))
+    no_fsdp = _args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)  # TrainingArguments(fsdp=...) above may export it
+    reject_sharded_training(no_fsdp)  # without FSDP reentrant checkpointing is fine
+
+
+def test_full_state_dict_with_plain_sgd_is_flagged_as_not_resumable(tmp_path):
+    """torch cannot load a full optimizer state dict of an optimizer without state tensors (plain SGD)."""
+    from types import SimpleNamespace
+
+    from hf_ewtune.distributed.fsdp import full_state_dict_resume_problem
+
+    full = SimpleNamespace(state_dict_type="StateDictType.FULL_STATE_DICT")
+    sharded = SimpleNamespace(state_dict_type="StateDictType.SHARDED_STATE_DICT")
+    assert "state_dict_type" in full_state_dict_resume_problem(full, _args(tmp_path, optim="sgd"))
+    assert full_state_dict_resume_problem(sharded, _args(tmp_path, optim="sgd")) is None
+    assert full_state_dict_resume_problem(full, _args(tmp_path)) is None  # AdamW (the default)
+    assert full_state_dict_resume_problem(full, _args(tmp_path, optim="sgd", optim_args="momentum=0.9")) is None
+
+
+def test_reentrant_checkpointing_on_fsdp2_parameters_is_refused_before_any_gradient(tmp_path):
+    """A model checkpointed with use_reentrant=True by the user (not through TrainingArguments): the engine
+    refuses at the first backward, before it runs (the full backward would reduce-scatter raw gradients)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_ewtune.clipping import ClippingEngine
+    from hf_ewtune.errors import UnsupportedModuleError
+    from tests.test_clipping_llama import tiny_llama
+    from tests.test_clipping_oracle import gpt2_batch, lm_loss
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        engine = ClippingEngine(model, max_grad_norm=0.05)
+        with pytest.raises(UnsupportedModuleError, match="use_reentrant"):
+            engine.backward(lm_loss(model, gpt2_batch(b=2, t=8, seed=1)))
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("env,named", [

@@ -87,3 +87,43 @@ def test_delegation_scheduler_state_dict_and_adamw():
     opt.zero_grad()
     assert p.grad is None
     assert not torch.allclose(p.detach(), torch.ones(4))
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adamw"])
+def test_dcp_optimizer_state_initialisation_is_not_a_noised_step(inner):
+    """torch DCP's get/set_optimizer_state_dict (every FSDP2 checkpoint save and load) calls step() on zero
+    gradients at lr 0 when the optimizer has no state: no noise may be drawn, no step counted, and the inner
+    optimizer's state is built from the zeros (AdamW's moments zero, not noise)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = torch.nn.Linear(4, 3)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    base = torch.optim.SGD(params, lr=0.5) if inner == "sgd" else torch.optim.AdamW(params, lr=0.5)
+    opt = DPOptimizer(base, noise_multiplier=10.0, sensitivity=1.0, expected_batch_size=2.0, noise_seed=3)
+    state = get_optimizer_state_dict(model, opt)  # runs DCP's _init_optim_state -> opt.step()
+    assert opt.steps_taken == 0 and opt._counter == 0 and opt.last_step_settings is None
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(p.grad is None for p in params)
+    assert opt.param_groups[0]["lr"] == 0.5
+    if inner == "adamw":  # the state DCP wanted exists, built from zeros (the old code put noise in it)
+        moments = [v["exp_avg"] for v in state["state"].values()]
+        assert len(moments) == 2 and all(not m.any() for m in moments)
+    # a real step right after is noised and counted, with the noise of step index 0 (no seed shifted)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.steps_taken == 1 and opt._counter == 1
+    assert all(bool((p != b).any()) for p, b in zip(params, before))
+
+
+def test_a_real_step_with_zero_gradients_at_lr_zero_is_noised_and_counted():
+    """A warm-up step (lr 0) on an empty Poisson batch (zero clipped sums) looks like DCP's call but is training:
+    it must draw noise and count (the skip keys on the caller, not on the values)."""
+    p = torch.nn.Parameter(torch.zeros(5))
+    inner = torch.optim.AdamW([p], lr=0.0)
+    opt = DPOptimizer(inner, noise_multiplier=1.0, sensitivity=1.0, expected_batch_size=1.0, noise_seed=0)
+    p.grad = torch.zeros(5)
+    opt.step()
+    assert opt.steps_taken == 1 and opt.last_step_settings is not None
+    assert bool(inner.state[p]["exp_avg"].any())  # the noise reached the optimizer state

@@ -344,6 +344,12 @@ class ClippingEngine:
             rec.batch_size = b
         total_loss = per_example_loss.sum()
         reentrant_nodes = self._check_coverage(total_loss, targets)
+        if reentrant_nodes and any(is_sharded(p) for p in self.model.parameters()):
+            raise UnsupportedModuleError(
+                "reentrant activation checkpointing (use_reentrant=True) with FSDP2-sharded parameters: torch "
+                "refuses autograd.grad through reentrant blocks, and the full backward that replaces it makes "
+                "FSDP2 reduce-scatter the raw, unclipped parameter gradients across ranks. Use non-reentrant "
+                "checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False}, Hugging Face's default).")
         self._capture = RecomputeCapture(records, batch_size=b, shared=shared)
         try:
             with raw_gradient_guard(self._params) as leaked:

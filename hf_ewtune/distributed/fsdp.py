@@ -122,3 +122,44 @@ def max_over_ranks(count: int, *, device: torch.device) -> int:
     t = torch.tensor([count], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def full_state_dict_resume_problem(plugin: Any, args: Any) -> str | None:
+    """Why FSDP2 checkpoints saved with ``FULL_STATE_DICT`` could not be resumed from, or ``None``.
+
+    torch's full-state-dict optimizer load (``set_optimizer_state_dict``, which accelerate's ``load_fsdp_optimizer``
+    calls) needs at least one tensor in the optimizer's own state to find the device, and plain SGD (momentum 0)
+    keeps none: resuming fails with ``AssertionError: Expected device to be set``
+    (torch/distributed/checkpoint/state_dict.py; the same with plain ``torch.optim.SGD``, on any device). Saving
+    works; ``SHARDED_STATE_DICT`` checkpoints resume.
+
+    Args:
+        plugin: accelerate's ``FullyShardedDataParallelPlugin``.
+        args: The ``TrainingArguments``.
+
+    Returns:
+        The message to show, or ``None`` when the checkpoints resume.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> full = NS(state_dict_type="StateDictType.FULL_STATE_DICT")
+        >>> full_state_dict_resume_problem(full, NS(optim="adamw_torch", optim_args=None)) is None
+        True
+        >>> "SHARDED_STATE_DICT" in full_state_dict_resume_problem(full, NS(optim="sgd", optim_args=None))
+        True
+        >>> full_state_dict_resume_problem(full, NS(optim="sgd", optim_args="momentum=0.9")) is None
+        True
+    """
+    if "FULL_STATE_DICT" not in str(getattr(plugin, "state_dict_type", "")):
+        return None
+    if str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", ""))) != "sgd":
+        return None
+    options = dict(kv.split("=", 1) for kv in str(getattr(args, "optim_args", None) or "").replace(" ", "").split(",")
+                   if "=" in kv)
+    if float(options.get("momentum", 0.0)) != 0.0:
+        return None
+    return ("FSDP2 with fsdp_config['state_dict_type'] = FULL_STATE_DICT and plain SGD (optim='sgd', momentum 0): "
+            "checkpoints are saved, but torch cannot load a full optimizer state dict of an optimizer without "
+            "state tensors, so resume_from_checkpoint will fail ('Expected device to be set'). To resume, use "
+            "fsdp_config={'state_dict_type': 'SHARDED_STATE_DICT'} or an optimizer with state (AdamW, SGD with "
+            "momentum).")

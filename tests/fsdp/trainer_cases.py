@@ -7,7 +7,8 @@ accelerate 1.16 never enables FSDP on CPU processes: ``AcceleratorState.__init__
 ``elif self.distributed_type in [MULTI_GPU, MULTI_MLU, ..., MULTI_NEURON]`` branch) is the only place that turns
 ``distributed_type`` into ``FSDP`` and keeps the ``fsdp_plugin``; ``MULTI_CPU`` is not in that list, so on CPU
 the plugin is dropped and ``Trainer`` silently trains with DDP. :func:`emulate_accelerate_fsdp_on_cpu` (TEST
-ONLY, not a user setting) runs that branch's two assignments for ``MULTI_CPU`` too; everything else
+ONLY, not a user setting) runs that branch's assignments (and the copy of ``distributed_type`` into
+``PartialState._shared_state`` right after it) for ``MULTI_CPU`` too; everything else
 (``fully_shard`` of every decoder layer and the root by accelerate's ``fsdp2_prepare_model``, the optimizer
 re-bound to the ``DTensor`` parameters, FSDP checkpoints) is accelerate's and transformers' own code path.
 """
@@ -28,16 +29,17 @@ sys.path.insert(0, ROOT)
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 from hf_ewtune import DPTrainer  # noqa: E402
+from hf_ewtune.callbacks import _dp_optimizer  # noqa: E402
 from hf_ewtune.distributed.fsdp import is_sharded  # noqa: E402
 from hf_ewtune.sampling import is_empty_batch  # noqa: E402
 
-CASES = ("full", "lora", "bf16", "variance", "resume")
+CASES = ("full", "lora", "bf16", "variance", "ckpt", "resume", "resume_full")
 VOCAB = 200
 
 
 def emulate_accelerate_fsdp_on_cpu() -> None:
     """TEST ONLY: let accelerate keep its FSDP plugin on CPU processes, as it does on GPUs (see module docstring)."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     original = AcceleratorState.__init__
@@ -51,6 +53,10 @@ def emulate_accelerate_fsdp_on_cpu() -> None:
             if self._mixed_precision != "no":
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
+            # ...and the line after that branch: every later AcceleratorState() copies PartialState's shared state
+            # over its own, so without this the next one (the Trainer makes several) reverts to MULTI_CPU and
+            # accelerate's FSDP2 paths (get_state_dict's full gather for FULL_STATE_DICT saves) are skipped.
+            PartialState._shared_state["distributed_type"] = self.distributed_type
 
     __init__._hf_ewtune_emulated = True  # type: ignore[attr-defined]
     AcceleratorState.__init__ = __init__
@@ -61,15 +67,27 @@ def case_settings(name: str) -> dict[str, Any]:
     # q = 1 x 2 x 2 / 48: each rank's micro-batch holds 1 example in expectation, so empty slices on one rank
     # (and ranks with 2-3 examples, i.e. 2-3 physical chunks at max_physical_batch_size=1) happen every step.
     base = dict(n=48, per_device=1, ga=2, max_steps=3, sigma=0.0, clip=0.05, lr=0.5, lora=False, bf16=False,
-                dtype=torch.float64, save_steps=None, noise_seed=11, physical=1, state_dict_type="FULL_STATE_DICT")
+                dtype=torch.float64, save_steps=None, noise_seed=11, physical=1, state_dict_type="FULL_STATE_DICT",
+                optim="sgd", checkpointing=None)
     cases = {
         "full": dict(),
         "lora": dict(lora=True, lr=1.0),
+        # 'full' with activation (gradient) checkpointing of every decoder layer: HF's default kwargs
+        # (use_reentrant=False in transformers 5) and use_reentrant=True; the 1-process reference is 'full'
+        "ckpt": dict(checkpointing={}),
+        # refused before training (PrivacyConfigError; the engine also refuses a model checkpointed that way): the
+        # full backward reentrant blocks need lets FSDP2 reduce-scatter raw gradients (the update came out wrong)
+        "ckpt_reentrant": dict(checkpointing={"use_reentrant": True}),
         "bf16": dict(bf16=True, dtype=torch.float32, physical=None),
         # pure noise: sigma = 1000, one SGD step with lr 1 (the clipped signal is 1e-3 of the noise)
         "variance": dict(sigma=1000.0, max_steps=1, lr=1.0, noise_seed=None, physical=None),
         "resume": dict(sigma=1.0, max_steps=4, save_steps=2, noise_seed=None, physical=None, lr=1e-2,
                        state_dict_type=os.environ.get("TRAINER_CASES_STATE_DICT", "SHARDED_STATE_DICT")),
+        # transformers' default FULL_STATE_DICT: a from_pretrained folder per checkpoint, optimizer state gathered.
+        # AdamW: torch's full-state-dict optimizer LOAD needs one tensor in the optimizer state (plain SGD has none:
+        # "Expected device to be set", torch/distributed/checkpoint/state_dict.py; docs/distributed.md).
+        "resume_full": dict(sigma=1.0, max_steps=4, save_steps=2, noise_seed=None, physical=None, lr=1e-2,
+                            state_dict_type="FULL_STATE_DICT", optim="adamw_torch"),
     }
     out = dict(base)
     out.update(cases[name])
@@ -111,6 +129,7 @@ class Counts(TrainerCallback):
         self.examples: list[int] = []
         self.empties = 0
         self.current = 0
+        self.layer_calls = 0  # forwards of layer 0's q_proj (twice per micro-batch with checkpointing)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.examples.append(self.current)
@@ -135,14 +154,16 @@ class CountingDPTrainer(DPTrainer):
 def build_trainer(name: str, world: int, output_dir: str) -> CountingDPTrainer:
     s = case_settings(name)
     per_device = s["per_device"] * 2 // world
+    checkpointing = {} if s["checkpointing"] is None else dict(
+        gradient_checkpointing=True, gradient_checkpointing_kwargs=s["checkpointing"] or None)
     fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                                         "state_dict_type": s["state_dict_type"]}) if world > 1 else {}
     args = TrainingArguments(
         output_dir=output_dir, use_cpu=True, report_to="none", max_steps=s["max_steps"],
         per_device_train_batch_size=per_device, gradient_accumulation_steps=s["ga"], learning_rate=s["lr"],
-        optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, warmup_steps=0, bf16=s["bf16"],
+        optim=s["optim"], lr_scheduler_type="constant", weight_decay=0.0, warmup_steps=0, bf16=s["bf16"],
         save_strategy="steps" if s["save_steps"] else "no", save_steps=s["save_steps"] or 500,
-        logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0, **fsdp,
+        logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0, **fsdp, **checkpointing,
     )
     trainer = CountingDPTrainer(
         model=model_for(s), args=args, train_dataset=dataset(s["n"]), noise_multiplier=s["sigma"],
@@ -150,6 +171,11 @@ def build_trainer(name: str, world: int, output_dir: str) -> CountingDPTrainer:
     )
     trainer.counts = Counts()
     trainer.add_callback(trainer.counts)
+    layers = [m for n, m in trainer.model.named_modules() if type(m).__name__.endswith("LlamaDecoderLayer")]
+    # on a Linear inside: the decoder layer's own hooks run outside the checkpointed function (once per forward), and
+    # the engine re-runs RMSNorms (torch.func rule) through their forward
+    layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda *_: setattr(trainer.counts, "layer_calls", trainer.counts.layer_calls + 1))
     return trainer
 
 
@@ -176,7 +202,7 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         "steps": trainer.privacy_callback.steps, "expected_batch_size": trainer.expected_batch_size,
         "sample_rate": trainer.sample_rate, "noise_std": trainer.noise_multiplier * trainer._engine.sensitivity,
     }
-    if name == "resume":
+    if name.startswith("resume"):
         result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
         result["uninterrupted_epsilon"] = float(trainer.get_privacy_spent().epsilon)
         ckpt = os.path.join(workdir, f"{name}-w{world}-stopped", "checkpoint-2")
@@ -192,7 +218,23 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         result["resumed_steps"] = resumed.privacy_callback.steps
         result["resumed_global_step"] = resumed.state.global_step
         result["resumed_epsilon"] = float(resumed.get_privacy_spent().epsilon)
-    mine = {"examples": trainer.counts.examples, "empties": trainer.counts.empties}
+        # DPOptimizer.step calls that took noise: the DCP optimizer-state initialisation at a save or a load (an
+        # lr-0 step on zero gradients) must not count.
+        result["optimizer_steps"] = _dp_optimizer(trainer.optimizer).steps_taken
+        result["resumed_optimizer_steps"] = _dp_optimizer(resumed.optimizer).steps_taken
+        if s_type(name) == "FULL_STATE_DICT":  # the final save: a from_pretrained folder holding the trained weights
+            final = os.path.join(out_dir, "final")
+            trainer.save_model(final)  # every rank (the full state dict is gathered)
+            _barrier()
+            if _rank() == 0:
+                from safetensors.torch import load_file
+
+                result["final_files"] = sorted(os.listdir(final))
+                result["final_weights"] = load_file(os.path.join(final, "model.safetensors"))
+    mine = {"examples": trainer.counts.examples, "empties": trainer.counts.empties,
+            "layer_calls": trainer.counts.layer_calls}
+    result["checkpointing"] = bool(getattr(trainer.accelerator.unwrap_model(trainer.model), "is_gradient_checkpointing",
+                                           False))
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
@@ -200,6 +242,10 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
     else:
         result["per_rank"] = [mine]
     return result
+
+
+def s_type(name: str) -> str:
+    return case_settings(name)["state_dict_type"]
 
 
 def _rank() -> int:
