@@ -106,6 +106,9 @@ class PrivacyCallback(TrainerCallback, HoldsDPSettings):
         self.stopped_early = False
         self._report_cache: tuple[int, Any] | None = None
         self._last_state: TrainerState | None = None
+        #: What added the noise when it is not the optimizer (DeepSpeed: ``ZeroTrainerFeed``); checked like a
+        #: ``DPOptimizer`` (``last_step_settings``) at every step.
+        self.noise_source: Any = None
 
     noise_multiplier = read_only_setting("noise_multiplier", holder="_settings", owner="PrivacyCallback")
     sample_rate = read_only_setting("sample_rate", holder="_settings", owner="PrivacyCallback")
@@ -206,7 +209,10 @@ class PrivacyCallback(TrainerCallback, HoldsDPSettings):
         return self.privacy_state(trainer_state).to_dict()
 
     def _check_optimizer(self, optimizer: Any) -> None:
-        dp = _dp_optimizer(optimizer)
+        dp = self.noise_source if self.noise_source is not None else _dp_optimizer(optimizer)
+        if self.noise_source is not None and dp.last_step_settings is None:
+            raise PrivacyStateError(
+                f"a training step ended but {type(dp).__name__} added no noise yet: the step cannot be accounted.")
         if optimizer is not None and dp is None:
             raise PrivacyStateError(
                 f"the training optimizer ({type(optimizer).__name__}) is not a DPOptimizer: the step took no noise, "

@@ -199,7 +199,18 @@ class DPTrainer(Trainer):
                 "only on accelerators, never on CPU processes): training runs as DDP, with the same guarantee.",
                 accelerate.__version__)
         if getattr(self, "is_deepspeed_enabled", False):
-            plugins.append("DeepSpeed (accelerate plugin)")
+            from hf_ewtune.distributed.deepspeed_zero import zero_config_problems
+
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            plugins += [f"{p} (accelerate DeepSpeed plugin)" for p in zero_config_problems(config)]
+        elif getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
+                "1", "true", "yes"):
+            raise PrivacyConfigError(
+                "DeepSpeed was requested (TrainingArguments.deepspeed or ACCELERATE_USE_DEEPSPEED) but accelerate "
+                f"{accelerate.__version__} did not enable it: it enables DeepSpeed only on accelerators, never on CPU "
+                "processes or with use_cpu=True, so the run would silently not be DeepSpeed. Drop the DeepSpeed "
+                "config (one process, or DDP: `accelerate launch --multi_gpu`), or on CPU use ZeroDP "
+                "(hf_ewtune.distributed.deepspeed_zero) in a plain loop (see docs/distributed.md).")
         reject_sharded_training(args, plugins=tuple(plugins))
 
     @property
@@ -207,6 +218,13 @@ class DPTrainer(Trainer):
         """Whether accelerate shards the model with FSDP2 (``fully_shard``): every rank must then run the same
         forwards and backwards (a rank with an empty Poisson slice runs a zero-weight dummy row)."""
         return bool(getattr(self, "is_fsdp_enabled", False))
+
+    @property
+    def is_deepspeed_zero(self) -> bool:
+        """Whether accelerate trains through a DeepSpeed ZeRO-1/2 engine: the clipped sums (noised on rank 0 on the
+        accumulation boundary) then enter ZeRO's own reduction through a surrogate backward
+        (:class:`~hf_ewtune.distributed.deepspeed_zero.ZeroTrainerFeed`); every rank feeds every micro-batch."""
+        return bool(getattr(self, "is_deepspeed_enabled", False))
 
     # One frozen DPSettings feeds the optimizer's noise and the accountant: these are read-only after set-up.
     noise_multiplier = read_only_setting("noise_multiplier", draft_until_frozen=True)
@@ -219,10 +237,10 @@ class DPTrainer(Trainer):
         self._check_environment()
         n = self._training_set_size()
         units = self._plan_users(n)  # U users (user_id_column set, see user_level.py) or the N rows
-        if self.is_fsdp2 and self.user_plan is not None:
+        if (self.is_fsdp2 or self.is_deepspeed_zero) and self.user_plan is not None:
             raise PrivacyConfigError(
-                "user_id_column (user-level DP) is not supported with FSDP2 yet (not tested); train user-level runs "
-                "with DDP (`accelerate launch --multi_gpu`) or one process.")
+                f"user_id_column (user-level DP) is not supported with {'FSDP2' if self.is_fsdp2 else 'DeepSpeed'} "
+                "yet (not tested); train user-level runs with DDP (`accelerate launch --multi_gpu`) or one process.")
         self._plan_sampling(units)
         self.delta = self._resolve_delta(units)
         self.noise_multiplier, budget_steps, self.calibration = self._resolve_noise_and_budget()
@@ -257,6 +275,14 @@ class DPTrainer(Trainer):
             raise PrivacyConfigError(
                 f"world size mismatch: TrainingArguments.world_size={world} but accelerate runs {num_processes} processes."
             )
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+                torch.distributed.get_world_size() != world):
+            # e.g. DeepSpeed on CPU processes without use_cpu: deepspeed starts the process group, accelerate then
+            # counts 1 process on every rank; q, the sampler's split and the noise would all be wrong.
+            raise PrivacyConfigError(
+                f"world size mismatch: torch.distributed runs {torch.distributed.get_world_size()} processes but "
+                f"TrainingArguments.world_size={world} (accelerate did not set up this launch). Launch with "
+                "torchrun/accelerate launch on a set-up accelerate supports (see docs/distributed.md).")
 
     def _training_set_size(self) -> int:
         """N, the size of the (map-style, non-empty) private training set."""
@@ -605,6 +631,9 @@ class DPTrainer(Trainer):
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, wrapped in :class:`~hf_ewtune.noise.DPOptimizer` (noise once per step)."""
         optimizer = super().create_optimizer(model)
+        if self.is_deepspeed_zero:  # the noise enters through ZeRO's gradient path (training_step), not here
+            self._zero_feed = self._build_zero_feed()
+            return optimizer
         inner = getattr(optimizer, "optimizer", None)
         if isinstance(optimizer, DPOptimizer) or isinstance(inner, DPOptimizer):
             return optimizer
@@ -618,6 +647,19 @@ class DPTrainer(Trainer):
             clipping_norm_fn=lambda: engine.sensitivity,
         )
         return self.optimizer
+
+    def _build_zero_feed(self) -> Any:
+        """The DeepSpeed path's noise source, registered with the privacy callback in place of a DPOptimizer."""
+        from hf_ewtune.distributed.deepspeed_zero import ZeroTrainerFeed
+
+        callback = self.privacy_callback
+        engine = self._engine
+        feed = ZeroTrainerFeed(settings=self._dp_settings, noise_seed=self._base_noise_seed,
+                               step_index_fn=(lambda: callback.steps) if callback is not None else (lambda: 0),
+                               clipping_norm_fn=lambda: engine.sensitivity)
+        if callback is not None:
+            callback.noise_source = feed
+        return feed
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> None:
         # The pre-step gradient is the UN-noised clipped sum: its norm is not private, so it is not logged.
@@ -652,6 +694,8 @@ class DPTrainer(Trainer):
         model.train()
         norm = float(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
         empty = is_empty_batch(inputs)
+        if self.is_deepspeed_zero:
+            return self._zero_training_step(model, inputs, empty=empty, norm=norm)
         if empty and not self.is_fsdp2:
             return torch.zeros((), device=self.args.device)
         require_attached(self._engine)
@@ -665,8 +709,16 @@ class DPTrainer(Trainer):
         # sums ourselves) nor broadcast buffers on forwards that some ranks skip (empty micro-batches).
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
+        total, norm = self._clipped_backward(model, inputs, empty=empty, norm=norm)
+        return total / norm
+
+    def _clipped_backward(self, model: torch.nn.Module, inputs: dict[str, Any], *, empty: bool,
+                          norm: float) -> tuple[torch.Tensor, float]:
+        """Forwards and clipped backwards of one micro-batch (physical chunks; FSDP2 lockstep dummies)."""
         total = torch.zeros((), device=self.args.device)
         chunks: list[Any] = []
+        units = None
+        batch_size = 0
         if not empty:
             units = inputs.pop(UNITS_KEY, None)  # user-level DP: each row's user (rows of a user clipped as one)
             if (units is None) != (self.user_plan is None):
@@ -697,6 +749,28 @@ class DPTrainer(Trainer):
                 for k, v in inputs.items()}
             for _ in range(missing):
                 self._zero_weight_backward(model, dummy)
+        return total, norm
+
+    def _zero_training_step(self, model: Any, inputs: dict[str, Any], *, empty: bool, norm: float) -> torch.Tensor:
+        """DeepSpeed ZeRO-1/2: clipped backward through ``engine.module``, then the clipped sums (noised on rank 0 on
+        the boundary, scaled by ``W / (q N)``) through accelerate's ``backward`` (ZeRO's reduction; on the boundary
+        the engine's step). Every rank runs it for every micro-batch; an empty slice runs no forward."""
+        require_attached(self._engine)
+        feed = getattr(self, "_zero_feed", None)
+        if feed is None:
+            raise PrivacyStateError("the DeepSpeed path has no noise source: let DPTrainer.create_optimizer build "
+                                    "the optimizer (DeepSpeed initialises through it).")
+        feed.bind(model)
+        module = model.module  # never the engine's forward: it hooks the outputs so that their backward is ZeRO's
+        inputs = dict(self._prepare_inputs(inputs)) if not empty else inputs
+        feed.begin()
+        try:
+            total, norm = self._clipped_backward(module, inputs, empty=empty, norm=norm)
+        except BaseException:
+            feed.abort()
+            raise
+        feed.finish(boundary=bool(self.accelerator.sync_gradients),
+                    backward=lambda loss: self.accelerator.backward(loss, scale_wrt_gas=False))
         return total / norm
 
     def _zero_weight_backward(self, model: torch.nn.Module, dummy: dict[str, Any] | None) -> None:

@@ -10,7 +10,8 @@ only clipping that makes sense under DP. ``DPTrainer`` turns the Trainer's clipp
 on its own copy of the arguments (``trainer.args.max_grad_norm == 0``); the object you pass is never changed.
 
 Settings that DP-SGD cannot honour (fp16, ``auto_find_batch_size``, ``group_by_length``, a non-random
-``train_sampling_strategy``, FSDP1/FSDP CPU offload/DeepSpeed, ``torch_compile``) raise
+``train_sampling_strategy``, FSDP1/FSDP CPU offload, DeepSpeed ZeRO-3/offload/fp16/``gradient_clipping``,
+``torch_compile``) raise
 :class:`~hf_ewtune.errors.PrivacyConfigError` in ``__post_init__``, so a bad command line fails while parsing.
 
 Example:
@@ -109,14 +110,20 @@ def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None
     """Raise for the sharded set-ups DP training does not cover (arguments, accelerate config environment, ``plugins``).
 
     FSDP2 (``fsdp_config={"version": 2}``, accelerate's ``fsdp_version: 2``) without CPU offload is supported
-    (:mod:`hf_ewtune.distributed.fsdp`). Refused: FSDP1, FSDP CPU offload, FSDP's own activation checkpointing,
-    FSDP on XLA, DeepSpeed and Megatron-LM (see docs/distributed.md).
+    (:mod:`hf_ewtune.distributed.fsdp`), and so is DeepSpeed ZeRO-1/2 without offload, fp16 or
+    ``gradient_clipping`` (:mod:`hf_ewtune.distributed.deepspeed_zero`). Refused: FSDP1, FSDP CPU offload, FSDP's
+    own activation checkpointing, FSDP on XLA, DeepSpeed ZeRO stage 0/3, offload, fp16, ``gradient_clipping`` > 0,
+    tensor parallelism, and Megatron-LM (see docs/distributed.md).
     """
+    from hf_ewtune.distributed.deepspeed_zero import zero_config_problems
+
     used = list(plugins)
     if args is not None and getattr(args, "fsdp", None):
         used.extend(unsupported_fsdp_arguments(args))
     if args is not None and getattr(args, "deepspeed", None):
-        used.append("DeepSpeed (TrainingArguments.deepspeed)")
+        used.extend(f"{p} (TrainingArguments.deepspeed)" for p in zero_config_problems(args.deepspeed))
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and not (args is not None and getattr(args, "deepspeed", None)):
+        used.extend(unsupported_deepspeed_environment())
     if _env_flag("ACCELERATE_USE_FSDP") and not (args is not None and getattr(args, "fsdp", None)):
         # (with TrainingArguments.fsdp, accelerate sets ACCELERATE_USE_FSDP itself; the arguments decide)
         used.extend(unsupported_fsdp_environment())
@@ -125,18 +132,42 @@ def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None
         used.append("reentrant activation checkpointing with FSDP2 (gradient_checkpointing_kwargs={'use_reentrant': "
                     "True} makes the engine run a full backward, whose raw unclipped gradients FSDP2 reduce-scatters; "
                     "use use_reentrant=False, Hugging Face's default)")
-    for var, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
-        if _env_flag(var):
-            used.append(f"{name} (accelerate config, {var})")
+    if _env_flag("ACCELERATE_USE_MEGATRON_LM"):
+        used.append("Megatron-LM (accelerate config, ACCELERATE_USE_MEGATRON_LM)")
     if used:
         raise PrivacyConfigError(
             f"DPTrainer does not support this sharded training: {', '.join(dict.fromkeys(used))}. Missing: per-example "
             "clipping across sharded parameters (each example's gradient norm must be summed over all shards "
-            "before clipping, and nothing may reduce unclipped gradients; FSDP1 and ZeRO reduce-scatter them "
+            "before clipping, and nothing may reduce unclipped gradients; FSDP1 and ZeRO-3 reduce-scatter them "
             "inside backward). Use FSDP2 without CPU offload (TrainingArguments(fsdp=True, fsdp_config={'version': 2}) "
-            "or accelerate's `fsdp_version: 2`), or DDP: `accelerate launch --multi_gpu --num_processes N ...` with a "
-            "config without fsdp/deepspeed (see docs/distributed.md)."
+            "or accelerate's `fsdp_version: 2`), DeepSpeed ZeRO stage 1/2 without offload, fp16 or gradient_clipping, "
+            "or DDP: `accelerate launch --multi_gpu --num_processes N ...` with a config without fsdp/deepspeed "
+            "(see docs/distributed.md)."
         )
+
+
+def unsupported_deepspeed_environment() -> list[str]:
+    """What an ``accelerate launch`` DeepSpeed config exported (``ACCELERATE_DEEPSPEED_*``) that DP training refuses.
+
+    The authoritative check is on the Trainer's DeepSpeed plugin (``DPTrainer.__init__``); this one fails early.
+    """
+    from hf_ewtune.distributed.deepspeed_zero import zero_config_problems
+
+    found = []
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if config_file and config_file.lower() != "none":
+        found.extend(f"{p} (accelerate config, {config_file})" for p in zero_config_problems(config_file))
+        return found
+    config: dict[str, Any] = {"zero_optimization": {
+        "stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2)),  # accelerate's own default
+        "offload_optimizer": {"device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")},
+        "offload_param": {"device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")}}}
+    clip = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+    config["gradient_clipping"] = clip if clip in ("auto", "none", "") else float(clip)
+    if clip in ("none", ""):
+        config.pop("gradient_clipping")
+    found.extend(f"{p} (accelerate config, ACCELERATE_DEEPSPEED_*)" for p in zero_config_problems(config))
+    return found
 
 
 def reentrant_checkpointing(args: Any) -> bool:
@@ -291,4 +322,13 @@ def trainer_facing_copy(args: Any) -> Any:
     trainer_args.max_grad_norm = 0.0
     if getattr(trainer_args, "average_tokens_across_devices", False):
         trainer_args.average_tokens_across_devices = False
+    if getattr(trainer_args, "deepspeed", None) and getattr(trainer_args, "hf_deepspeed_config", None) is not None:
+        # TrainingArguments filled the DeepSpeed config's "auto" values from the CALLER's arguments, among them
+        # gradient_clipping = max_grad_norm (C): rebuild it from this copy, so that DeepSpeed clips nothing.
+        from accelerate.utils import DeepSpeedPlugin
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        trainer_args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(trainer_args.deepspeed)
+        trainer_args.hf_deepspeed_config.trainer_config_process(trainer_args)
+        trainer_args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=trainer_args.hf_deepspeed_config)
     return trainer_args

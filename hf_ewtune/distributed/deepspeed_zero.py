@@ -47,7 +47,7 @@ import torch
 
 from ..clipping import ClippingEngine
 from ..dp_settings import DPSettings
-from ..errors import PrivacyConfigError, UnsupportedModuleError
+from ..errors import PrivacyConfigError, PrivacyStateError, UnsupportedModuleError
 from ..sampling import derive_seed, new_seed
 
 _ZERO_STREAM = 0x5A45  # separates the ZeRO noise stream from DPOptimizer's
@@ -85,6 +85,126 @@ def check_zero_engine(engine: Any) -> None:
     if offload:
         raise UnsupportedModuleError(
             f"DeepSpeed ZeRO {', '.join(offload)} is not supported for DP training yet: drop it from the config.")
+
+
+
+def zero_config_problems(config: Any) -> list[str]:
+    """What a DeepSpeed config (a dict, a JSON file path or a JSON string) enables that DP training refuses.
+
+    Read before any engine exists (``DPTrainingArguments``, ``DPTrainer``); :func:`check_zero_engine` checks the
+    engine itself again at the first training step. ``"auto"`` values are fine: ``DPTrainer`` fills
+    ``gradient_clipping`` with 0 (its ``max_grad_norm`` is the per-example C) and fp16 is refused on its own.
+
+    Example:
+        >>> zero_config_problems({"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"})
+        []
+        >>> zero_config_problems({"zero_optimization": {"stage": 3}})[0][:20]
+        'DeepSpeed ZeRO stage'
+    """
+    if isinstance(config, str):
+        import json
+        import os
+
+        try:
+            if os.path.isfile(config):
+                with open(config, encoding="utf-8") as fh:
+                    config = json.load(fh)
+            else:
+                config = json.loads(config)
+        except (OSError, ValueError):  # transformers reports an unreadable config itself
+            return []
+    if not isinstance(config, dict):
+        return []
+    zero = config.get("zero_optimization") or {}
+    found = []
+    stage = zero.get("stage", 0)
+    if stage != "auto" and int(stage) not in (1, 2):
+        found.append(f"DeepSpeed ZeRO stage {stage} (" + (
+            "stage 0 is plain data parallelism: use DDP, `accelerate launch --multi_gpu`" if int(stage) == 0 else
+            "ZeRO-3 shards the parameters, not supported yet: use ZeRO stage 1/2 or FSDP2") + ")")
+    clip = config.get("gradient_clipping")
+    if clip not in (None, "auto") and float(clip) > 0:
+        found.append(f"DeepSpeed gradient_clipping={float(clip):g} (it clips the noisy batch gradient; per-example "
+                     "clipping at max_grad_norm replaces it: set it to 0 or \"auto\")")
+    fp16 = config.get("fp16") or {}
+    if str(fp16.get("enabled", False)).lower() == "true":
+        found.append("DeepSpeed fp16 (dynamic loss scaling, skipped steps: use bf16 or fp32)")
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if str(device).lower() not in ("none", "auto"):
+            found.append(f"DeepSpeed ZeRO {key} (device {device}; not supported yet: drop it)")
+    autotp = (config.get("tensor_parallel") or {}).get("autotp_size", 1)
+    if autotp not in (None, "auto") and int(autotp) > 1:
+        found.append(f"DeepSpeed tensor parallelism (autotp_size={autotp}; pure data parallelism only)")
+    return found
+
+
+def stash_grads(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Set aside ``p.grad`` (ZeRO-1 keeps its accumulated gradients there) so that ``p.grad`` collects the
+    clipping engine's clipped sum of one micro-batch only; :func:`take_clipped_sums` puts them back."""
+    stash = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return stash
+
+
+def restore_grads(params: list[torch.Tensor], stash: list[torch.Tensor | None]) -> None:
+    """Put back the gradients :func:`stash_grads` set aside."""
+    for p, g in zip(params, stash):
+        p.grad = g
+
+
+def take_clipped_sums(params: list[torch.Tensor], stash: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """This micro-batch's clipped sums (``p.grad`` since :func:`stash_grads`; zeros where none), with the stashed
+    gradients restored."""
+    sums = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    restore_grads(params, stash)
+    return sums
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def feed_clipped_sums(engine: Any, params: list[torch.Tensor], sums: list[torch.Tensor], *, settings: DPSettings,
+                      boundary: bool, noise_seed: int, step_index: int, backward: Any) -> None:
+    """Noise (rank 0, on the boundary), scale by ``W / (q N)`` and hand ``sums`` to ZeRO through the surrogate.
+
+    Every rank must call this once per micro-batch (an empty Poisson slice with zero sums): ZeRO-2 reduces inside
+    the surrogate's backward, ZeRO-1 at the boundary.
+
+    Args:
+        engine: The ``DeepSpeedEngine``.
+        params: The trainable parameters, in the order of ``sums``.
+        sums: This rank's clipped sums (modified in place: noise added on rank 0 at the boundary).
+        settings: sigma, C and the public ``q N``.
+        boundary: Whether this micro-batch ends the step (the noise is drawn once, here).
+        noise_seed: Base seed of the noise (rank 0's draws).
+        step_index: Index of the step (one fresh draw per step).
+        backward: Runs ZeRO's backward of a scalar loss WITHOUT dividing it by the accumulation steps
+            (``engine.backward(loss, scale_wrt_gas=False)``, or accelerate's ``backward(loss, scale_wrt_gas=False)``).
+    """
+    rank, world = _world()
+    if boundary and rank == 0 and settings.noise_std > 0:
+        gen = torch.Generator(device=sums[0].device)
+        gen.manual_seed(derive_seed(noise_seed, step_index, _ZERO_STREAM, zlib.crc32(str(sums[0].device).encode())))
+        with torch.no_grad():
+            for g in sums:
+                noise = torch.normal(0.0, settings.noise_std, size=g.shape, generator=gen, device=g.device,
+                                     dtype=torch.float32)
+                g.add_(noise.to(g.dtype))
+    scale = world / settings.expected_batch_size  # ZeRO averages over the W ranks: the update gets sum / (q N)
+    # DeepSpeed's forward resets ZeRO's backward-hook bookkeeping (``clear_backward_seen_flag``); the DP paths never
+    # run DeepSpeed's forward (and an empty slice runs none), so reset it here on every rank, or the ranks'
+    # epilogues (and collectives) diverge.
+    reset = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
+    if reset is not None:
+        reset()
+    with torch.enable_grad():
+        surrogate = sum((p * (g * scale).to(p.dtype).detach()).sum() for p, g in zip(params, sums))
+        backward(surrogate)
 
 
 def _refuse_engine_forward(module: Any, args: Any) -> None:
@@ -142,25 +262,19 @@ class ZeroDP:
 
     @staticmethod
     def _world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return _world()
 
     @torch.no_grad()
     def _clipped_sums(self, per_example_loss: torch.Tensor | None, units: torch.Tensor | None) -> list[torch.Tensor]:
-        # ZeRO-1 keeps its accumulated gradients in p.grad between micro-batches: set them aside so that the
-        # engine's p.grad holds this micro-batch's clipped sum only, then put them back.
-        stash = [p.grad for p in self._params]
-        for p in self._params:
-            p.grad = None
-        try:
-            if per_example_loss is not None:
-                with torch.enable_grad():
+        stash = stash_grads(self._params)
+        if per_example_loss is not None:
+            with torch.enable_grad():
+                try:
                     self.clipping.backward(per_example_loss, units=units)
-            return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        finally:
-            for p, g in zip(self._params, stash):
-                p.grad = g
+                except BaseException:
+                    restore_grads(self._params, stash)
+                    raise
+        return take_clipped_sums(self._params, stash)
 
     def backward(self, per_example_loss: torch.Tensor | None, *, units: torch.Tensor | None = None) -> None:
         """Clip this rank's examples and feed the (noised, on the boundary) sum to ZeRO's gradient path.
@@ -174,26 +288,10 @@ class ZeroDP:
             raise PrivacyConfigError("ZeroDP.backward was called twice without step(): call step() after each "
                                      "micro-batch, as with DeepSpeed's engine.")
         sums = self._clipped_sums(per_example_loss, units)
-        rank, world = self._world()
-        s = self.settings
         boundary = bool(self.engine.is_gradient_accumulation_boundary())
-        if boundary and rank == 0 and s.noise_std > 0:
-            gen = torch.Generator(device=sums[0].device)
-            gen.manual_seed(derive_seed(self._base_seed, self.steps_taken, _ZERO_STREAM,
-                                        zlib.crc32(str(sums[0].device).encode())))
-            for g in sums:
-                noise = torch.normal(0.0, s.noise_std, size=g.shape, generator=gen, device=g.device,
-                                     dtype=torch.float32)
-                g.add_(noise.to(g.dtype))
-        scale = world / s.expected_batch_size  # ZeRO averages over the W ranks: the update gets sum / (q N)
-        # DeepSpeed's forward resets ZeRO's backward-hook bookkeeping (``clear_backward_seen_flag``); an empty slice
-        # runs no forward, so reset it here on every rank, or the ranks' epilogues (and collectives) diverge.
-        reset = getattr(getattr(self.engine, "optimizer", None), "clear_backward_seen_flag", None)
-        if reset is not None:
-            reset()
-        with torch.enable_grad():
-            surrogate = sum((p * (g * scale).to(p.dtype).detach()).sum() for p, g in zip(self._params, sums))
-            self.engine.backward(surrogate, scale_wrt_gas=False)
+        feed_clipped_sums(self.engine, self._params, sums, settings=self.settings, boundary=boundary,
+                          noise_seed=self._base_seed, step_index=self.steps_taken,
+                          backward=lambda loss: self.engine.backward(loss, scale_wrt_gas=False))
         self._pending = True
         self._boundary = boundary
 
@@ -212,3 +310,76 @@ class ZeroDP:
         if self._guard is not None:
             self._guard.remove()
             self._guard = None
+
+
+class ZeroTrainerFeed:
+    """``DPTrainer``'s DeepSpeed ZeRO-1/2 path: the per-micro-batch feed of :func:`feed_clipped_sums`.
+
+    ``DPTrainer.training_step`` runs the forward through ``engine.module`` and the clipping engine's backward
+    between :meth:`begin` and :meth:`finish`; :meth:`finish` hands the clipped sums (noised on rank 0 on the
+    accumulation boundary) to accelerate's ``backward``, which runs ZeRO's backward and, on the boundary, the
+    engine's step. The :class:`~hf_ewtune.callbacks.PrivacyCallback` checks :attr:`last_step_settings` instead of
+    a ``DPOptimizer`` (under DeepSpeed the optimizer adds no noise).
+
+    Args:
+        settings: The run's frozen settings (the accountant's).
+        noise_seed: Base seed of the noise (``None``: OS entropy).
+        step_index_fn: Returns the index of the step being taken (one fresh draw per step, resumes included).
+        clipping_norm_fn: Returns the clipping engine's norm, checked against ``settings.sensitivity`` at every step.
+    """
+
+    def __init__(self, *, settings: DPSettings, noise_seed: int | None, step_index_fn: Any,
+                 clipping_norm_fn: Any) -> None:
+        self.settings = settings
+        self._base_seed = int(noise_seed) if noise_seed is not None else new_seed()
+        self._step_index_fn = step_index_fn
+        self._clipping_norm_fn = clipping_norm_fn
+        self._engine: Any = None
+        self._params: list[torch.Tensor] = []
+        self._stash: list[torch.Tensor | None] | None = None
+        #: The settings the last step's noise was drawn with (``None`` before the first step).
+        self.last_step_settings: DPSettings | None = None
+        self.steps_taken = 0
+
+    def bind(self, engine: Any) -> None:
+        """Check ``engine`` (:func:`check_zero_engine`, pure data parallelism) the first time it is seen."""
+        if engine is self._engine:
+            return
+        check_zero_engine(engine)
+        _, world = _world()
+        dp_world = int(getattr(engine, "dp_world_size", world) or world)
+        if dp_world != world:
+            raise UnsupportedModuleError(
+                f"DeepSpeed data-parallel size {dp_world} != world size {world}: DP training supports pure data "
+                "parallelism only (no tensor, pipeline or sequence parallelism).")
+        self._engine = engine
+        self._params = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def begin(self) -> None:
+        """Set ``p.grad`` aside: the clipping engine's backward now collects this micro-batch's clipped sums."""
+        self._stash = stash_grads(self._params)
+
+    def abort(self) -> None:
+        """Put the stashed gradients back after a failed micro-batch."""
+        if self._stash is not None:
+            restore_grads(self._params, self._stash)
+            self._stash = None
+
+    def finish(self, *, boundary: bool, backward: Any) -> None:
+        """Feed this micro-batch's clipped sums to ZeRO (every rank, every micro-batch, empty slices included)."""
+        if self._stash is None:
+            raise PrivacyConfigError("ZeroTrainerFeed.finish() without begin().")
+        sums = take_clipped_sums(self._params, self._stash)
+        self._stash = None
+        if boundary:
+            norm = float(self._clipping_norm_fn())
+            if norm != self.settings.sensitivity:
+                raise PrivacyStateError(
+                    f"the clipping norm changed after set-up: the per-example gradients were clipped at C = {norm:g} "
+                    f"but the noise is calibrated for sensitivity {self.settings.sensitivity:g}. Build a new "
+                    "DPTrainer with the max_grad_norm you want.")
+        feed_clipped_sums(self._engine, self._params, sums, settings=self.settings, boundary=boundary,
+                          noise_seed=self._base_seed, step_index=int(self._step_index_fn()), backward=backward)
+        if boundary:
+            self.last_step_settings = self.settings
+            self.steps_taken += 1
