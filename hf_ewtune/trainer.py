@@ -250,6 +250,7 @@ class DPTrainer(Trainer):
         self._freeze_dp_settings()
         self.privacy_callback = self._build_privacy_callback(budget_steps=budget_steps, calibration=self.calibration)
         self.add_callback(self.privacy_callback)
+        self._zero_feed = self._build_zero_feed() if self.is_deepspeed_zero else None
         self._tag_model()
 
     def _check_environment(self) -> None:
@@ -631,8 +632,7 @@ class DPTrainer(Trainer):
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, wrapped in :class:`~hf_ewtune.noise.DPOptimizer` (noise once per step)."""
         optimizer = super().create_optimizer(model)
-        if self.is_deepspeed_zero:  # the noise enters through ZeRO's gradient path (training_step), not here
-            self._zero_feed = self._build_zero_feed()
+        if self.is_deepspeed_zero:  # the noise enters through ZeRO's gradient path (ZeroTrainerFeed), not here
             return optimizer
         inner = getattr(optimizer, "optimizer", None)
         if isinstance(optimizer, DPOptimizer) or isinstance(inner, DPOptimizer):
@@ -756,10 +756,7 @@ class DPTrainer(Trainer):
         the boundary, scaled by ``W / (q N)``) through accelerate's ``backward`` (ZeRO's reduction; on the boundary
         the engine's step). Every rank runs it for every micro-batch; an empty slice runs no forward."""
         require_attached(self._engine)
-        feed = getattr(self, "_zero_feed", None)
-        if feed is None:
-            raise PrivacyStateError("the DeepSpeed path has no noise source: let DPTrainer.create_optimizer build "
-                                    "the optimizer (DeepSpeed initialises through it).")
+        feed = self._zero_feed
         feed.bind(model)
         module = model.module  # never the engine's forward: it hooks the outputs so that their backward is ZeRO's
         inputs = dict(self._prepare_inputs(inputs)) if not empty else inputs

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-1/2 DP-SGD (``hf_ewtune.distributed.deepspeed_zero.ZeroDP``) and its refusals.
 
-Fast (no deepspeed needed): the set-ups the contract does not cover are refused before training, and DeepSpeed
-through ``DPTrainingArguments`` / ``Trainer`` is refused naming it.
+Fast (no deepspeed needed): the set-ups the contract does not cover are refused before training, and a DeepSpeed
+config outside the contract (ZeRO-3) through ``DPTrainingArguments`` is refused naming it (ZeRO-1/2 through ``DPTrainer``:
+``tests/test_zero_trainer.py``).
 
 Slow (marked ``slow``; skipped when ``deepspeed`` is not installed): one ``torchrun --nproc_per_node 2`` launch of
 ``tests/zero/zero_cases.py`` (gloo, CPU), against the 1-process runs of ``tests/fsdp/fsdp_cases.py`` on the same
@@ -65,9 +66,10 @@ def test_a_model_that_is_not_a_deepspeed_engine_is_refused():
 def test_deepspeed_in_dp_training_arguments_is_refused_before_deepspeed_is_imported(tmp_path):
     from hf_ewtune import DPTrainingArguments
 
+    # ZeRO-1/2 through DPTrainer are supported since (tests/test_zero_trainer.py): ZeRO-3 is still refused
     with pytest.raises(PrivacyConfigError, match="DeepSpeed") as info:
         DPTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
-                            deepspeed={"zero_optimization": {"stage": 2}}, noise_multiplier=1.0)
+                            deepspeed={"zero_optimization": {"stage": 3}}, noise_multiplier=1.0)
     assert "DDP" in str(info.value)
 
 

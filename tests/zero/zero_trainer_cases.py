@@ -26,11 +26,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "fsdp"))
 
-from transformers import TrainingArguments  # noqa: E402
+from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 import trainer_cases as fsdp_trainer_cases  # noqa: E402
 
-CASES = ("zero1_full", "zero2_full", "zero2_lora", "variance", "resume")
+CASES = ("zero1_full", "zero2_full", "zero1_lora", "zero2_lora", "variance", "resume")
+
+
+class Snapshot(TrainerCallback):
+    """The trainable parameters when training begins (after a resume has loaded the DeepSpeed checkpoint)."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.params = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return control
 
 
 def case_settings(name: str) -> dict[str, Any]:
@@ -63,6 +74,15 @@ def build_trainer(name: str, world: int, output_dir: str):
     )
     trainer.counts = fsdp_trainer_cases.Counts()
     trainer.add_callback(trainer.counts)
+    trainer.snapshot = Snapshot()
+    trainer.add_callback(trainer.snapshot)
+    # raw gradients reaching AccumulateGrad, where ZeRO's reduce hooks sit: the surrogate's only (one per micro-batch)
+    trainer.accumulations = {}
+    for n, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            trainer.accumulations[n] = 0
+            p.register_post_accumulate_grad_hook(
+                lambda _p, n=n: trainer.accumulations.__setitem__(n, trainer.accumulations[n] + 1))
     return trainer
 
 
@@ -91,6 +111,9 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         "steps": trainer.privacy_callback.steps, "expected_batch_size": trainer.expected_batch_size,
         "sample_rate": trainer.sample_rate, "noise_std": trainer.noise_multiplier * trainer._engine.sensitivity,
         "feed_steps": getattr(getattr(trainer, "_zero_feed", None), "steps_taken", None),
+        "accumulations": sorted(set(trainer.accumulations.values())),
+        "micro_batches": trainer.state.global_step * case_settings(name)["ga"],
+        "optimizer": type(trainer.optimizer).__name__,
     }
     if name == "resume":
         result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
@@ -109,6 +132,17 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         result["resumed_global_step"] = resumed.state.global_step
         result["resumed_epsilon"] = float(resumed.get_privacy_spent().epsilon)
         result["resumed_feed_steps"] = resumed._zero_feed.steps_taken
+        result["resumed_start"] = resumed.snapshot.params  # after the DeepSpeed checkpoint was loaded
+        if _rank() == 0:
+            from safetensors.torch import load_file
+
+            result["checkpoint_weights"] = load_file(os.path.join(ckpt, "model.safetensors"))
+        final = os.path.join(out_dir, "final")
+        trainer.save_model(final)  # every rank (DeepSpeed gathers the state dict)
+        _barrier()
+        if _rank() == 0:
+            result["final_files"] = sorted(os.listdir(final))
+            result["final_weights"] = load_file(os.path.join(final, "model.safetensors"))
     mine = {"examples": trainer.counts.examples, "empties": trainer.counts.empties}
     if world > 1:
         gathered: list = [None] * world
