@@ -251,6 +251,8 @@ class DPTrainer(Trainer):
         self.privacy_callback = self._build_privacy_callback(budget_steps=budget_steps, calibration=self.calibration)
         self.add_callback(self.privacy_callback)
         self._zero_feed = self._build_zero_feed() if self.is_deepspeed_zero else None
+        if self.is_deepspeed_zero:  # ZeRO's hooks on AccumulateGrad would reduce a full backward's raw gradients
+            self._engine.raw_gradients_reduced_by = "DeepSpeed ZeRO"
         self._tag_model()
 
     def _check_environment(self) -> None:

@@ -132,6 +132,11 @@ def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None
         used.append("reentrant activation checkpointing with FSDP2 (gradient_checkpointing_kwargs={'use_reentrant': "
                     "True} makes the engine run a full backward, whose raw unclipped gradients FSDP2 reduce-scatters; "
                     "use use_reentrant=False, Hugging Face's default)")
+    if args is not None and (getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED")) and (
+            reentrant_checkpointing(args)):
+        used.append("reentrant activation checkpointing with DeepSpeed (gradient_checkpointing_kwargs={'use_reentrant'"
+                    ": True} makes the engine run a full backward, whose raw unclipped gradients ZeRO's hooks reduce; "
+                    "use use_reentrant=False, Hugging Face's default)")
     if _env_flag("ACCELERATE_USE_MEGATRON_LM"):
         used.append("Megatron-LM (accelerate config, ACCELERATE_USE_MEGATRON_LM)")
     if used:

@@ -158,7 +158,8 @@ def clean_accelerate_env(monkeypatch):
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
                 "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
                 "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # recorded: the original (usually unset) state comes back after the test
+        monkeypatch.delenv(var)
     return monkeypatch
 
 
@@ -231,6 +232,33 @@ def test_accelerate_deepspeed_config_file_is_read(tmp_path, clean_accelerate_env
     reject_sharded_training(None)
 
 
+def test_reentrant_checkpointing_with_deepspeed_is_refused_while_parsing(tmp_path, clean_accelerate_env):
+    from hf_ewtune import DPTrainingArguments
+
+    with pytest.raises(PrivacyConfigError, match="reentrant activation checkpointing with DeepSpeed"):
+        DPTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", deepspeed=dict(STAGE2),
+                            gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
+                            noise_multiplier=1.0)
+
+
+def test_reentrant_checkpointing_under_zero_dp_is_refused_before_any_gradient():
+    """The engine's full backward through reentrant blocks would hand raw gradients to ZeRO's AccumulateGrad hooks:
+    refused before it runs (a model checkpointed that way by the user, under ZeroDP on a stand-in engine)."""
+    from hf_ewtune.distributed.deepspeed_zero import ZeroDP
+    from hf_ewtune.errors import UnsupportedModuleError
+    from tests.test_clipping_llama import tiny_llama
+    from tests.test_clipping_oracle import gpt2_batch, lm_loss
+
+    model = tiny_llama()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    dp = ZeroDP(_stand_in(model, ga=1), max_grad_norm=0.05, noise_multiplier=0.0, expected_batch_size=2.0)
+    with pytest.raises(UnsupportedModuleError, match="use_reentrant.*DeepSpeed ZeRO"):
+        dp.backward(lm_loss(dp.model, gpt2_batch(b=2, t=8, seed=1)))
+    assert all(p.grad is None for p in model.parameters())
+    dp.remove()
+
+
 def _dataset(n=16):
     from datasets import Dataset
 
@@ -273,6 +301,7 @@ def test_deepspeed_trainer_is_set_up_with_the_zero_feed(tmp_path, clean_accelera
     assert trainer.is_deepspeed_zero and isinstance(trainer._zero_feed, ZeroTrainerFeed)
     assert trainer.privacy_callback.noise_source is trainer._zero_feed
     assert trainer._zero_feed.settings is trainer._dp_settings
+    assert trainer._engine.raw_gradients_reduced_by == "DeepSpeed ZeRO"  # reentrant checkpointing refused
     assert trainer.accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.0
     assert type(trainer.create_optimizer()).__name__ != "DPOptimizer"
     with pytest.raises(PrivacyStateError, match="added no noise"):  # a step ended before any noise was drawn

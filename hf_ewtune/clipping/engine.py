@@ -133,6 +133,10 @@ class ClippingEngine:
         self._suspend = 0
         self._capture: RecomputeCapture | None = None  # set while the engine's own backward runs
         self.current_batch_size: int | None = None
+        #: What would reduce raw parameter gradients across ranks if a full backward ran (``"DeepSpeed ZeRO"``, set
+        #: by the DeepSpeed paths, whose reduce hooks sit on ``AccumulateGrad``): reentrant checkpointing, which
+        #: needs a full backward, is then refused as it is for FSDP2-sharded parameters.
+        self.raw_gradients_reduced_by: str | None = None
         self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self._rules]
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         model.__dict__[_ATTACHED] = weakref.ref(self)
@@ -344,12 +348,15 @@ class ClippingEngine:
             rec.batch_size = b
         total_loss = per_example_loss.sum()
         reentrant_nodes = self._check_coverage(total_loss, targets)
-        if reentrant_nodes and any(is_sharded(p) for p in self.model.parameters()):
+        reducer = "FSDP2" if reentrant_nodes and any(is_sharded(p) for p in self.model.parameters()) else (
+            self.raw_gradients_reduced_by)
+        if reentrant_nodes and reducer:
             raise UnsupportedModuleError(
-                "reentrant activation checkpointing (use_reentrant=True) with FSDP2-sharded parameters: torch "
-                "refuses autograd.grad through reentrant blocks, and the full backward that replaces it makes "
-                "FSDP2 reduce-scatter the raw, unclipped parameter gradients across ranks. Use non-reentrant "
-                "checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False}, Hugging Face's default).")
+                f"reentrant activation checkpointing (use_reentrant=True) with {reducer}"
+                f"{'-sharded parameters' if reducer == 'FSDP2' else ''}: torch refuses autograd.grad through "
+                f"reentrant blocks, and the full backward that replaces it makes {reducer} reduce the raw, unclipped "
+                "parameter gradients across ranks. Use non-reentrant checkpointing (gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}, Hugging Face's default).")
         self._capture = RecomputeCapture(records, batch_size=b, shared=shared)
         try:
             with raw_gradient_guard(self._params) as leaked:

@@ -247,6 +247,7 @@ class ZeroDP:
                                    expected_batch_size=expected_batch_size)
         self.engine = engine
         self.clipping = ClippingEngine(engine.module, max_grad_norm=max_grad_norm, clipping=clipping)
+        self.clipping.raw_gradients_reduced_by = "DeepSpeed ZeRO"  # no full backward (reentrant checkpointing)
         self._params = [p for p in engine.module.parameters() if p.requires_grad]
         self._base_seed = int(noise_seed) if noise_seed is not None else new_seed()
         self.steps_taken = 0
