@@ -16,8 +16,12 @@ Per optimizer step ("logical batch"):
    ``_privacy_state.json`` into every checkpoint and into ``output_dir`` on ``save_model``.
 
 ``q = per_device_train_batch_size * gradient_accumulation_steps * world_size / N``; an epoch is
-``round(1/q)`` steps. The trainer works on its own copy of the training arguments (the caller's object is
-never changed), with ``max_grad_norm=0`` (per-example clipping at C replaces the Trainer's batch clipping) and
+``round(1/q)`` steps. Under FSDP2 the clipped sums are reduce-scattered by the engine
+(:mod:`hf_ewtune.distributed.fsdp`); under DeepSpeed ZeRO-1/2 (``TrainingArguments(deepspeed=...)``) steps 2-3 hand
+them, noised on rank 0 at the accumulation boundary, to ZeRO's own reduction through accelerate's ``backward``
+(:mod:`hf_ewtune.distributed.deepspeed_zero`), whose engine then steps.
+
+The trainer works on its own copy of the training arguments (the caller's object is never changed), with ``max_grad_norm=0`` (per-example clipping at C replaces the Trainer's batch clipping) and
 ``average_tokens_across_devices=False``; the Trainer's pre-step ``grad_norm`` (a statistic of the un-noised
 gradient) is not logged. ``train()`` logs the privacy plan (sigma, delta, q, planned steps, target) once at
 WARNING level. See docs/configuration.md for the three ways to pass the privacy settings.
@@ -207,9 +211,10 @@ class DPTrainer(Trainer):
                 "1", "true", "yes"):
             raise PrivacyConfigError(
                 "DeepSpeed was requested (TrainingArguments.deepspeed or ACCELERATE_USE_DEEPSPEED) but accelerate "
-                f"{accelerate.__version__} did not enable it: it enables DeepSpeed only on accelerators, never on CPU "
-                "processes or with use_cpu=True, so the run would silently not be DeepSpeed. Drop the DeepSpeed "
-                "config (one process, or DDP: `accelerate launch --multi_gpu`), or on CPU use ZeroDP "
+                f"{accelerate.__version__} did not enable it (its AcceleratorState drops the DeepSpeed plugin when the "
+                "accelerator is forced to CPU: ACCELERATE_USE_CPU=true, `accelerate launch --cpu`), so the run would "
+                "silently not be DeepSpeed. Unset ACCELERATE_USE_CPU (TrainingArguments(use_cpu=True) alone keeps "
+                "DeepSpeed), drop the DeepSpeed config (DDP: `accelerate launch --multi_gpu`), or use ZeroDP "
                 "(hf_ewtune.distributed.deepspeed_zero) in a plain loop (see docs/distributed.md).")
         reject_sharded_training(args, plugins=tuple(plugins))
 

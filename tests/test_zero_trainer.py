@@ -134,6 +134,15 @@ def test_noise_variance_through_zero_trainer_is_sigma_c_over_b_squared(zero_trai
 
 
 @pytest.mark.slow
+def test_evaluate_after_zero_training_runs_and_leaves_the_weights(zero_trainer_runs):
+    """trainer.evaluate() after training goes through the DeepSpeed engine's own forward (no clipping, no step)."""
+    r = zero_trainer_runs["zero2_full"]
+    assert torch.isfinite(torch.tensor(r["eval"]["eval_loss"])) and "epsilon" in r["eval"]
+    for name, p in r["params"].items():
+        torch.testing.assert_close(r["params_after_eval"][name], p, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
 def test_resumed_zero_trainer_keeps_its_spent_budget(zero_trainer_runs):
     r = zero_trainer_runs["resume"]
     _assert_zero(r, 1)

@@ -1,6 +1,7 @@
 """DP-SGD on DeepSpeed ZeRO-1/2: the clipped sums go through ZeRO's own gradient path, noise added once.
 
-Use in a plain loop (``DPTrainer`` still refuses DeepSpeed: see docs/distributed.md)::
+``DPTrainer`` uses the same mechanism under ``TrainingArguments(deepspeed=...)`` / accelerate's DeepSpeed plugin
+(:class:`ZeroTrainerFeed`, ``tests/test_zero_trainer.py``). In a plain loop::
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=...), config={
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": GA,
@@ -33,9 +34,11 @@ Contract (checked by ``tests/test_deepspeed_zero.py`` on 2 CPU processes with gl
   skips the forward but still runs the surrogate backward (zeros, plus the noise on rank 0), so ZeRO-2's
   reductions run the same number of times on every rank.
 
-Refused before training (:class:`~hf_ewtune.errors.UnsupportedModuleError`): ZeRO stage 0 (use DDP) and 3,
-DeepSpeed's ``gradient_clipping`` (per-example clipping replaces it), fp16 (dynamic loss scaling), optimizer or
-parameter offload. bf16 is accepted but untested.
+Refused before training (:class:`~hf_ewtune.errors.UnsupportedModuleError`; from a config, before any engine
+exists, :func:`zero_config_problems`): ZeRO stage 0 (use DDP) and 3, DeepSpeed's ``gradient_clipping`` (per-example
+clipping replaces it), fp16 (dynamic loss scaling), optimizer or parameter offload, tensor parallelism, reentrant
+activation checkpointing (the clipping engine's full backward would hand raw gradients to ZeRO's hooks). bf16 is
+accepted but untested.
 """
 
 from __future__ import annotations

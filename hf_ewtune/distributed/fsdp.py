@@ -26,7 +26,7 @@ than another rank (:func:`max_over_ranks`), runs zero-weight dummy rows.
 
 Unsupported (refused with an error naming them): FSDP1 (``FullyShardedDataParallel``, accelerate's
 ``fsdp_version: 1``), FSDP CPU offload (``offload_policy=CPUOffloadPolicy``, ``fsdp_offload_params``), FSDP's own
-activation checkpointing, DeepSpeed ZeRO (see docs/distributed.md).
+activation checkpointing (DeepSpeed ZeRO-1/2: :mod:`hf_ewtune.distributed.deepspeed_zero`; see docs/distributed.md).
 """
 
 from __future__ import annotations

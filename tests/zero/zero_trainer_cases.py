@@ -115,6 +115,9 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         "micro_batches": trainer.state.global_step * case_settings(name)["ga"],
         "optimizer": type(trainer.optimizer).__name__,
     }
+    if name == "zero2_full":  # evaluation after training runs through the DeepSpeed engine's own forward
+        result["eval"] = trainer.evaluate(eval_dataset=fsdp_trainer_cases.dataset(8, seed=5))
+        result["params_after_eval"] = params_of(trainer)
     if name == "resume":
         result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
         result["uninterrupted_epsilon"] = float(trainer.get_privacy_spent().epsilon)
