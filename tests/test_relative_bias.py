@@ -53,11 +53,11 @@ def tiny(kind: str) -> torch.nn.Module:
     return model
 
 
-def batch_for(model, padded: bool) -> dict:
+def batch_for(model, padded: bool, tgt: int = TGT) -> dict:
     g = torch.Generator().manual_seed(5)
     pad = model.config.pad_token_id
     ids = torch.randint(3, V, (B, SRC), generator=g)
-    labels = torch.randint(3, V, (B, TGT), generator=g)
+    labels = torch.randint(3, V, (B, tgt), generator=g)
     mask = torch.ones(B, SRC, dtype=torch.long)
     if padded:  # sources of 7, 4, 6, 5 tokens, targets of 5, 3, 4, 2
         for i, (s, t) in enumerate([(7, 5), (4, 3), (6, 4), (5, 2)]):
@@ -89,15 +89,16 @@ def _position_names(model) -> list[str]:
     return [n for n, _ in model.named_parameters() if "relative_attention_bias" in n or "embed_positions" in n]
 
 
-CASES = [("t5", "padded"), ("t5", "unpadded_no_mask"), ("umt5", "padded"), ("longt5_local", "padded"),
-         ("bart", "padded"), ("bart", "unpadded_no_mask")]
+# target_len_is_batch: the decoder's [T] position ids (BART) and [T, T] buckets (T5) have T == B.
+CASES = [("t5", "padded"), ("t5", "unpadded_no_mask"), ("t5", "target_len_is_batch"), ("umt5", "padded"),
+         ("longt5_local", "padded"), ("bart", "padded"), ("bart", "unpadded_no_mask"), ("bart", "target_len_is_batch")]
 
 
 @pytest.mark.parametrize("kind,case", CASES, ids=[f"{k}-{c}" for k, c in CASES])
 def test_per_example_gradients_of_every_parameter_equal_the_oracle(kind, case):
     model = tiny(kind)
-    padded = case == "padded"
-    batch = batch_for(model, padded)
+    padded = case != "unpadded_no_mask"
+    batch = batch_for(model, padded, tgt=B if case == "target_len_is_batch" else TGT)
     truth = oracle(model, batch)
     positions = _position_names(model)
     assert positions and all(truth[n].abs().sum() > 0 for n in positions)

@@ -11,8 +11,9 @@ Notes:
       size would be taken for it) is refused.
     * Learned positional embeddings (``*LearnedPositionalEmbedding``, e.g. BART's decoder, called with ``[T]``
       position ids) return ``[1, T, d]`` shared by the batch: that output is expanded to ``[B, T, d]`` (as the
-      embedding rule does for ``[1, T]`` ids), and each example's recomputation, on its own slice of the
-      batched inputs, gives the same ``[1, T, d]`` against that example's gradient.
+      embedding rule does for ``[1, T]`` ids), and the call is recomputed on its inputs as they were (nothing
+      split: the ``[T]`` position ids must not be taken for a batch when ``T == B``) against each example's own
+      gradient.
     * Randomness inside the module (dropout) is re-drawn per example (``randomness="different"``), so with
       active dropout the gradients differ from the forward's masks (still a per-example function: the
       clipping guarantee holds).
@@ -77,7 +78,8 @@ class FunctorchRule(Rule):
                 autocast.append((dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
             except (RuntimeError, AttributeError):  # pragma: no cover - backend not built
                 pass
-        data = {"in_leaves": in_leaves, "in_spec": in_spec, "out_idx": idx, "autocast": autocast, "engine": engine}
+        data = {"in_leaves": in_leaves, "in_spec": in_spec, "out_idx": idx, "autocast": autocast, "engine": engine,
+                "broadcast": new_out is not None}
         known = getattr(engine, "_param_name", {})
         if getattr(engine, "sharded", False) or any(id(getattr(module, r)) not in known for r in self.roles):
             # FSDP2 (the call sees unsharded values, freed after it): keep a copy
@@ -96,9 +98,11 @@ class FunctorchRule(Rule):
     def _compute_all(self, rec: Record) -> None:
         module, data, b = rec.module, rec.data, rec.batch_size
         in_leaves, in_spec, out_idx = data["in_leaves"], data["in_spec"], data["out_idx"]
-        batched_pos = [i for i, t in enumerate(in_leaves)
-                       if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b]
-        if not batched_pos:  # e.g. a position table called with a shape: its output is shared by the batch
+        # A broadcast call (expanded [1, ...] output) gives every example the same output: recompute it whole
+        # against each example's gradient (splitting an input whose length happens to be B would be wrong).
+        batched_pos = [] if data.get("broadcast") else [
+            i for i, t in enumerate(in_leaves) if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b]
+        if not batched_pos and not data.get("broadcast"):  # e.g. a position table called with a shape: its output is shared by the batch
             raise UnsupportedModuleError(
                 f"{type(module).__name__} was called without any batched tensor input (none with leading dimension "
                 f"{b}), so its output is shared by every example and the per-example gradients of its parameters "
