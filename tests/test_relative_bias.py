@@ -216,3 +216,22 @@ def test_position_table_called_with_a_shape_is_refused_at_the_first_backward():
     with pytest.raises(UnsupportedModuleError, match="without any batched tensor input"):
         engine.per_example_gradients(batch_loss(model, batch, with_mask=True))
     engine.remove()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_user_level_units_clip_the_summed_gradient_of_each_unit(kind):
+    model = tiny(kind)
+    batch = batch_for(model, padded=True)
+    truth = oracle(model, batch)
+    units = torch.tensor([0, 1, 0, 1])
+    per_unit = {n: torch.stack([v[units == u].sum(0) for u in (0, 1)]) for n, v in truth.items()}
+    engine = ClippingEngine(model, max_grad_norm=0.05)
+    try:
+        norms = engine.backward(batch_loss(model, batch, with_mask=True), units=units)
+    finally:
+        engine.remove()
+    torch.testing.assert_close(norms, sum(v.reshape(2, -1).pow(2).sum(1) for v in per_unit.values()).sqrt(),
+                               rtol=1e-6, atol=1e-10)
+    want = expected_clipped_sum(per_unit, c=0.05, style="flat")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-6, atol=1e-10, msg=name)
