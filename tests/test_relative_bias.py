@@ -174,7 +174,14 @@ def test_remove_restores_compute_bias_and_eval_output_is_unbatched():
         model.eval()
         assert attn.compute_bias(SRC, SRC).shape == (1, 2, SRC, SRC)  # eval / generation: untouched
         model.train()
-    copy.deepcopy(model)  # a copy of a hooked model does not drag the engine along or break
+    model(**batch)  # a forward leaves no batch size behind for a call outside it
+    with pytest.raises(UnsupportedModuleError, match="outside its module's forward"):
+        attn.compute_bias(SRC, SRC)
+    engine.clear()
+    clone = copy.deepcopy(model)  # a copy of a hooked model is not expanded by (nor recorded into) this engine
+    clone(**batch)
+    assert not any(r.module in set(clone.modules()) for r in engine._records)
+    engine.clear()
     engine.remove()
     assert "compute_bias" not in attn.__dict__ and not any(k.startswith("_hf_ewtune") for k in attn.__dict__)
     loss = batch_loss(model, batch, with_mask=True).sum()  # plain training again
@@ -235,3 +242,17 @@ def test_user_level_units_clip_the_summed_gradient_of_each_unit(kind):
     want = expected_clipped_sum(per_unit, c=0.05, style="flat")
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name], rtol=1e-6, atol=1e-10, msg=name)
+
+
+def test_a_second_engine_keeps_the_expansion_when_the_first_is_removed():
+    model = tiny("t5")
+    batch = batch_for(model, padded=True)
+    truth = oracle(model, batch)
+    first = ClippingEngine(model, max_grad_norm=1.0)
+    second = ClippingEngine(model, max_grad_norm=1.0)
+    first.remove()
+    got = second.per_example_gradients(batch_loss(model, batch, with_mask=True))
+    second.remove()
+    for name in _position_names(model):
+        torch.testing.assert_close(got[name], truth[name], rtol=1e-6, atol=1e-10, msg=name)
+    assert "compute_bias" not in model.encoder.block[0].layer[0].SelfAttention.__dict__

@@ -142,6 +142,7 @@ class ClippingEngine:
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         for owner in dict.fromkeys(bias_tables.values()):
             self._handles.append(owner.register_forward_pre_hook(self._bias_owner_pre_hook, with_kwargs=True))
+            self._handles.append(owner.register_forward_hook(self._bias_owner_post_hook))
             self._handles.append(wrap_compute_bias(owner, self))
         model.__dict__[_ATTACHED] = weakref.ref(self)
 
@@ -344,6 +345,10 @@ class ClippingEngine:
             self._bias_batch[module] = int(hidden.shape[0])
         else:
             self._bias_batch.pop(module, None)
+        return None
+
+    def _bias_owner_post_hook(self, module, args, output):
+        self._bias_batch.pop(module, None)  # a compute_bias call outside the forward must not see a stale size
         return None
 
     def _relative_bias_output(self, owner: nn.Module, out: torch.Tensor) -> torch.Tensor:

@@ -134,13 +134,17 @@ def _expanding_compute_bias(self: nn.Module, *args: Any, **kwargs: Any) -> torch
 
 
 class CompanionHandle:
-    """Undoes :func:`wrap_compute_bias` (``remove()``, like a hook handle)."""
+    """Undoes :func:`wrap_compute_bias` (``remove()``, like a hook handle), unless a later engine took it over."""
 
-    def __init__(self, owner: nn.Module) -> None:
+    def __init__(self, owner: nn.Module, engine: Any) -> None:
         self.owner = owner
+        self.engine = weakref.ref(engine)
 
     def remove(self) -> None:
         d = self.owner.__dict__
+        ref = d.get(_ENGINE_ATTR)
+        if ref is not None and ref() is not None and ref() is not self.engine():
+            return  # another engine wrapped it since: its own handle restores it
         if getattr(d.get("compute_bias"), "__func__", None) is _expanding_compute_bias:
             del d["compute_bias"]
             original = d.pop(_ORIGINAL_ATTR)
@@ -157,4 +161,4 @@ def wrap_compute_bias(owner: nn.Module, engine: Any) -> CompanionHandle:
         d[_ORIGINAL_ATTR] = owner.compute_bias
         d["compute_bias"] = types.MethodType(_expanding_compute_bias, owner)
     d[_ENGINE_ATTR] = weakref.ref(engine)
-    return CompanionHandle(owner)
+    return CompanionHandle(owner, engine)
