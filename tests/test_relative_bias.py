@@ -142,12 +142,13 @@ def test_gradient_checkpointing_keeps_the_relative_bias_exact(kind, reentrant):
 
 
 def test_batch_of_query_length_examples_is_not_mistaken_for_the_batch():
-    # Old main (plain embedding rule on the [q, k] bucket ids): with B == q the leading-dimension check passed and
-    # the k rows of bucket ids were taken for examples. The decoder's q is the target length.
+    # Old main (plain embedding rule on the [q, k] bucket ids, ClippingEngine without DPSeq2SeqTrainer's refusal):
+    # with B == q for the encoder and the decoder, the leading-dimension check passed and the q rows of bucket ids
+    # were taken for examples: silently wrong per-example gradients.
     model = tiny("t5")
     g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(3, V, (TGT, SRC), generator=g),
-             "attention_mask": torch.ones(TGT, SRC, dtype=torch.long),
+    batch = {"input_ids": torch.randint(3, V, (TGT, TGT), generator=g),
+             "attention_mask": torch.ones(TGT, TGT, dtype=torch.long),
              "labels": torch.randint(3, V, (TGT, TGT), generator=g)}
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     want = []

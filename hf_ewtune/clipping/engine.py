@@ -74,7 +74,8 @@ class ClippingEngine:
 
     Args:
         model: The model to train. Every parameter with ``requires_grad`` must be covered by a rule
-            (Linear, GPT-2 Conv1D, Embedding, LayerNorm, or the torch.func fallback).
+            (Linear, GPT-2 Conv1D, Embedding, LayerNorm, T5-style relative attention bias, or the torch.func
+            fallback).
         max_grad_norm: Clipping norm ``C`` (> 0).
         clipping: ``"flat"`` (``c_i = min(1, C/(||g_i|| + 1e-6))``), ``"per_layer"`` (each module's group of
             parameters clipped at ``C/sqrt(L)``, ``L`` = number of trainable modules) or ``"automatic"``
@@ -82,7 +83,8 @@ class ClippingEngine:
 
     Raises:
         PrivacyConfigError: invalid ``max_grad_norm`` or ``clipping``.
-        UnsupportedModuleError: a trainable parameter no rule covers, BatchNorm.
+        UnsupportedModuleError: a trainable parameter no rule covers, BatchNorm, a trainable
+            ``relative_attention_bias`` whose owner has no ``compute_bias``.
 
     Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not, e.g. Hugging Face's
     ``gradient_checkpointing_enable()``) is supported: see :mod:`hf_ewtune.clipping.checkpointing`.
