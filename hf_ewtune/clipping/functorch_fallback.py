@@ -102,7 +102,7 @@ class FunctorchRule(Rule):
         # against each example's gradient (splitting an input whose length happens to be B would be wrong).
         batched_pos = [] if data.get("broadcast") else [
             i for i, t in enumerate(in_leaves) if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b]
-        if not batched_pos and not data.get("broadcast"):  # e.g. a position table called with a shape: its output is shared by the batch
+        if not batched_pos and not data.get("broadcast"):  # e.g. a position table called with a shape only
             raise UnsupportedModuleError(
                 f"{type(module).__name__} was called without any batched tensor input (none with leading dimension "
                 f"{b}), so its output is shared by every example and the per-example gradients of its parameters "
