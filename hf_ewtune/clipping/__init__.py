@@ -9,6 +9,9 @@ Coverage (one rule per module type, chosen when the engine is built; anything un
 * ``nn.Embedding``: ghost norm over equal token ids, ``index_add`` clipped sum; ``[1, T]`` broadcast position
   ids are expanded to the batch (``embedding.py``).
 * ``nn.LayerNorm`` (``layer_norm.py``).
+* T5-style relative attention bias tables (``relative_attention_bias`` of a module with ``compute_bias``: T5, mT5,
+  UMT5, LongT5, ...): the owner's ``[1, H, q, k]`` bias is expanded to the batch and each example's gradient
+  scattered into the buckets it read (``relative_bias.py``).
 * Any other module that owns trainable parameters: ``torch.func`` ``vmap(grad(functional_call))`` on the
   recorded call (``functorch_fallback.py``). This covers RMSNorm (Llama, SmolLM, Mistral, ...) as fast as a
   closed form would: a dedicated rule was measured at 1.006x the fallback's step time and removed
@@ -23,8 +26,9 @@ Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not): the recom
 twice and raw gradients never reach ``p.grad`` (``checkpointing.py``).
 
 Rejected (one :class:`~hf_ewtune.errors.UnsupportedModuleError` lists every offending module): BatchNorm, recurrent layers, parameters in modules without a forward.
-``Embedding(scale_grad_by_freq=True)``, and (at every backward, by a graph walk) parameters used outside their module's
-forward.
+``Embedding(scale_grad_by_freq=True)``, a trainable ``relative_attention_bias`` without ``compute_bias``, and (at every
+backward) parameters used outside their module's forward (by a graph walk) and modules of the ``torch.func`` fallback
+called without any batched tensor input (their output is shared by the batch).
 
 Example:
     >>> import torch

@@ -38,6 +38,7 @@ from .checkpointing import (RecomputeCapture, catch_output_grads, check_leaks, i
 from .functorch_fallback import direct_trainable
 from .groups import UnitLayout, unit_norms_sq
 from .linear import note_gram_readers
+from .relative_bias import RELATIVE_BIAS_RULE, RelativeBiasRule, layout_error, relative_bias_tables, wrap_compute_bias
 from .validation import batch_mixing_problem, choose_rule, model_problems, raise_problems
 
 FLAT_EPS = 1e-6
@@ -73,7 +74,8 @@ class ClippingEngine:
 
     Args:
         model: The model to train. Every parameter with ``requires_grad`` must be covered by a rule
-            (Linear, GPT-2 Conv1D, Embedding, LayerNorm, or the torch.func fallback).
+            (Linear, GPT-2 Conv1D, Embedding, LayerNorm, T5-style relative attention bias, or the torch.func
+            fallback).
         max_grad_norm: Clipping norm ``C`` (> 0).
         clipping: ``"flat"`` (``c_i = min(1, C/(||g_i|| + 1e-6))``), ``"per_layer"`` (each module's group of
             parameters clipped at ``C/sqrt(L)``, ``L`` = number of trainable modules) or ``"automatic"``
@@ -81,7 +83,8 @@ class ClippingEngine:
 
     Raises:
         PrivacyConfigError: invalid ``max_grad_norm`` or ``clipping``.
-        UnsupportedModuleError: a trainable parameter no rule covers, BatchNorm.
+        UnsupportedModuleError: a trainable parameter no rule covers, BatchNorm, a trainable
+            ``relative_attention_bias`` whose owner has no ``compute_bias``.
 
     Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not, e.g. Hugging Face's
     ``gradient_checkpointing_enable()``) is supported: see :mod:`hf_ewtune.clipping.checkpointing`.
@@ -113,13 +116,15 @@ class ClippingEngine:
         self._index_parameters()
 
         self._rules: dict[nn.Module, Rule] = {}
+        bias_tables, bias_problems = relative_bias_tables(model)
+        problems += bias_problems
         covered: set[int] = set()
         for name, module in model.named_modules():
             roles = direct_trainable(module)
             if not roles or batch_mixing_problem(name, module) is not None:
                 continue  # no parameters of its own, or already reported by model_problems
             try:
-                self._rules[module] = choose_rule(name, module)
+                self._rules[module] = RELATIVE_BIAS_RULE if module in bias_tables else choose_rule(name, module)
             except UnsupportedModuleError as exc:  # collect them all: one error lists every unsupported module
                 problems.append(str(exc))
                 continue
@@ -133,12 +138,18 @@ class ClippingEngine:
         self._suspend = 0
         self._capture: RecomputeCapture | None = None  # set while the engine's own backward runs
         self.current_batch_size: int | None = None
+        self._pending_bias: dict[nn.Module, tuple] = {}  # table -> (bucket ids, looked-up values) of its last call
+        self._bias_batch: dict[nn.Module, int] = {}  # compute_bias owner -> batch size of its current call
         #: What would reduce raw parameter gradients across ranks if a full backward ran (``"DeepSpeed ZeRO"``, set
         #: by the DeepSpeed paths, whose reduce hooks sit on ``AccumulateGrad``): reentrant checkpointing, which
         #: needs a full backward, is then refused as it is for FSDP2-sharded parameters.
         self.raw_gradients_reduced_by: str | None = None
         self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self._rules]
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        for owner in dict.fromkeys(bias_tables.values()):
+            self._handles.append(owner.register_forward_pre_hook(self._bias_owner_pre_hook, with_kwargs=True))
+            self._handles.append(owner.register_forward_hook(self._bias_owner_post_hook))
+            self._handles.append(wrap_compute_bias(owner, self))
         model.__dict__[_ATTACHED] = weakref.ref(self)
 
     # -- public API --------------------------------------------------------------------------------
@@ -158,6 +169,8 @@ class ClippingEngine:
             h.remove()
         self._handles = []
         self._records = []
+        self._pending_bias = {}
+        self._bias_batch = {}
         ref = self.model.__dict__.get(_ATTACHED)
         if ref is not None and ref() is self:
             del self.model.__dict__[_ATTACHED]
@@ -315,18 +328,61 @@ class ClippingEngine:
             return None
         rule = self._rules[module]
         rec, new_out = rule.capture(self, module, args, kwargs, output)
-        if self._capture is not None and rec is not None:  # a checkpointed block recomputed inside backward
+        if rec is not None:
+            self._record(rec)
+        return new_out
+
+    def _record(self, rec: Record) -> None:
+        """Keep the record of one module call (from a forward hook or a wrapped ``compute_bias``)."""
+        if self._capture is not None:  # a checkpointed block recomputed inside backward
             if not in_nonreentrant_recompute():  # reentrant: the first forward recorded nothing (no_grad)
                 self._capture.add(rec)
-            return new_out  # non-reentrant: the first forward's record stands; nothing recorded twice
-        if rec is not None:
-            # Keep only the autograd edges: holding the output tensors would keep every layer's output alive
-            # (memory), and an edge also gives the gradient of the *original* value if it is later modified in place.
-            rec.edges = [get_gradient_edge(t) for t in rec.outputs]
-            rec.out_meta = [(t.shape, t.dtype, t.device) for t in rec.outputs]
-            rec.outputs = None
-            self._records.append(rec)
-        return new_out
+            return  # non-reentrant: the first forward's record stands; nothing recorded twice
+        # Keep only the autograd edges: holding the output tensors would keep every layer's output alive
+        # (memory), and an edge also gives the gradient of the *original* value if it is later modified in place.
+        rec.edges = [get_gradient_edge(t) for t in rec.outputs]
+        rec.out_meta = [(t.shape, t.dtype, t.device) for t in rec.outputs]
+        rec.outputs = None
+        self._records.append(rec)
+
+    def _bias_owner_pre_hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1:
+            self._bias_batch[module] = int(hidden.shape[0])
+        else:
+            self._bias_batch.pop(module, None)
+        return None
+
+    def _bias_owner_post_hook(self, module, args, output):
+        self._bias_batch.pop(module, None)  # a compute_bias call outside the forward must not see a stale size
+        return None
+
+    def _relative_bias_output(self, owner: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """``owner.compute_bias``'s output, expanded to the batch in training mode and recorded when grad is on
+        (see :mod:`.relative_bias`)."""
+        table = getattr(owner, "relative_attention_bias", None)
+        pending = self._pending_bias.pop(table, None)
+        if (not isinstance(self._rules.get(table), RelativeBiasRule) or self._suspend or not table.training
+                or not isinstance(out, torch.Tensor)):
+            return out
+        b = self._bias_batch.get(owner)
+        if b is None:
+            if pending is not None:
+                raise UnsupportedModuleError(
+                    f"{type(owner).__name__}.compute_bias was called outside its module's forward (no batch size "
+                    "known), so the per-example gradients of its relative_attention_bias cannot be separated. "
+                    "Freeze the table: relative_attention_bias.weight.requires_grad_(False).")
+            return out
+        label = type(owner).__name__
+        if pending is not None:
+            ids, values = pending
+            index = RelativeBiasRule.table_index(out, values, ids, label)
+        elif out.dim() == 0 or out.shape[0] != 1:
+            raise layout_error(label, out)
+        expanded = out.expand(b, *out.shape[1:])
+        if pending is not None and torch.is_grad_enabled():
+            self._record(Record(table, self._rules[table], {"index": index}, [expanded]))
+        return expanded
 
     def _run_backward(self, per_example_loss: torch.Tensor) -> tuple[list[Record], dict[int, list], int]:
         if not isinstance(per_example_loss, torch.Tensor) or per_example_loss.dim() != 1:

@@ -123,6 +123,8 @@ def choose_rule(name: str, module: nn.Module) -> Rule:
         return _EMBEDDING
     if is_plain_layer_norm(module):
         return _LAYER_NORM
+    if isinstance(module, nn.Embedding) and type(module).__name__.endswith("LearnedPositionalEmbedding"):
+        return FunctorchRule(roles, expand_broadcast=True)  # BART's decoder: [1, T] positions
     return FunctorchRule(roles)
 
 
