@@ -61,6 +61,7 @@ from hf_ewtune.distributed.fsdp import max_over_ranks, zero_weight_loss
 from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, PrivacyStateError
 from hf_ewtune.hub_safety import hub_checkpoint_notice, trainer_uploads_through_safety_net
 from hf_ewtune.large_delta import refuse_large_delta
+from hf_ewtune.frozen_plan import check_plan_unchanged, snapshot_plan
 from hf_ewtune.loss_contract import batch_size_of, check_loss_settings, check_per_example_losses, default_per_example_loss
 from hf_ewtune.losses import TASKS
 from hf_ewtune.noise import DPOptimizer
@@ -235,6 +236,7 @@ class DPTrainer(Trainer):
         self.privacy_callback = self._build_privacy_callback(budget_steps=budget_steps, calibration=self.calibration)
         self.add_callback(self.privacy_callback)
         self._tag_model()
+        self._frozen_plan = snapshot_plan(self)  # train() refuses to run after any of it changed (frozen_plan.py)
 
     def _check_environment(self) -> None:
         """The process layout and the Trainer overrides that DP-SGD cannot honour."""
@@ -472,6 +474,7 @@ class DPTrainer(Trainer):
         (see :mod:`hf_ewtune.stale_checkpoints`): resume that run, or use a new ``output_dir``.
         """
         require_attached(self._engine)
+        check_plan_unchanged(self)  # privacy_args, train_dataset, batch/step arguments as planned
         if resume_from_checkpoint is False:
             resume_from_checkpoint = None
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
@@ -552,6 +555,7 @@ class DPTrainer(Trainer):
         """A plain DataLoader over :class:`~hf_ewtune.sampling.PoissonBatchSampler` (not accelerate-prepared)."""
         from hf_ewtune.arguments import sampling_mode
 
+        check_plan_unchanged(self)
         dataset = self.train_dataset
         collator = self.data_collator
         try:
