@@ -52,7 +52,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_ewtune.arguments import PrivacyArguments, default_delta
+from hf_ewtune.arguments import PrivacyArguments, default_delta, sampling_mode
 from hf_ewtune.batch_checks import check_micro_batch, check_training_data
 from hf_ewtune.callbacks import PrivacyCallback
 from hf_ewtune.dp_settings import DPSettings, read_only_setting
@@ -68,6 +68,7 @@ from hf_ewtune.noise import DPOptimizer
 from hf_ewtune.privacy_record import setup_record
 from hf_ewtune.privacy_state import PrivacyState, save_privacy_state
 from hf_ewtune.run_plan import privacy_plan_line
+from hf_ewtune.resume_checks import check_resumed_sampling
 from hf_ewtune.user_level import UNITS_KEY, check_resumed_unit, whole_unit_chunks
 from hf_ewtune.training_arguments import (
     check_training_arguments,
@@ -311,12 +312,13 @@ class DPTrainer(Trainer):
 
     def _resolve_delta(self, n: int) -> float:
         """``target_delta`` (refused at or above 1/N unless ``allow_large_delta``), or the default ``min(1e-5, 1/(10 N))``
-        rounded down to a power of 10."""
+        rounded down to a power of 10; N is the number of privacy units (the users U of a user-level run)."""
         pa = self.privacy_args
         if pa.target_delta is None:
             return default_delta(n)
         delta = float(pa.target_delta)
-        refuse_large_delta(delta, num_examples=n, allow_large_delta=pa.allow_large_delta)
+        refuse_large_delta(delta, num_examples=n, allow_large_delta=pa.allow_large_delta,
+                           user_level=self.user_plan is not None)
         return delta
 
     def _resolve_noise_and_budget(self) -> tuple[float, int | None, dict[str, Any] | None]:
@@ -488,6 +490,8 @@ class DPTrainer(Trainer):
         getattr(callback.accountant, "start_run", lambda: None)()  # shuffled batches: a (re)start may begin mid-epoch
         if resume_from_checkpoint is not None:
             state = PrivacyState.load(resume_from_checkpoint)  # validated, cross-checked with trainer_state.json
+            check_resumed_sampling(state, accountant_name=callback.accountant_name,
+                                   sampling=sampling_mode(self.privacy_args))
             callback.load_state(state)
             self._check_resumed_state(state)
             check_resumed_unit(state, self.user_plan, self.privacy_args.privacy_unit)  # user vs example level
