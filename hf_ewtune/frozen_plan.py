@@ -14,7 +14,7 @@ Example:
     >>> args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1, world_size=1,
     ...                        max_steps=10, num_train_epochs=1.0)
     >>> trainer = SimpleNamespace(privacy_args=PrivacyArguments(noise_multiplier=1.0), train_dataset=[1, 2],
-    ...                           args=args)
+    ...                           args=args, model=None)
     >>> trainer._frozen_plan = snapshot_plan(trainer)
     >>> check_plan_unchanged(trainer)
     >>> trainer.privacy_args.sampling = "shuffled"
@@ -49,6 +49,7 @@ class FrozenPlan:
 
     privacy_args: Any
     dataset: Any
+    model: Any
     dataset_length: int | None
     training_args: dict[str, Any]
     args_privacy: dict[str, Any] | None
@@ -69,6 +70,7 @@ def snapshot_plan(trainer: Any) -> FrozenPlan:
     return FrozenPlan(
         privacy_args=copy.deepcopy(trainer.privacy_args),
         dataset=dataset,
+        model=getattr(trainer, "model", None),
         dataset_length=len(dataset) if hasattr(dataset, "__len__") else None,
         training_args={name: getattr(trainer.args, name, None) for name in PLANNED_ARGS},
         args_privacy=_args_privacy_fields(trainer.args),
@@ -117,6 +119,14 @@ def check_plan_unchanged(trainer: Any) -> None:
         after = getattr(trainer.args, name, None)
         if before != after:
             _refuse(f"args.{name}", before, after, "the sampling rate q, the sampler and the planned steps")
+    if plan.model is not None and getattr(trainer, "model", None) is not plan.model:
+        raise PrivacyConfigError(
+            "model was replaced after the DPTrainer was built: the per-example clipping hooks are on the original "
+            "model, so the new one would receive only noise (no clipped gradient) while the card states a DP "
+            "training of it. Build a new DPTrainer with the new model.")
+    from hf_ewtune.training_arguments import check_training_arguments
+
+    check_training_arguments(trainer.args)  # e.g. auto_find_batch_size or group_by_length switched on afterwards
     dataset = trainer.train_dataset
     if dataset is not plan.dataset:
         length = len(dataset) if hasattr(dataset, "__len__") else None
