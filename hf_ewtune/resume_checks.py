@@ -32,16 +32,22 @@ def _sampling_of(accountant_name: str | None, recorded: str | None) -> str:
     return recorded or "poisson"
 
 
-def check_resumed_sampling(state: Any, *, accountant_name: str, sampling: str) -> None:
+def check_resumed_sampling(state: Any, *, accountant_name: str, sampling: str,
+                           accountant_options: dict[str, Any] | None = None) -> None:
     """Raise unless ``state`` (a checkpoint's privacy state) was accounted like this run.
 
     Args:
         state: The checkpoint's :class:`~hf_ewtune.privacy_state.PrivacyState`.
         accountant_name: This run's accountant name (``DPTrainer.privacy_callback.accountant_name``).
         sampling: This run's sampling mode (:func:`hf_ewtune.arguments.sampling_mode`).
+        accountant_options: This run's ``accountant.options()``. For shuffled batches they fix the epoch length
+            the WHOLE history is composed with (the saved history keeps only sigma, q and steps), so a checkpoint
+            written with other options (another batch size or dataset size) is refused: its epochs would be
+            miscounted (e.g. 40 steps of 2-step epochs counted as 2 epochs of 20 steps, an epsilon far too small).
 
     Raises:
-        PrivacyStateError: another sampling, or another accountant for the same (Poisson) sampling.
+        PrivacyStateError: another sampling, another accountant for the same (Poisson) sampling, or shuffled
+            batches of another geometry.
     """
     theirs_name = getattr(state, "accountant", None)
     theirs = _sampling_of(theirs_name, getattr(state, "sampling_assumed_by_accounting", None))
@@ -60,6 +66,15 @@ def check_resumed_sampling(state: Any, *, accountant_name: str, sampling: str) -
             f"the checkpoint was accounted by accountant={theirs_name!r} but this run's is {accountant_name!r}: its "
             f"history can only be continued by the same accountant. Resume with accountant={theirs_name!r}, or start "
             "a new run.")
+    theirs_options = (getattr(state, "accountant_state", None) or {}).get("options")
+    if (accountant_name == "shuffled" and accountant_options is not None and theirs_options is not None
+            and dict(theirs_options) != dict(accountant_options)):
+        raise PrivacyStateError(
+            f"the checkpoint's shuffled batches had {dict(theirs_options)} but this run's have "
+            f"{dict(accountant_options)}: the shuffled-batch bound composes the whole history with ONE epoch length, so "
+            "the earlier steps would be counted in the wrong number of epochs (an epsilon too small). Resume with the "
+            "same per_device_train_batch_size, gradient_accumulation_steps, number of processes and dataset, or "
+            "start a new run.")
 
 
 __all__ = ["check_resumed_sampling"]

@@ -491,7 +491,8 @@ class DPTrainer(Trainer):
         if resume_from_checkpoint is not None:
             state = PrivacyState.load(resume_from_checkpoint)  # validated, cross-checked with trainer_state.json
             check_resumed_sampling(state, accountant_name=callback.accountant_name,
-                                   sampling=sampling_mode(self.privacy_args))
+                                   sampling=sampling_mode(self.privacy_args),
+                                   accountant_options=callback.accountant.options())
             callback.load_state(state)
             self._check_resumed_state(state)
             check_resumed_unit(state, self.user_plan, self.privacy_args.privacy_unit)  # user vs example level

@@ -17,17 +17,17 @@ def _ds():
     return ds.add_column("thread", [f"t{i % 5}" for i in range(40)])
 
 
-def _trainer(out, *, max_steps, **kw):
+def _trainer(out, *, max_steps, per_device=2, **kw):
     ds = _ds() if kw.get("user_id_column") else _data(40)
-    return DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(out, max_steps=max_steps, per_device_train_batch_size=2),
+    return DPTrainer(model=tiny_bert(vocab_size=len(TOK)), args=_args(out, max_steps=max_steps, per_device_train_batch_size=per_device),
                      train_dataset=ds, noise_multiplier=1.0, noise_seed=0, **kw)
 
 
-def _checkpoint(tmp_path, **kw):
-    first = _trainer(tmp_path / "first", max_steps=1, **kw)
-    first.args.save_strategy, first.args.save_steps = "steps", 1
+def _checkpoint(tmp_path, max_steps=1, **kw):
+    first = _trainer(tmp_path / "first", max_steps=max_steps, **kw)
+    first.args.save_strategy, first.args.save_steps = "steps", max_steps
     first.train()
-    return str(tmp_path / "first" / "checkpoint-1")
+    return str(tmp_path / "first" / f"checkpoint-{max_steps}")
 
 
 @pytest.mark.parametrize("before, after, match", [
@@ -58,3 +58,13 @@ def test_resuming_with_another_per_user_cap_is_accepted(tmp_path):
     resumed = _trainer(tmp_path / "second", max_steps=2, user_id_column="author", max_examples_per_user=2)
     resumed.train(resume_from_checkpoint=ckpt)  # each user's rows are still clipped together to C
     assert resumed.privacy_callback.steps == 2
+
+
+def test_resuming_shuffled_batches_of_another_size_is_refused(tmp_path):
+    # 4 steps of 2-step epochs (batch 20 of 40) are 2 epochs; composed with the resumed run's 20-step epochs
+    # (batch 2) they would count as 1: the published epsilon would be too small
+    ckpt = _checkpoint(tmp_path, max_steps=4, sampling="shuffled", per_device=20)
+    resumed = _trainer(tmp_path / "second", max_steps=5, sampling="shuffled", per_device=2)
+    with pytest.raises(PrivacyStateError, match="steps_per_epoch': 2.*steps_per_epoch': 20.*epsilon too small"):
+        resumed.train(resume_from_checkpoint=ckpt)
+    assert resumed.state.global_step == 0
