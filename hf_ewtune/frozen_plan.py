@@ -103,6 +103,13 @@ def check_plan_unchanged(trainer: Any) -> None:
             "needs DPTrainer's own sampler and per-example clipping (a replacement silently changes the sampling or "
             "bypasses clipping while the model card still states the planned guarantee). Remove the instance "
             "attribute, or subclass DPTrainer and override compute_per_example_loss.")
+    callback = getattr(trainer, "privacy_callback", None)
+    handler = getattr(trainer, "callback_handler", None)
+    if callback is not None and handler is not None and not any(cb is callback for cb in handler.callbacks):
+        raise PrivacyConfigError(
+            "the DPTrainer's PrivacyCallback was removed from its callbacks (remove_callback / pop_callback): it "
+            "accounts every step and enforces target_epsilon, so without it the run would train unaccounted and the "
+            "privacy state and model card would state 0 steps and epsilon 0. Leave it in place.")
     now = trainer.privacy_args
     for field in dataclasses.fields(plan.privacy_args):
         before, after = getattr(plan.privacy_args, field.name), getattr(now, field.name, None)

@@ -34,6 +34,7 @@ def _users(n, groups):
     (lambda t: setattr(t, "train_dataset", _data(400)), r"train_dataset was replaced"),
     (lambda t: setattr(t, "model", tiny_bert(vocab_size=len(TOK))), r"model was replaced"),
     (lambda t: setattr(t.args, "group_by_length", True), r"group_by_length=True is not supported"),
+    (lambda t: t.remove_callback(t.privacy_callback), r"PrivacyCallback was removed"),
     (lambda t: setattr(t, "get_train_dataloader",
                        lambda: torch.utils.data.DataLoader(t.train_dataset, batch_size=4)), r"get_train_dataloader was replaced"),
 ])
