@@ -201,6 +201,10 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
     if library_version is None:
         from hf_ewtune import __version__ as library_version
     unit = privacy_unit_of(state)
+    if unit == USER_UNIT and not state.get("user_id_column"):
+        raise PrivacyStateError(
+            "the privacy state declares privacy_unit 'user' but records no user_id_column: its rows were not "
+            "grouped by user, so it cannot be published as user-level privacy. Retrain with user_id_column.")
     meta: dict[str, Any] = {
         "mechanism": {"shuffled": SHUFFLED_MECHANISM, "random_allocation": RANDOM_ALLOCATION_MECHANISM,
                       "assumed-poisson": ASSUMED_POISSON_MECHANISM}.get(mode, MECHANISM),

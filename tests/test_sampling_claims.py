@@ -79,3 +79,21 @@ def test_a_user_level_large_delta_card_counts_users(tmp_path):
     assert meta["delta_note"] == USER_LARGE_DELTA_NOTE
     text = render_privacy_section(state, metadata=meta)
     assert "below 1/U, U being the number of users" in text and "1/N" not in text
+
+
+@pytest.mark.parametrize("unit", ["user", " User "])
+def test_a_user_unit_without_user_id_column_is_refused(tmp_path, unit):
+    # rows would be clipped one by one while the card said "each user's rows were clipped together"
+    with pytest.raises(PrivacyConfigError, match="privacy_unit=.*would state user-level privacy.*user_id_column"):
+        _trainer(tmp_path, users=False, privacy_unit=unit)
+
+
+def test_a_state_claiming_users_without_their_column_gets_no_card():
+    from hf_ewtune.accounting import PLDAccountant
+    from hf_ewtune.errors import PrivacyStateError
+
+    acc = PLDAccountant()
+    acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=10)
+    with pytest.raises(PrivacyStateError, match="records no user_id_column"):
+        build_privacy_metadata({"accountant": {"name": "pld", "state": acc.state_dict()}, "delta": 1e-5,
+                                "poisson_sampling": True, "steps": 10, "privacy_unit": "user"})
