@@ -528,6 +528,7 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         "target_epsilon": _num(meta.get("target_epsilon")) if meta.get("target_epsilon") is not None else "none",
         "stopped_early": _num(bool(meta.get("stopped_early"))),
         "extra_rows": "\n".join(extra) + ("\n" if extra else ""),
+        "clip_scope": "per-user" if meta.get("privacy_unit") == USER_UNIT else "per-example",
         "unit_statement": _unit_statement(meta.get("privacy_unit") or DEFAULT_UNIT,
                                           replace_one=str(meta.get("adjacency", "")).startswith("replace-one")),
     }

@@ -50,8 +50,10 @@ def test_the_sampling_is_named_as_what_it_is_everywhere(tmp_path, users, samplin
         if sampling == "shuffled":
             assert "each user's participations" in text and "one user of this run" in meta["certified_by"]
         assert "below 1/U, U = the number of users" in line and "1/N" not in line
+        assert "(per-user gradient clipping" in text and "per-example gradient clipping" not in text
     else:
         assert "sampling_over" not in meta and "below 1/N, N = the number of training rows" in line
+        assert "(per-example gradient clipping" in text
 
 
 def test_an_old_shuffled_state_accounted_as_poisson_does_not_claim_a_poisson_mechanism():
