@@ -54,7 +54,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from hf_ewtune.arguments import PrivacyArguments, default_delta, sampling_mode
 from hf_ewtune.batch_checks import check_micro_batch, check_training_data
-from hf_ewtune.callbacks import PrivacyCallback
+from hf_ewtune.callbacks import PrivacyCallback, require_noisy_optimizer
 from hf_ewtune.dp_settings import DPSettings, read_only_setting
 from hf_ewtune.engine_lifecycle import require_attached
 from hf_ewtune.distributed.fsdp import max_over_ranks, zero_weight_loss
@@ -661,6 +661,7 @@ class DPTrainer(Trainer):
         ``loss`` log estimates the mean example loss. (That logged training loss is computed without noise.)
         """
         model.train()
+        require_noisy_optimizer(getattr(self, "optimizer", None))  # before any gradient of this step exists
         norm = float(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
         empty = is_empty_batch(inputs)
         if empty and not self.is_fsdp2:

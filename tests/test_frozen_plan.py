@@ -76,3 +76,19 @@ def test_an_unchanged_trainer_still_trains_twice(tmp_path):
     trainer.train()
     trainer.train()
     assert trainer.privacy_callback.steps == 4
+
+
+def test_an_optimizer_without_noise_is_refused_before_its_first_update(tmp_path):
+    from hf_ewtune.errors import PrivacyStateError
+
+    class PlainOptimizer(DPTrainer):
+        def create_optimizer(self, model=None):  # does not call super(): no DPOptimizer, no noise
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.5)
+            return self.optimizer
+
+    trainer = PlainOptimizer(model=tiny_bert(vocab_size=len(TOK)), args=_args(tmp_path, per_device_train_batch_size=4),
+                             train_dataset=_data(40), noise_multiplier=1.0, noise_seed=0)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(PrivacyStateError, match="not a DPOptimizer: its steps would add no noise"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())  # no noiseless update
