@@ -46,3 +46,17 @@ def test_sft_refuses_a_batch_its_micro_batches_cannot_make_up(tmp_path):
 
     with pytest.raises(ValueError, match="batch_size=16 must be a multiple of micro_batch_size=6"):
         run_sft(config=SFTRecipeConfig(output_dir=str(tmp_path), smoke=True, batch_size=16, micro_batch_size=6))
+
+
+def test_card_command_does_not_call_an_uncertified_epsilon_certified(tmp_path, monkeypatch, capsys):
+    import hf_ewtune.model_card as model_card
+    from hf_ewtune.accounting import PLDAccountant
+
+    acc = PLDAccountant()
+    acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=10)
+    old = {"accountant": {"name": "pld", "state": acc.state_dict()}, "delta": 1e-5, "poisson_sampling": False,
+           "steps": 10}  # shuffled batches accounted as if Poisson (states from before the shuffled bound)
+    monkeypatch.setattr(model_card, "load_state", lambda _dir: old)
+    assert main(["card", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "certified epsilon =" not in out and "epsilon (NOT certified" in out
