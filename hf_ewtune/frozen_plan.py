@@ -36,8 +36,9 @@ from hf_ewtune.errors import PrivacyConfigError
 #: The training arguments the sampling rate, the sampler and the planned steps were derived from.
 PLANNED_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "max_steps",
                 "num_train_epochs")
-#: Methods DP-SGD relies on that an instance attribute could silently replace (the class check misses these).
-GUARDED_METHODS = ("get_train_dataloader", "_get_train_sampler", "training_step", "compute_per_example_loss")
+#: The sampling methods an instance attribute could silently replace (the class check at set-up misses these).
+#: ``training_step`` is not among them: wrapping it on the instance (a spy calling the original) is legitimate.
+GUARDED_METHODS = ("get_train_dataloader", "_get_train_sampler")
 #: Privacy fields of ``DPTrainingArguments`` compared on ``trainer.args`` (its copy has ``max_grad_norm=0``:
 #: the Trainer's batch clipping is off, C lives in ``privacy_args``).
 _ARGS_PRIVACY_SKIP = ("max_grad_norm",)
@@ -100,9 +101,8 @@ def check_plan_unchanged(trainer: Any) -> None:
     if overridden:
         raise PrivacyConfigError(
             f"{', '.join(overridden)} was replaced on this DPTrainer instance after it was built: DP-SGD's guarantee "
-            "needs DPTrainer's own sampler and per-example clipping (a replacement silently changes the sampling or "
-            "bypasses clipping while the model card still states the planned guarantee). Remove the instance "
-            "attribute, or subclass DPTrainer and override compute_per_example_loss.")
+            "needs DPTrainer's own sampler (a replacement silently changes the sampling while the model card still "
+            "states the planned guarantee). Remove the instance attribute.")
     callback = getattr(trainer, "privacy_callback", None)
     handler = getattr(trainer, "callback_handler", None)
     if callback is not None and handler is not None and not any(cb is callback for cb in handler.callbacks):
