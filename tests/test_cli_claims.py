@@ -9,10 +9,6 @@ from hf_ewtune.cli import main
 from hf_ewtune.recipes.training import PrivacySettings, enforced_target, privacy_headline
 
 
-class _Stop(Exception):
-    pass
-
-
 def _stop(**_kw):
     raise ValueError("stopped by the test")
 
