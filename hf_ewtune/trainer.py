@@ -632,6 +632,16 @@ class DPTrainer(Trainer):
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> None:
         # The pre-step gradient is the UN-noised clipped sum: its norm is not private, so it is not logged.
+        # Called on every optimizer step just before it: check that every micro-batch of the step went through
+        # DPTrainer.training_step (per-example clipping), not through a replacement that never calls it.
+        ran, self._dp_micro_steps = getattr(self, "_dp_micro_steps", 0), 0
+        expected = int(self.args.gradient_accumulation_steps)
+        if ran != expected:
+            raise PrivacyStateError(
+                f"DPTrainer.training_step ran for {ran} of the {expected} micro-batches of this optimizer step: a "
+                "training_step replaced on the instance or overridden without calling DPTrainer.training_step "
+                "computes gradients without per-example clipping, so the step cannot be accounted. Wrap the "
+                "original (call it for every micro-batch) or override compute_per_example_loss instead.")
         return None
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
@@ -662,6 +672,7 @@ class DPTrainer(Trainer):
         """
         model.train()
         require_noisy_optimizer(getattr(self, "optimizer", None))  # before any gradient of this step exists
+        self._dp_micro_steps = getattr(self, "_dp_micro_steps", 0) + 1  # checked before the optimizer step
         norm = float(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
         empty = is_empty_batch(inputs)
         if empty and not self.is_fsdp2:

@@ -92,3 +92,24 @@ def test_an_optimizer_without_noise_is_refused_before_its_first_update(tmp_path)
     with pytest.raises(PrivacyStateError, match="not a DPOptimizer: its steps would add no noise"):
         trainer.train()
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())  # no noiseless update
+
+
+def test_a_training_step_that_bypasses_clipping_is_refused_before_the_update(tmp_path):
+    from hf_ewtune.errors import PrivacyStateError
+    from hf_ewtune.sampling import is_empty_batch
+
+    trainer = _trainer(tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    def plain_backward(model, inputs, num_items_in_batch=None):  # no per-example clipping
+        if is_empty_batch(inputs):
+            return torch.zeros(())
+        out = model(**{k: v for k, v in inputs.items() if not k.startswith("__")})
+        out.loss.backward()
+        return out.loss.detach()
+
+    trainer.training_step = plain_backward
+    with pytest.raises(PrivacyStateError, match="training_step ran for 0 of the 1 micro-batches"):
+        trainer.train()
+    assert trainer.privacy_callback.steps == 0
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
