@@ -62,6 +62,22 @@ def _dp_optimizer(optimizer: Any) -> Any:
     return None
 
 
+def require_noisy_optimizer(optimizer: Any) -> None:
+    """Raise unless ``optimizer`` (the Trainer's, possibly wrapped by accelerate) adds DP noise; ``None`` passes.
+
+    ``DPTrainer.training_step`` calls it before the first backward of every step, so an optimizer that
+    bypasses :class:`~hf_ewtune.noise.DPOptimizer` (a subclass's ``create_optimizer`` override that does not call
+    ``super()``, an optimizer swapped in afterwards) is refused before it takes a single noiseless step.
+
+    Raises:
+        PrivacyStateError: naming the optimizer and the fix.
+    """
+    if optimizer is not None and _dp_optimizer(optimizer) is None:
+        raise PrivacyStateError(
+            f"the training optimizer ({type(optimizer).__name__}) is not a DPOptimizer: its steps would add no noise. "
+            "Let DPTrainer.create_optimizer wrap the optimizer (an override must return super().create_optimizer()).")
+
+
 class PrivacyCallback(TrainerCallback, HoldsDPSettings):
     """Steps the accountant, logs epsilon, enforces the budget and checkpoints the privacy state.
 

@@ -154,6 +154,12 @@ def check_user_arguments(user_id_column: Any, max_examples_per_user: Any, privac
             raise PrivacyConfigError(
                 f"max_examples_per_user={max_examples_per_user} needs user_id_column (user-level privacy): set "
                 "user_id_column to the column holding each row's user id, or leave max_examples_per_user unset.")
+    if user_id_column is None and isinstance(privacy_unit, str) and " ".join(privacy_unit.split()).lower() == USER_UNIT:
+        raise PrivacyConfigError(
+            f"privacy_unit={privacy_unit!r} would state user-level privacy (all of a user's rows clipped together) on "
+            "the card, but without user_id_column every row is clipped and sampled on its own, so a user with "
+            "several rows is protected only as a group. Set user_id_column to the column holding each row's user "
+            "id (user-level DP), or leave privacy_unit at 'example' / describe what one row is.")
     if user_id_column is not None and isinstance(privacy_unit, str) and privacy_unit.strip() not in ("example", USER_UNIT):
         raise PrivacyConfigError(
             f"user_id_column={user_id_column!r} makes the privacy unit a user, but privacy_unit={privacy_unit!r} says "

@@ -59,6 +59,7 @@ _EXAMPLE_UNITS = frozenset({"", DEFAULT_UNIT, "one training example (add/remove 
 NOT_POISSON = "shuffled fixed-size batches; accounting ASSUMES Poisson"
 SHUFFLED = "shuffled fixed-size batches"
 SHUFFLED_MECHANISM = "DP-SGD (Gaussian, shuffled fixed-size batches, no amplification)"
+ASSUMED_POISSON_MECHANISM = "DP-SGD (Gaussian, shuffled fixed-size batches, accounted as if Poisson-subsampled)"
 RANDOM_ALLOCATION = "random allocation (balls-in-bins)"
 RANDOM_ALLOCATION_MECHANISM = "DP-SGD (Gaussian, random allocation / balls-in-bins batches)"
 CERTIFIED = "certified upper bound"
@@ -200,9 +201,13 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
     if library_version is None:
         from hf_ewtune import __version__ as library_version
     unit = privacy_unit_of(state)
+    if unit == USER_UNIT and not state.get("user_id_column"):
+        raise PrivacyStateError(
+            "the privacy state declares privacy_unit 'user' but records no user_id_column: its rows were not "
+            "grouped by user, so it cannot be published as user-level privacy. Retrain with user_id_column.")
     meta: dict[str, Any] = {
-        "mechanism": {"shuffled": SHUFFLED_MECHANISM, "random_allocation": RANDOM_ALLOCATION_MECHANISM}.get(
-            mode, MECHANISM),
+        "mechanism": {"shuffled": SHUFFLED_MECHANISM, "random_allocation": RANDOM_ALLOCATION_MECHANISM,
+                      "assumed-poisson": ASSUMED_POISSON_MECHANISM}.get(mode, MECHANISM),
         "privacy_unit": unit,
         "adjacency": f"replace-one {unit}" if mode == "shuffled" else (
             ADJACENCY if unit == DEFAULT_UNIT else (USER_ADJACENCY if unit == USER_UNIT else f"add-or-remove-one {unit}")),
@@ -242,10 +247,15 @@ def build_privacy_metadata(privacy_state: Mapping[str, Any], *, include_dataset_
     if rng:
         meta["noise_rng"] = str(rng)
     if state.get("allow_large_delta") is True:
-        from hf_ewtune.large_delta import LARGE_DELTA_NOTE
+        from hf_ewtune.large_delta import large_delta_note
 
         meta["large_delta_allowed"] = True
-        meta["delta_note"] = LARGE_DELTA_NOTE
+        meta["delta_note"] = large_delta_note(user_level=unit == USER_UNIT)
+    if unit != DEFAULT_UNIT and mode in ("shuffled", "random_allocation"):
+        # the bound's text counts "examples": in this run each one is a privacy unit (a user, a block, ...)
+        meta["certified_by"] += f" (each 'example' of this bound is one {unit} of this run)"
+    if unit == USER_UNIT:
+        meta["sampling_over"] = "users (every sampled user's rows, capped per step as stated)"
     meta.update(user_level_metadata(state, exact=_publish_n(state, include_dataset_size)))
     if _publish_n(state, include_dataset_size):
         for key in ("dataset_size", "num_examples", "expected_batch_size"):
@@ -452,18 +462,20 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
     eps_text = _ceil_sig(float(eps)) if not isinstance(eps, str) else _num(eps)
     poisson = meta["sampling"] == "Poisson"
     certified = meta["epsilon_is"] == CERTIFIED
+    unit_word = "example" if (meta.get("privacy_unit") or DEFAULT_UNIT) == DEFAULT_UNIT else str(meta["privacy_unit"])
+    over = " of users" if meta.get("sampling_over") else ""
     if poisson:
         caveat = ""
     elif meta["sampling"] == RANDOM_ALLOCATION and certified:
         caveat = (
-            " This run used random allocation (balls-in-bins) batches: every example was put in one uniformly "
+            f" This run used random allocation (balls-in-bins) batches: every {unit_word} was put in one uniformly "
             "random step of each epoch. ε is certified for exactly that sampling by the random-allocation bound "
             f"(Feldman & Shenfeld 2025), under {meta['adjacency']} adjacency."
         )
     elif certified:
         caveat = (
-            " This run used shuffled fixed-size batches; ε is certified for exactly that sampling by a bound "
-            "without amplification (each example's participations per epoch composed as Gaussian mechanisms), "
+            f" This run used shuffled fixed-size batches{over}; ε is certified for exactly that sampling by a bound "
+            f"without amplification (each {unit_word}'s participations per epoch composed as Gaussian mechanisms), "
             f"under {meta['adjacency']} adjacency."
         )
     else:
@@ -475,9 +487,9 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
     statement = (f"ε is a **certified upper bound** computed by {meta['certified_by']}." if certified else
                  f"ε is **not certified**: {meta['certified_by']}.")
     if meta.get("large_delta_allowed"):
-        from hf_ewtune.large_delta import LARGE_DELTA_CAVEAT
+        from hf_ewtune.large_delta import large_delta_caveat
 
-        caveat += "\n\n" + LARGE_DELTA_CAVEAT
+        caveat += "\n\n" + large_delta_caveat(user_level=meta.get("privacy_unit") == USER_UNIT)
     ew = meta["edgeworth_estimate"]
     extra: list[str] = []
     if meta.get("noise_rng"):
@@ -507,8 +519,8 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         "noise_multiplier": _num(meta.get("noise_multiplier")),
         "max_grad_norm": _num(meta.get("max_grad_norm")),
         "clipping": meta.get("clipping") or "flat",
-        "sampling": "Poisson sampling" if poisson else (
-            meta["sampling"] if certified else f"{NOT_POISSON} sampling"),
+        "sampling": ("Poisson sampling" if poisson else (
+            meta["sampling"] if certified else f"{NOT_POISSON} sampling")) + over,
         "sample_rate": _num(meta.get("sampling_rate")) + (" (rounded up)" if meta.get("sampling_rate_note") else ""),
         "steps": _num(meta.get("steps")),
         "epochs": _num(meta.get("epochs"), 3),
@@ -516,6 +528,7 @@ def render_privacy_section(privacy_state: Mapping[str, Any], *, include_dataset_
         "target_epsilon": _num(meta.get("target_epsilon")) if meta.get("target_epsilon") is not None else "none",
         "stopped_early": _num(bool(meta.get("stopped_early"))),
         "extra_rows": "\n".join(extra) + ("\n" if extra else ""),
+        "clip_scope": "per-user" if meta.get("privacy_unit") == USER_UNIT else "per-example",
         "unit_statement": _unit_statement(meta.get("privacy_unit") or DEFAULT_UNIT,
                                           replace_one=str(meta.get("adjacency", "")).startswith("replace-one")),
     }
@@ -631,7 +644,8 @@ def format_privacy_report(privacy_state: Mapping[str, Any], *, include_dataset_s
         f"-differential privacy (epsilon = {_num(eps, 8)}, {'an upper bound' if certified else meta['epsilon_is']})",
         f"  certified by: {meta['certified_by']}",
         f"  privacy unit: {meta['privacy_unit']}; adjacency: {meta['adjacency']}; covers {meta['covers']}",
-        f"  sampling: {meta['sampling']} (rate {_num(meta.get('sampling_rate'))}); steps {_num(meta.get('steps'))}, "
+        f"  sampling: {meta['sampling']}{' of users' if meta.get('sampling_over') else ''} "
+        f"(rate {_num(meta.get('sampling_rate'))}); steps {_num(meta.get('steps'))}, "
         f"epochs {_num(meta.get('epochs'), 3)}; noise multiplier {_num(meta.get('noise_multiplier'))}; "
         f"clipping norm {_num(meta.get('max_grad_norm'))} ({meta.get('clipping') or 'flat'})",
     ]

@@ -10,8 +10,9 @@ Example:
     ...     privacy_callback=SimpleNamespace(budget_steps=300, steps=0))
     >>> print(privacy_plan_line(trainer))  # doctest: +NORMALIZE_WHITESPACE
     DPTrainer: DP-SGD with noise_multiplier sigma = 1.123 (calibrated to the target, certified), delta = 1e-05
-    (default: below 1/N), sample rate q = 0.01 (expected batch 64), 300 planned steps, per-example clipping norm
-    C = 1 (flat); target epsilon = 3 (certified upper bound, PLD; Edgeworth estimate shown beside it).
+    (default: below 1/N, N = the number of training rows), Poisson sampling, sample rate q = 0.01 (expected batch
+    64), 300 planned steps, per-example clipping norm C = 1 (flat); target epsilon = 3 (certified upper bound, PLD;
+    Edgeworth estimate shown beside it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def privacy_plan_line(trainer: Any) -> str:
         origin = "calibrated to the target, " + ("certified" if certified else "Edgeworth estimate only, NOT certified")
     else:
         origin = "fixed"
-    delta_origin = "default: below 1/N" if pa.target_delta is None else "set"
+    delta_origin = "set" if pa.target_delta is not None else _default_delta_text(trainer)
     from hf_ewtune.accounting import make_accountant
 
     accountant = getattr(callback, "accountant", None) or make_accountant(pa.accountant)
@@ -44,12 +45,27 @@ def privacy_plan_line(trainer: Any) -> str:
             if budget is not None and budget < trainer.planned_steps else "")
     resumed = f"; {callback.steps} steps already taken (resumed)" if callback.steps else ""
     noise = "sigma = 0: NO privacy" if trainer.noise_multiplier == 0 else f"sigma = {trainer.noise_multiplier:.4g} ({origin})"
+    settings = getattr(trainer, "_dp_settings", None)  # the frozen C the clipping engine uses
+    clip = settings.max_grad_norm if settings is not None else pa.max_grad_norm
     return (
         f"DPTrainer: DP-SGD with noise_multiplier {noise}, delta = {trainer.delta:.3g} ({delta_origin}), "
-        f"sample rate q = {trainer.sample_rate:.4g} ({_batch_text(trainer)}), "
-        f"{trainer.planned_steps} planned steps, {'per-user' if getattr(trainer, 'user_plan', None) is not None else 'per-example'} clipping norm C = {pa.max_grad_norm:g} ({pa.clipping}); "
+        f"{_sampling_text(trainer)}, sample rate q = {trainer.sample_rate:.4g} ({_batch_text(trainer)}), "
+        f"{trainer.planned_steps} planned steps, {'per-user' if getattr(trainer, 'user_plan', None) is not None else 'per-example'} clipping norm C = {clip:g} ({pa.clipping}); "
         f"{target}{stop}{resumed}."
     )
+
+
+#: How each sampling mode (``PrivacyArguments.sampling``) is named in the plan line.
+SAMPLING_WORDS = {"poisson": "Poisson sampling", "shuffled": "shuffled fixed-size batches",
+                  "random_allocation": "random allocation (balls-in-bins) batches"}
+
+
+def _sampling_text(trainer: Any) -> str:
+    """The sampling the run really uses (Poisson, shuffled or random allocation), over users at user level."""
+    from hf_ewtune.arguments import sampling_mode
+
+    text = SAMPLING_WORDS[sampling_mode(trainer.privacy_args)]
+    return text + (" of users" if getattr(trainer, "user_plan", None) is not None else "")
 
 
 def _batch_text(trainer: Any) -> str:
@@ -61,3 +77,10 @@ def _batch_text(trainer: Any) -> str:
     rows = f"at most {cap} rows" if cap is not None else "all rows"
     return (f"privacy unit: user; expected {trainer.expected_batch_size:g} of {plan.num_users} users per step, "
             f"{rows} of each, clipped together")
+
+
+def _default_delta_text(trainer: Any) -> str:
+    """Where the default delta comes from: below 1/N for N rows, or below 1/U for U users (user-level DP)."""
+    if getattr(trainer, "user_plan", None) is not None:
+        return "default: below 1/U, U = the number of users"
+    return "default: below 1/N, N = the number of training rows"

@@ -56,21 +56,23 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_ewtune.arguments import PrivacyArguments, default_delta
+from hf_ewtune.arguments import PrivacyArguments, default_delta, sampling_mode
 from hf_ewtune.batch_checks import check_micro_batch, check_training_data
-from hf_ewtune.callbacks import PrivacyCallback
+from hf_ewtune.callbacks import PrivacyCallback, require_noisy_optimizer
 from hf_ewtune.dp_settings import DPSettings, read_only_setting
 from hf_ewtune.engine_lifecycle import require_attached
 from hf_ewtune.distributed.fsdp import full_state_dict_resume_problem, max_over_ranks, zero_weight_loss
 from hf_ewtune.errors import BudgetExhaustedError, PrivacyConfigError, PrivacyStateError
 from hf_ewtune.hub_safety import hub_checkpoint_notice, trainer_uploads_through_safety_net
 from hf_ewtune.large_delta import refuse_large_delta
+from hf_ewtune.frozen_plan import check_plan_unchanged, snapshot_plan
 from hf_ewtune.loss_contract import batch_size_of, check_loss_settings, check_per_example_losses, default_per_example_loss
 from hf_ewtune.losses import TASKS
 from hf_ewtune.noise import DPOptimizer
 from hf_ewtune.privacy_record import setup_record
 from hf_ewtune.privacy_state import PrivacyState, save_privacy_state
 from hf_ewtune.run_plan import privacy_plan_line
+from hf_ewtune.resume_checks import check_resumed_sampling
 from hf_ewtune.user_level import UNITS_KEY, check_resumed_unit, whole_unit_chunks
 from hf_ewtune.training_arguments import (
     check_training_arguments,
@@ -259,6 +261,7 @@ class DPTrainer(Trainer):
         if self.is_deepspeed_zero:  # ZeRO's hooks on AccumulateGrad would reduce a full backward's raw gradients
             self._engine.raw_gradients_reduced_by = "DeepSpeed ZeRO"
         self._tag_model()
+        self._frozen_plan = snapshot_plan(self)  # train() refuses to run after any of it changed (frozen_plan.py)
 
     def _check_environment(self) -> None:
         """The process layout and the Trainer overrides that DP-SGD cannot honour."""
@@ -341,12 +344,13 @@ class DPTrainer(Trainer):
 
     def _resolve_delta(self, n: int) -> float:
         """``target_delta`` (refused at or above 1/N unless ``allow_large_delta``), or the default ``min(1e-5, 1/(10 N))``
-        rounded down to a power of 10."""
+        rounded down to a power of 10; N is the number of privacy units (the users U of a user-level run)."""
         pa = self.privacy_args
         if pa.target_delta is None:
             return default_delta(n)
         delta = float(pa.target_delta)
-        refuse_large_delta(delta, num_examples=n, allow_large_delta=pa.allow_large_delta)
+        refuse_large_delta(delta, num_examples=n, allow_large_delta=pa.allow_large_delta,
+                           user_level=self.user_plan is not None)
         return delta
 
     def _resolve_noise_and_budget(self) -> tuple[float, int | None, dict[str, Any] | None]:
@@ -504,6 +508,7 @@ class DPTrainer(Trainer):
         (see :mod:`hf_ewtune.stale_checkpoints`): resume that run, or use a new ``output_dir``.
         """
         require_attached(self._engine)
+        check_plan_unchanged(self)  # privacy_args, train_dataset, batch/step arguments as planned
         if resume_from_checkpoint is False:
             resume_from_checkpoint = None
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
@@ -517,6 +522,9 @@ class DPTrainer(Trainer):
         getattr(callback.accountant, "start_run", lambda: None)()  # shuffled batches: a (re)start may begin mid-epoch
         if resume_from_checkpoint is not None:
             state = PrivacyState.load(resume_from_checkpoint)  # validated, cross-checked with trainer_state.json
+            check_resumed_sampling(state, accountant_name=callback.accountant_name,
+                                   sampling=sampling_mode(self.privacy_args),
+                                   accountant_options=callback.accountant.options())
             callback.load_state(state)
             self._check_resumed_state(state)
             check_resumed_unit(state, self.user_plan, self.privacy_args.privacy_unit)  # user vs example level
@@ -584,6 +592,7 @@ class DPTrainer(Trainer):
         """A plain DataLoader over :class:`~hf_ewtune.sampling.PoissonBatchSampler` (not accelerate-prepared)."""
         from hf_ewtune.arguments import sampling_mode
 
+        check_plan_unchanged(self)
         dataset = self.train_dataset
         collator = self.data_collator
         try:
@@ -670,6 +679,16 @@ class DPTrainer(Trainer):
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> None:
         # The pre-step gradient is the UN-noised clipped sum: its norm is not private, so it is not logged.
+        # Called on every optimizer step just before it: check that every micro-batch of the step went through
+        # DPTrainer.training_step (per-example clipping), not through a replacement that never calls it.
+        ran, self._dp_micro_steps = getattr(self, "_dp_micro_steps", 0), 0
+        expected = int(self.args.gradient_accumulation_steps)
+        if ran != expected:
+            raise PrivacyStateError(
+                f"DPTrainer.training_step ran for {ran} of the {expected} micro-batches of this optimizer step: a "
+                "training_step replaced on the instance or overridden without calling DPTrainer.training_step "
+                "computes gradients without per-example clipping, so the step cannot be accounted. Wrap the "
+                "original (call it for every micro-batch) or override compute_per_example_loss instead.")
         return None
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
@@ -699,6 +718,8 @@ class DPTrainer(Trainer):
         ``loss`` log estimates the mean example loss. (That logged training loss is computed without noise.)
         """
         model.train()
+        require_noisy_optimizer(getattr(self, "optimizer", None))  # before any gradient of this step exists
+        self._dp_micro_steps = getattr(self, "_dp_micro_steps", 0) + 1  # checked before the optimizer step
         norm = float(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
         empty = is_empty_batch(inputs)
         if self.is_deepspeed_zero:

@@ -169,22 +169,38 @@ def user_dataloader_parts(trainer: Any, dataset: Any, collator: Callable[[list[A
 
 
 def check_resumed_unit(state: Any, plan: UserPlan | None, privacy_unit: str) -> None:
-    """Refuse to resume a checkpoint whose privacy unit differs from this run's at user level.
+    """Refuse to resume a checkpoint whose privacy unit differs from this run's.
 
-    Steps accounted for examples give no user-level guarantee (and vice versa), so one history cannot mix them.
+    Steps accounted for examples give no user-level guarantee (and vice versa), steps accounted for users of one
+    ``user_id_column`` none for the users of another, and steps accounted for one declared ``privacy_unit`` (e.g.
+    a 1024-token block) none for another: one history cannot mix them, since the card states ONE unit.
 
     Raises:
-        PrivacyStateError: the checkpoint was trained at user level and this run is not, or the reverse.
+        PrivacyStateError: the checkpoint was trained at user level and this run is not, or the reverse; or with
+            another ``user_id_column``; or with another ``privacy_unit``.
     """
     from hf_ewtune.errors import PrivacyStateError
+    from hf_ewtune.model_card import privacy_unit_of
 
-    theirs = " ".join(str(getattr(state, "privacy_unit", None) or "example").split())
-    mine = USER_UNIT if plan is not None else " ".join(str(privacy_unit).split())
+    theirs = privacy_unit_of({"privacy_unit": getattr(state, "privacy_unit", None)})
+    mine = USER_UNIT if plan is not None else privacy_unit_of({"privacy_unit": privacy_unit})
     if (theirs == USER_UNIT) != (mine == USER_UNIT):
         raise PrivacyStateError(
             f"the checkpoint's privacy unit is {theirs!r} but this run's is {mine!r}: an accountant history cannot "
             "mix user-level and example-level steps (the composed epsilon would hold for neither unit). Resume "
             "with the same user_id_column setting, or start a new run.")
+    if plan is not None:
+        column = getattr(state, "user_id_column", None)
+        if column is not None and column != plan.user_id_column:
+            raise PrivacyStateError(
+                f"the checkpoint's users were read from user_id_column={column!r} but this run reads them from "
+                f"user_id_column={plan.user_id_column!r}: an accountant history cannot mix two notions of a user (the "
+                f"composed epsilon would hold for neither). Resume with user_id_column={column!r}, or start a new run.")
+    elif theirs != mine:
+        raise PrivacyStateError(
+            f"the checkpoint's privacy unit is {theirs!r} but this run's privacy_unit is {mine!r}: the accountant "
+            "history was composed for the checkpoint's unit, so the card could not state one unit for the whole "
+            f"run. Resume with privacy_unit={theirs!r} (the rows must be built the same way), or start a new run.")
 
 
 class UserPoissonBatchSampler(PoissonBatchSampler):

@@ -35,11 +35,10 @@ def audit_text_classification(
     Raises:
         PrivacyConfigError: a non-private config, or anything the audit or ``DPTrainer`` rejects.
     """
-    import torch
     from transformers import DataCollatorWithPadding, set_seed
 
     from hf_ewtune.recipes.heads import head_optimizer, load_classifier
-    from hf_ewtune.recipes.models import apply_lora
+    from hf_ewtune.recipes.models import apply_lora, to_training_device
     from hf_ewtune.recipes.text_classification import _num_labels, _smoke_parts, tokenize_dataset
     from hf_ewtune.recipes.training import training_arguments
 
@@ -60,16 +59,15 @@ def audit_text_classification(
     num_labels = _num_labels(dataset, config.label_column)
     if model is None:
         model, tokenizer, _ = load_classifier(config.model, num_labels=num_labels, pooling=config.pooling)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    if config.use_lora:
-        model = apply_lora(model, settings=config.lora, task_type="SEQ_CLS")
-    encoded = tokenize_dataset(dataset, tokenizer=tokenizer, config=config)
     args = training_arguments(
         output_dir=config.output_dir, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
         epochs=config.epochs, learning_rate=config.learning_rate, seed=config.seed, max_steps=config.max_steps,
         progress=config.progress, logging_steps=0.5,
     )
+    model = to_training_device(model, args)  # cuda:LOCAL_RANK per process, not "cuda" (GPU 0); then PEFT
+    if config.use_lora:
+        model = apply_lora(model, settings=config.lora, task_type="SEQ_CLS")
+    encoded = tokenize_dataset(dataset, tokenizer=tokenizer, config=config)
 
     def optimizer_factory(trained: Any) -> Any:
         inner = trained.model if isinstance(trained, GradientCanaryModel) else trained

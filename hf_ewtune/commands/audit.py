@@ -88,7 +88,10 @@ def run_audit_command(args: argparse.Namespace) -> int:
             return 2
     config = config_from_args(args)
     model = "tiny offline BERT (smoke)" if args.smoke else config.model
-    print(f"hf-ewtune audit: {args.canaries} {args.kind} canaries, {model}, target ε = {args.target_epsilon:g}", flush=True)
+    from hf_ewtune.recipes.training import privacy_headline
+
+    print(f"hf-ewtune audit: {args.canaries} {args.kind} canaries, {model}, {privacy_headline(config.privacy)}",
+          flush=True)
     try:
         report = audit_text_classification(config=config, kind=args.kind, num_canaries=args.canaries,
                                            confidence=args.confidence, gradient_multiple=args.gradient_multiple,

@@ -50,7 +50,7 @@ def _fail(exc: Exception) -> int:
 
 def run_card(args: argparse.Namespace) -> int:
     """Re-render ``args.output_dir/README.md``'s privacy metadata and section; returns the exit status."""
-    from hf_ewtune.model_card import add_privacy_to_model_card, load_state, read_privacy_metadata
+    from hf_ewtune.model_card import CERTIFIED, add_privacy_to_model_card, load_state, read_privacy_metadata
 
     try:
         state = load_state(args.output_dir)
@@ -58,8 +58,9 @@ def run_card(args: argparse.Namespace) -> int:
         meta = read_privacy_metadata(args.output_dir)
     except PrivacyStateError as exc:
         return _fail(exc)
-    print(f"wrote the privacy statement to {args.output_dir}/README.md: certified epsilon = {meta['epsilon']} "
-          f"at delta = {meta['delta']:.3g} ({meta['certified_by']})")
+    what = "certified epsilon" if meta["epsilon_is"] == CERTIFIED else f"epsilon ({meta['epsilon_is']})"
+    print(f"wrote the privacy statement to {args.output_dir}/README.md: {what} = {meta['epsilon']} "
+          f"at delta = {meta['delta']:.3g} (certified by: {meta['certified_by']})")
     return 0
 
 

@@ -78,8 +78,9 @@ def run_sft_command(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"hf-ewtune sft: error: {exc}", file=sys.stderr)
         return 2
-    what = (f"DP (target ε = {config.privacy.target_epsilon:g}, certified)" if config.privacy.private
-            else "non-private baseline")
+    from hf_ewtune.recipes.training import privacy_headline
+
+    what = privacy_headline(config.privacy)  # names a target epsilon only when one is enforced
     model = "tiny offline Llama (smoke)" if config.smoke else config.model
     data = config.dataset or ("built-in sentences (smoke)" if config.smoke else "Rotten Tomatoes instructions (offline)")
     print(f"hf-ewtune sft: {model} on {data}, {'LoRA' if config.use_lora else 'full fine-tuning'}, {what}", flush=True)

@@ -82,8 +82,9 @@ def run_train(args: argparse.Namespace) -> int:
     from hf_ewtune.recipes import run_text_classification
 
     config = config_from_args(args)
-    what = (f"DP (target ε = {config.privacy.target_epsilon:g}, certified)" if config.privacy.private
-            else "non-private baseline")
+    from hf_ewtune.recipes.training import privacy_headline
+
+    what = privacy_headline(config.privacy)  # names a target epsilon only when one is enforced
     model = "tiny offline BERT (smoke)" if config.smoke else config.model
     print(f"hf-ewtune train: {model} on {'tiny offline data (smoke)' if config.smoke else config.dataset}, "
           f"{'LoRA' if config.use_lora else 'full fine-tuning'}, {what}", flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hf_ewtune.data import hub_id
-from hf_ewtune.recipes.models import LoraSettings, apply_lora, load_pretrained, save_model
+from hf_ewtune.recipes.models import LoraSettings, apply_lora, load_pretrained, save_model, to_training_device
 from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_outputs, training_arguments
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,6 @@ def run_causal_lm(*, config: CausalLMConfig, model: Any = None, tokenizer: Any =
         A :class:`RunResult` with metrics ``loss`` and ``perplexity`` (and ``sample_before``/``sample_after``
         texts in ``settings``).
     """
-    import torch
     from transformers import DataCollatorForLanguageModeling, set_seed
 
     start = time.perf_counter()
@@ -146,17 +145,16 @@ def run_causal_lm(*, config: CausalLMConfig, model: Any = None, tokenizer: Any =
         gguf = "gguf_file" in kwargs
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    before = _generate(model, tokenizer, config.prompt, config.max_new_tokens)
-    if config.use_lora:
-        model = apply_lora(model, settings=config.lora, task_type="CAUSAL_LM")
-    train_ds, eval_ds = _datasets(records, tokenizer=tokenizer, config=config)
     args = training_arguments(
         output_dir=config.output_dir, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
         epochs=config.epochs, learning_rate=config.learning_rate, seed=config.seed, max_steps=config.max_steps,
         progress=config.progress, logging_steps=0.5 if config.smoke else 0.1,
     )
+    model = to_training_device(model, args)  # this process's GPU (cuda:LOCAL_RANK), then PEFT
+    before = _generate(model, tokenizer, config.prompt, config.max_new_tokens)
+    if config.use_lora:
+        model = apply_lora(model, settings=config.lora, task_type="CAUSAL_LM")
+    train_ds, eval_ds = _datasets(records, tokenizer=tokenizer, config=config)
     trainer = build_trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, tokenizer=tokenizer,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), compute_metrics=None,

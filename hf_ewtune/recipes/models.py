@@ -107,6 +107,24 @@ def apply_lora(model: Any, *, settings: LoraSettings, task_type: str) -> Any:
     return get_peft_model(model, config)
 
 
+def to_training_device(model: Any, args: Any) -> Any:
+    """``model`` on ``args.device``, the device the Trainer trains this process on (call it before PEFT wraps it).
+
+    Under torchrun / ``accelerate launch`` that is ``cuda:LOCAL_RANK`` for each process, not ``"cuda"`` (the
+    current device, cuda:0 in every process until the Trainer picks one): every rank would first put its copy of
+    the model on GPU 0. On a CPU run the model is returned as it is.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from hf_ewtune.testing import tiny_bert
+        >>> next(to_training_device(tiny_bert(), SimpleNamespace(device=torch.device("meta"))).parameters()).device
+        device(type='meta')
+    """
+    device = args.device
+    return model if device.type == "cpu" else model.to(device)
+
+
 def num_layers(model: Any) -> int:
     """Number of transformer layers, from the model config.
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from hf_ewtune.cli_options import non_negative_int, positive_float, positive_int
 from hf_ewtune.recipes.models import LoraSettings
-from hf_ewtune.recipes.training import PrivacySettings
+from hf_ewtune.recipes.training import PrivacySettings, enforced_target
 
 LABEL_WORDS = (" negative", " positive")
 DEFAULT_SFT_MODEL = "SmolLM2-135M"
@@ -188,6 +188,16 @@ def _data(config: SFTRecipeConfig) -> tuple[Any, Any]:
                              max_eval_samples=config.max_eval_samples)
 
 
+def _check_batch(config: SFTRecipeConfig) -> None:
+    """Refuse a ``batch_size`` the micro-batches cannot make up exactly (the expected batch would silently shrink,
+    and with it the sampling rate the card states, away from what was asked)."""
+    micro = min(config.micro_batch_size, config.batch_size)
+    if config.batch_size % micro:
+        raise ValueError(
+            f"batch_size={config.batch_size} must be a multiple of micro_batch_size={micro} (it is split into "
+            "micro-batches for gradient accumulation): change --batch-size or --micro-batch-size.")
+
+
 def _trainer(config: SFTRecipeConfig, model: Any, tok: Any, train: Any, held_out: Any) -> Any:
     import torch
     from trl import SFTConfig, SFTTrainer
@@ -239,6 +249,7 @@ def run_sft(*, config: SFTRecipeConfig) -> dict[str, Any]:
     """
     from transformers import set_seed
 
+    _check_batch(config)
     set_seed(config.seed)
     train, held_out = _data(config)
     model, tok = load_model(config)
@@ -264,7 +275,7 @@ def run_sft(*, config: SFTRecipeConfig) -> dict[str, Any]:
     if config.privacy.private:
         spent = trainer.get_privacy_spent()
         state = trainer.privacy_state()
-        result.update(epsilon=spent.epsilon, delta=trainer.delta, target_epsilon=config.privacy.target_epsilon,
+        result.update(epsilon=spent.epsilon, delta=trainer.delta, target_epsilon=enforced_target(config.privacy),
                       noise_multiplier=trainer.noise_multiplier, privacy_unit=state.get("privacy_unit"))
         if state.get("num_users") is not None:
             result["num_users"] = state["num_users"]

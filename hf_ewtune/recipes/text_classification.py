@@ -23,7 +23,7 @@ from hf_ewtune.cli_options import positive_float, positive_int
 from hf_ewtune.data import hub_id
 from hf_ewtune.recipes.metrics import accuracy_metrics
 from hf_ewtune.recipes.heads import HEAD_CHOICES, add_load_section, head_optimizer, load_classifier, write_head_settings
-from hf_ewtune.recipes.models import LoraSettings, apply_lora
+from hf_ewtune.recipes.models import LoraSettings, apply_lora, to_training_device
 from hf_ewtune.recipes.training import PrivacySettings, RunResult, build_trainer, privacy_outputs, training_arguments
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,6 @@ def run_text_classification(
     Returns:
         A :class:`RunResult`; the test metrics are prefixed ``eval_`` stripped (``accuracy``).
     """
-    import torch
     from transformers import DataCollatorWithPadding, set_seed
 
     start = time.perf_counter()
@@ -208,17 +207,16 @@ def run_text_classification(
     if model is None:
         model, tokenizer, gguf = load_classifier(config.model, num_labels=_num_labels(dataset, config.label_column),
                                                  pooling=config.pooling)
-    if torch.cuda.is_available():
-        model = model.to("cuda")  # device first, then PEFT (dp-training.md §10)
-    if config.use_lora:
-        model = apply_lora(model, settings=config.lora, task_type="SEQ_CLS")
-    encoded = tokenize_dataset(dataset, tokenizer=tokenizer, config=config)
     args = training_arguments(
         output_dir=config.output_dir, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
         epochs=config.epochs, learning_rate=config.learning_rate, seed=config.seed, max_steps=config.max_steps,
         save_steps=config.save_steps,
         progress=config.progress, logging_steps=0.5 if config.smoke else 0.1,
     )
+    model = to_training_device(model, args)  # device first (this process's GPU), then PEFT (dp-training.md §10)
+    if config.use_lora:
+        model = apply_lora(model, settings=config.lora, task_type="SEQ_CLS")
+    encoded = tokenize_dataset(dataset, tokenizer=tokenizer, config=config)
     trainer = build_trainer(
         model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["test"], tokenizer=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics or accuracy_metrics,

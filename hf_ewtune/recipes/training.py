@@ -71,6 +71,31 @@ class PrivacySettings:
                                   "examples; the model card says so). Without it such a delta is refused before training"))
 
 
+def privacy_headline(privacy: PrivacySettings) -> str:
+    """What the run is asked to do, for the first line the CLI prints: a target epsilon only when one is enforced.
+
+    With ``noise_multiplier`` set, ``target_epsilon`` is ignored (the trainer gets fixed noise and no budget), so
+    no target is named.
+
+    Example:
+        >>> privacy_headline(PrivacySettings(target_epsilon=3.0))
+        'DP (target ε = 3, certified)'
+        >>> privacy_headline(PrivacySettings(target_epsilon=3.0, noise_multiplier=0.8))
+        'DP (fixed noise multiplier σ = 0.8, no target ε: the certified ε spent is reported)'
+    """
+    if not privacy.private:
+        return "non-private baseline"
+    if privacy.noise_multiplier is not None:
+        return (f"DP (fixed noise multiplier σ = {privacy.noise_multiplier:g}, no target ε: the certified ε spent "
+                "is reported)")
+    return f"DP (target ε = {privacy.target_epsilon:g}, certified)"
+
+
+def enforced_target(privacy: PrivacySettings) -> float | None:
+    """The target epsilon the trainer enforces: ``None`` for fixed noise (``target_epsilon`` is then ignored)."""
+    return privacy.target_epsilon if privacy.private and privacy.noise_multiplier is None else None
+
+
 @dataclass
 class RunResult:
     """Outcome of a recipe run (also written to ``output_dir/results.json``)."""
