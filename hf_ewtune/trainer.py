@@ -718,7 +718,13 @@ class DPTrainer(Trainer):
         ``loss`` log estimates the mean example loss. (That logged training loss is computed without noise.)
         """
         model.train()
-        require_noisy_optimizer(getattr(self, "optimizer", None))  # before any gradient of this step exists
+        if self.is_deepspeed_zero:  # the noise source is the ZeroTrainerFeed (the optimizer is DeepSpeed's)
+            if getattr(self, "_zero_feed", None) is None:
+                raise PrivacyStateError("DeepSpeed ZeRO training without DPTrainer's noise feed: the step cannot be "
+                                        "accounted. Build the trainer with DPTrainer's own set-up (no override of "
+                                        "_build_zero_feed).")
+        else:
+            require_noisy_optimizer(getattr(self, "optimizer", None))  # before any gradient of this step exists
         self._dp_micro_steps = getattr(self, "_dp_micro_steps", 0) + 1  # checked before the optimizer step
         norm = float(self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps)
         empty = is_empty_batch(inputs)
