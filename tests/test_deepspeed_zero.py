@@ -60,6 +60,30 @@ def test_unsupported_deepspeed_setups_are_refused_naming_them(kwargs, match):
         check_zero_engine(_fake_engine(**kwargs))
 
 
+@pytest.mark.parametrize("attrs,match", [
+    ({"torch_autocast_enabled": lambda: True}, "torch_autocast"),
+    ({"communication_data_type": torch.bfloat16}, "communication_data_type torch.bfloat16"),
+    ({"get_data_types": lambda: (torch.float32, torch.bfloat16)}, "grad_accum_dtype torch.bfloat16"),
+])
+def test_zero_engines_that_round_the_clipped_sums_below_fp32_are_refused(attrs, match):
+    engine = _fake_engine()
+    for name, value in attrs.items():
+        setattr(engine, name, value)
+    with pytest.raises(UnsupportedModuleError, match=match + ".*before the noise"):
+        check_zero_engine(engine)
+    check_zero_engine(_fake_engine())  # fp32 everywhere: accepted
+
+
+def test_the_engine_attributes_check_zero_engine_reads_exist_on_deepspeeds_engine():
+    """check_zero_engine reads these with getattr defaults (stand-in engines): a rename in DeepSpeed must not turn
+    a refusal into a silent pass."""
+    engine_cls = pytest.importorskip("deepspeed.runtime.engine").DeepSpeedEngine
+    for name in ("zero_optimization_stage", "gradient_clipping", "fp16_enabled", "bfloat16_enabled",
+                 "torch_autocast_enabled", "communication_data_type", "get_data_types", "zero_offload_optimizer",
+                 "zero_offload_param"):
+        assert hasattr(engine_cls, name), name
+
+
 def test_a_model_that_is_not_a_deepspeed_engine_is_refused():
     with pytest.raises(UnsupportedModuleError, match="deepspeed.initialize"):
         check_zero_engine(torch.nn.Linear(2, 1))

@@ -253,6 +253,26 @@ def test_bf16_with_deepspeed_is_refused_while_parsing(tmp_path, clean_accelerate
                         **kwargs)  # bf16 without DeepSpeed stays accepted (FSDP2 / DDP / one process)
 
 
+@pytest.mark.parametrize("extra,named", [
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "torch_autocast .*Linear gradients"),
+    ({"communication_data_type": "bf16"}, "communication_data_type=bf16"),
+    ({"communication_data_type": "fp16"}, "communication_data_type=fp16"),
+    ({"data_types": {"grad_accum_dtype": "bf16"}}, "grad_accum_dtype=bf16"),
+])
+def test_deepspeed_low_precision_gradient_paths_are_refused_while_parsing(tmp_path, clean_accelerate_env, extra,
+                                                                           named):
+    """fp32 model, but ZeRO would accumulate or reduce the un-noised clipped sums in bf16/fp16."""
+    from hf_ewtune import DPTrainingArguments
+    from hf_ewtune.training_arguments import reject_sharded_training
+
+    with pytest.raises(PrivacyConfigError, match=named + ".*before the noise"):
+        DPTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", noise_multiplier=1.0,
+                            deepspeed=dict(STAGE2, **extra))
+    fine = {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"},
+            "torch_autocast": {"enabled": False}}
+    reject_sharded_training(SimpleNamespace(deepspeed=dict(STAGE2, **fine), fsdp=None))  # fp32 paths: accepted
+
+
 def test_bf16_from_accelerate_launch_with_deepspeed_is_refused(clean_accelerate_env):
     """`accelerate launch --mixed_precision bf16` with a DeepSpeed config exports ACCELERATE_MIXED_PRECISION=bf16."""
     from hf_ewtune.training_arguments import reject_sharded_training

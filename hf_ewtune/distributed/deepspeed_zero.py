@@ -36,8 +36,9 @@ Contract (checked by ``tests/test_deepspeed_zero.py`` on 2 CPU processes with gl
 
 Refused before training (:class:`~hf_ewtune.errors.UnsupportedModuleError`; from a config, before any engine
 exists, :func:`zero_config_problems`): ZeRO stage 0 (use DDP) and 3, DeepSpeed's ``gradient_clipping`` (per-example
-clipping replaces it), fp16 (dynamic loss scaling), bf16 (:data:`BF16_REFUSAL`), optimizer or parameter offload,
-tensor parallelism, reentrant activation checkpointing (the clipping engine's full backward would hand raw gradients
+clipping replaces it), fp16 (dynamic loss scaling), bf16 (:data:`BF16_REFUSAL`) and the other paths that round the
+un-noised clipped sums below fp32 inside ZeRO (``torch_autocast``, a bf16/fp16 ``communication_data_type`` or
+``data_types.grad_accum_dtype``), optimizer or parameter offload, tensor parallelism, reentrant activation checkpointing (the clipping engine's full backward would hand raw gradients
 to ZeRO's hooks). An optimizer (and scheduler) built by DeepSpeed from its config is fine: it updates from ZeRO's
 reduced, already noised gradient (post-processing; ``tests/test_zero_trainer.py``).
 """
@@ -68,13 +69,31 @@ BF16_REFUSAL = ("bf16 with DeepSpeed is not supported yet: ZeRO-1/2 keep the gra
                 "example's influence beyond max_grad_norm. Use fp32 with DeepSpeed (bf16=False, no \"bf16\" section "
                 "enabled in the DeepSpeed config), or FSDP2 with bf16=True (tested: fp32 gradients, bf16 compute)")
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _low_precision_gradient_paths(engine: Any) -> list[str]:
+    """The engine settings that round (un-noised) clipped sums below fp32 inside ZeRO, besides bf16/fp16 models."""
+    found = []
+    if getattr(engine, "torch_autocast_enabled", lambda: False)():
+        found.append("torch_autocast (ZeRO reduces the gradients of Linear and other lower-precision-safe modules "
+                     "in the autocast dtype, deepspeed/runtime/torch_autocast.py)")
+    comm = getattr(engine, "communication_data_type", torch.float32)
+    if comm in _LOW_PRECISION:
+        found.append(f"communication_data_type {comm} (the clipped sums are reduced across ranks in it)")
+    dtypes = getattr(engine, "get_data_types", lambda: (torch.float32, torch.float32))()
+    if dtypes[1] in _LOW_PRECISION:
+        found.append(f"data_types.grad_accum_dtype {dtypes[1]} (the micro-batches' clipped sums accumulate in it)")
+    return found
+
 
 def check_zero_engine(engine: Any) -> None:
     """Refuse the DeepSpeed set-ups the DP contract does not cover (before any training).
 
     Raises:
         UnsupportedModuleError: not a DeepSpeed engine, ZeRO stage other than 1/2, ``gradient_clipping``, fp16,
-            bf16 (:data:`BF16_REFUSAL`), or CPU/NVMe offload.
+            bf16 (:data:`BF16_REFUSAL`), ``torch_autocast``, a bf16/fp16 ``communication_data_type`` or
+            ``data_types.grad_accum_dtype``, or CPU/NVMe offload.
     """
     if not all(hasattr(engine, a) for a in ("zero_optimization_stage", "module", "backward", "step")):
         raise UnsupportedModuleError(
@@ -95,6 +114,12 @@ def check_zero_engine(engine: Any) -> None:
             "DeepSpeed fp16 (dynamic loss scaling, skipped steps) is not supported for DP training: use fp32.")
     if getattr(engine, "bfloat16_enabled", lambda: False)():
         raise UnsupportedModuleError(BF16_REFUSAL + ".")
+    low = _low_precision_gradient_paths(engine)
+    if low:
+        raise UnsupportedModuleError(
+            f"DeepSpeed {'; '.join(low)} rounds the clipped sums below fp32 before the noise is added (rank 0, at the "
+            "accumulation boundary), which can enlarge one example's influence beyond max_grad_norm: drop it "
+            "from the DeepSpeed config (fp32 gradients, accumulation and communication).")
     offload = []
     for name, attr in (("offload_optimizer", "zero_offload_optimizer"), ("offload_param", "zero_offload_param")):
         cfg = getattr(engine, attr, lambda: None)()
@@ -151,6 +176,16 @@ def zero_config_problems(config: Any) -> list[str]:
     for key in ("bf16", "bfloat16"):  # DeepSpeed reads both names
         if str((config.get(key) or {}).get("enabled", False)).lower() == "true":
             found.append(f"DeepSpeed {key} enabled ({BF16_REFUSAL})")
+    rounds = "rounds the clipped sums below fp32 before the noise is added"
+    if str((config.get("torch_autocast") or {}).get("enabled", False)).lower() == "true":
+        found.append(f"DeepSpeed torch_autocast (it reduces Linear gradients in the autocast dtype, so it {rounds}: "
+                     "use fp32, or FSDP2 with bf16=True)")
+    comm = str(config.get("communication_data_type") or "fp32").lower()
+    if comm not in ("fp32", "auto"):
+        found.append(f"DeepSpeed communication_data_type={comm} (it {rounds}: leave it unset or \"fp32\")")
+    accum = str((config.get("data_types") or {}).get("grad_accum_dtype") or "fp32").lower()
+    if accum not in ("fp32", "float32", "float", "torch.float32", "auto"):
+        found.append(f"DeepSpeed data_types.grad_accum_dtype={accum} (it {rounds}: leave it unset or \"fp32\")")
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")
         if str(device).lower() not in ("none", "auto"):
