@@ -149,7 +149,8 @@ def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None
             "clipping across sharded parameters (each example's gradient norm must be summed over all shards "
             "before clipping, and nothing may reduce unclipped gradients; FSDP1 and ZeRO-3 reduce-scatter them "
             "inside backward). Use FSDP2 without CPU offload (TrainingArguments(fsdp=True, fsdp_config={'version': 2}) "
-            "or accelerate's `fsdp_version: 2`), DeepSpeed ZeRO stage 1/2 in fp32 without offload or gradient_clipping, "
+            "or accelerate's `fsdp_version: 2`), DeepSpeed ZeRO stage 1/2 in fp32 without offload or "
+            "gradient_clipping, "
             "or DDP: `accelerate launch --multi_gpu --num_processes N ...` with a config without fsdp/deepspeed "
             "(see docs/distributed.md)."
         )
