@@ -39,8 +39,9 @@ exists, :func:`zero_config_problems`): ZeRO stage 0 (use DDP) and 3, DeepSpeed's
 clipping replaces it), fp16 (dynamic loss scaling), bf16 (:data:`BF16_REFUSAL`) and the other paths that round the
 un-noised clipped sums below fp32 inside ZeRO (``torch_autocast``, a bf16/fp16 ``communication_data_type`` or
 ``data_types.grad_accum_dtype``), optimizer or parameter offload, tensor parallelism, reentrant activation
-checkpointing (the clipping engine's full backward would hand raw gradients to ZeRO's hooks). An optimizer (and scheduler) built by DeepSpeed from its config is fine: it updates from ZeRO's
-reduced, already noised gradient (post-processing; ``tests/test_zero_trainer.py``).
+checkpointing (the clipping engine's full backward would hand raw gradients to ZeRO's hooks). An optimizer (and
+scheduler) built by DeepSpeed from its config is fine: it updates from ZeRO's reduced, already noised gradient
+(post-processing; ``tests/test_zero_trainer.py``).
 """
 
 from __future__ import annotations
