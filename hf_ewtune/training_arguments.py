@@ -161,7 +161,7 @@ def deepspeed_bf16_settings(args: Any) -> list[str]:
 
     transformers fills the DeepSpeed config's ``"bf16": {"enabled": "auto"}`` with ``bf16 or bf16_full_eval`` (and
     accelerate adds an enabled ``"bf16"`` section when the config has none), so either flag trains in bf16; so does
-    ``accelerate launch --mixed_precision bf16`` (``ACCELERATE_MIXED_PRECISION``).
+    ``accelerate launch --mixed_precision bf16`` (or ``fp8``; ``ACCELERATE_MIXED_PRECISION``).
 
     Example:
         >>> from types import SimpleNamespace as NS
@@ -172,8 +172,9 @@ def deepspeed_bf16_settings(args: Any) -> list[str]:
 
     found = [f"{name}=True with DeepSpeed ({BF16_REFUSAL})" for name in ("bf16", "bf16_full_eval")
              if args is not None and getattr(args, name, False)]
-    if os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "bf16":
-        found.append(f"accelerate's mixed_precision bf16 with DeepSpeed (ACCELERATE_MIXED_PRECISION; {BF16_REFUSAL})")
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if mixed in ("bf16", "fp8"):  # accelerate enables DeepSpeed's "bf16" section for both (DeepSpeedPlugin)
+        found.append(f"accelerate's mixed_precision {mixed} with DeepSpeed (ACCELERATE_MIXED_PRECISION; {BF16_REFUSAL})")
     return found
 
 

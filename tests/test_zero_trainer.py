@@ -282,6 +282,9 @@ def test_bf16_from_accelerate_launch_with_deepspeed_is_refused(clean_accelerate_
     clean_accelerate_env.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(PrivacyConfigError, match="mixed_precision bf16 with DeepSpeed.*" + BF16_FIX):
         reject_sharded_training(None)
+    clean_accelerate_env.setenv("ACCELERATE_MIXED_PRECISION", "fp8")  # accelerate enables "bf16" for fp8 too
+    with pytest.raises(PrivacyConfigError, match="mixed_precision fp8 with DeepSpeed.*" + BF16_FIX):
+        reject_sharded_training(None)
     clean_accelerate_env.setenv("ACCELERATE_MIXED_PRECISION", "no")
     reject_sharded_training(None)  # fp32 ZeRO-2: accepted
 
