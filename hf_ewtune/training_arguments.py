@@ -110,10 +110,11 @@ def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None
     """Raise for the sharded set-ups DP training does not cover (arguments, accelerate config environment, ``plugins``).
 
     FSDP2 (``fsdp_config={"version": 2}``, accelerate's ``fsdp_version: 2``) without CPU offload is supported
-    (:mod:`hf_ewtune.distributed.fsdp`), and so is DeepSpeed ZeRO-1/2 without offload, fp16 or
+    (:mod:`hf_ewtune.distributed.fsdp`), and so is DeepSpeed ZeRO-1/2 in fp32 without offload or
     ``gradient_clipping`` (:mod:`hf_ewtune.distributed.deepspeed_zero`). Refused: FSDP1, FSDP CPU offload, FSDP's
-    own activation checkpointing, FSDP on XLA, DeepSpeed ZeRO stage 0/3, offload, fp16, ``gradient_clipping`` > 0,
-    tensor parallelism, and Megatron-LM (see docs/distributed.md).
+    own activation checkpointing, FSDP on XLA, DeepSpeed ZeRO stage 0/3, offload, fp16, bf16 (``bf16=True``,
+    ``bf16_full_eval=True``, a ``"bf16"`` config section enabled, accelerate's ``mixed_precision: bf16``),
+    ``gradient_clipping`` > 0, tensor parallelism, and Megatron-LM (see docs/distributed.md).
     """
     from hf_ewtune.distributed.deepspeed_zero import zero_config_problems
 
@@ -132,6 +133,9 @@ def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None
         used.append("reentrant activation checkpointing with FSDP2 (gradient_checkpointing_kwargs={'use_reentrant': "
                     "True} makes the engine run a full backward, whose raw unclipped gradients FSDP2 reduce-scatters; "
                     "use use_reentrant=False, Hugging Face's default)")
+    deepspeed = bool(args is not None and getattr(args, "deepspeed", None)) or _env_flag("ACCELERATE_USE_DEEPSPEED")
+    if deepspeed:
+        used.extend(deepspeed_bf16_settings(args))
     if args is not None and (getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED")) and (
             reentrant_checkpointing(args)):
         used.append("reentrant activation checkpointing with DeepSpeed (gradient_checkpointing_kwargs={'use_reentrant'"
@@ -145,10 +149,33 @@ def reject_sharded_training(args: Any, *, plugins: tuple[str, ...] = ()) -> None
             "clipping across sharded parameters (each example's gradient norm must be summed over all shards "
             "before clipping, and nothing may reduce unclipped gradients; FSDP1 and ZeRO-3 reduce-scatter them "
             "inside backward). Use FSDP2 without CPU offload (TrainingArguments(fsdp=True, fsdp_config={'version': 2}) "
-            "or accelerate's `fsdp_version: 2`), DeepSpeed ZeRO stage 1/2 without offload, fp16 or gradient_clipping, "
+            "or accelerate's `fsdp_version: 2`), DeepSpeed ZeRO stage 1/2 in fp32 without offload or "
+            "gradient_clipping, "
             "or DDP: `accelerate launch --multi_gpu --num_processes N ...` with a config without fsdp/deepspeed "
             "(see docs/distributed.md)."
         )
+
+
+def deepspeed_bf16_settings(args: Any) -> list[str]:
+    """The settings that would make a DeepSpeed engine bf16 (refused: see ``deepspeed_zero.BF16_REFUSAL``).
+
+    transformers fills the DeepSpeed config's ``"bf16": {"enabled": "auto"}`` with ``bf16 or bf16_full_eval`` (and
+    accelerate adds an enabled ``"bf16"`` section when the config has none), so either flag trains in bf16; so does
+    ``accelerate launch --mixed_precision bf16`` (or ``fp8``; ``ACCELERATE_MIXED_PRECISION``).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> deepspeed_bf16_settings(NS(bf16=True, bf16_full_eval=False))[0][:24]
+        'bf16=True with DeepSpeed'
+    """
+    from hf_ewtune.distributed.deepspeed_zero import BF16_REFUSAL
+
+    found = [f"{name}=True with DeepSpeed ({BF16_REFUSAL})" for name in ("bf16", "bf16_full_eval")
+             if args is not None and getattr(args, name, False)]
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if mixed in ("bf16", "fp8"):  # accelerate enables DeepSpeed's "bf16" section for both (DeepSpeedPlugin)
+        found.append(f"accelerate's mixed_precision {mixed} with DeepSpeed (ACCELERATE_MIXED_PRECISION; {BF16_REFUSAL})")
+    return found
 
 
 def unsupported_deepspeed_environment() -> list[str]:

@@ -33,11 +33,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 900
 
 
-def _fake_engine(stage=2, clip=0.0, fp16=False, offload=None):
+def _fake_engine(stage=2, clip=0.0, fp16=False, offload=None, bf16=False):
     """The few DeepSpeedEngine methods check_zero_engine reads (no deepspeed import needed)."""
     return SimpleNamespace(module=torch.nn.Linear(2, 1), backward=None, step=None,
                            zero_optimization_stage=lambda: stage, gradient_clipping=lambda: clip,
-                           fp16_enabled=lambda: fp16, zero_offload_optimizer=lambda: offload,
+                           fp16_enabled=lambda: fp16, bfloat16_enabled=lambda: bf16,
+                           zero_offload_optimizer=lambda: offload,
                            zero_offload_param=lambda: None)
 
 
@@ -51,11 +52,36 @@ def test_zero_stage_1_and_2_fp32_are_accepted():
     ({"stage": 0}, "ZeRO stage 0 .*DDP"),
     ({"clip": 1.0}, "gradient_clipping=1 .*max_grad_norm"),
     ({"fp16": True}, "fp16"),
+    ({"bf16": True}, "bf16 with DeepSpeed is not supported yet.*Use fp32"),  # ZeroDP in a plain loop too
     ({"offload": SimpleNamespace(device="OffloadDeviceEnum.cpu")}, "offload_optimizer"),
 ])
 def test_unsupported_deepspeed_setups_are_refused_naming_them(kwargs, match):
     with pytest.raises(UnsupportedModuleError, match=match):
         check_zero_engine(_fake_engine(**kwargs))
+
+
+@pytest.mark.parametrize("attrs,match", [
+    ({"torch_autocast_enabled": lambda: True}, "torch_autocast"),
+    ({"communication_data_type": torch.bfloat16}, "communication_data_type torch.bfloat16"),
+    ({"get_data_types": lambda: (torch.float32, torch.bfloat16)}, "grad_accum_dtype torch.bfloat16"),
+])
+def test_zero_engines_that_round_the_clipped_sums_below_fp32_are_refused(attrs, match):
+    engine = _fake_engine()
+    for name, value in attrs.items():
+        setattr(engine, name, value)
+    with pytest.raises(UnsupportedModuleError, match=match + ".*before the noise"):
+        check_zero_engine(engine)
+    check_zero_engine(_fake_engine())  # fp32 everywhere: accepted
+
+
+def test_the_engine_attributes_check_zero_engine_reads_exist_on_deepspeeds_engine():
+    """check_zero_engine reads these with getattr defaults (stand-in engines): a rename in DeepSpeed must not turn
+    a refusal into a silent pass."""
+    engine_cls = pytest.importorskip("deepspeed.runtime.engine").DeepSpeedEngine
+    for name in ("zero_optimization_stage", "gradient_clipping", "fp16_enabled", "bfloat16_enabled",
+                 "torch_autocast_enabled", "communication_data_type", "get_data_types", "zero_offload_optimizer",
+                 "zero_offload_param"):
+        assert hasattr(engine_cls, name), name
 
 
 def test_a_model_that_is_not_a_deepspeed_engine_is_refused():

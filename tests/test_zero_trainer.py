@@ -112,6 +112,28 @@ def test_sigma_zero_zero_trainer_equals_one_process(zero_trainer_runs, single, c
 
 
 @pytest.mark.slow
+def test_optimizer_from_the_deepspeed_config_equals_one_process_with_that_optimizer(zero_trainer_runs, single):
+    """``"optimizer": {"type": "AdamW", ...}`` in the DeepSpeed config: transformers passes a DummyOptim and DeepSpeed
+    builds torch's AdamW itself, wrapped by ZeRO-2. It updates from ZeRO's reduced (noised) gradient, i.e. it is
+    post-processing: at sigma = 0 the update equals the 1-process ``adamw_torch`` run on the same Poisson batches."""
+    two, one = zero_trainer_runs["zero2_ds_optimizer"], single("full_adamw")
+    _assert_zero(two, 2)
+    assert two["ds_optimizer_name"] == "adamw" and two["basic_optimizer"] == "AdamW"  # built by DeepSpeed
+    per_step = [sum(x) for x in zip(*(rank["examples"] for rank in two["per_rank"]))]
+    assert per_step == one["per_rank"][0]["examples"]
+    assert two["steps"] == two["engine_global_steps"] == two["feed_steps"] == 3
+    assert two["accumulations"] == [two["micro_batches"]]  # only the surrogate reached ZeRO's hooks
+    moved = 0.0
+    for name, p in one["params"].items():
+        # ZeRO reduces the float64 model's gradients in float32 and Adam divides by sqrt(v): near-zero gradient
+        # entries carry that rounding into the update. Observed max |diff| 3e-7 (o_proj), against steps of lr = 1e-3.
+        torch.testing.assert_close(two["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(two["rank_params"][1][name], two["rank_params"][0][name], rtol=0, atol=0)
+        moved = max(moved, float((p - one["initial"][name]).abs().max()))
+    assert moved > 1e-3  # AdamW moved the weights (about lr = 1e-3 per step, 3 steps)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["zero1_full", "zero2_full", "resume"])
 def test_only_the_surrogate_reaches_zero_gradient_hooks(zero_trainer_runs, case):
     """One AccumulateGrad per parameter per micro-batch (empty slices included): the model backward never formed a
@@ -166,7 +188,7 @@ def clean_accelerate_env(monkeypatch):
     """accelerate's Accelerator exports ACCELERATE_USE_DEEPSPEED=true when given a DeepSpeed plugin: undo it."""
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
                 "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
-                "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+                "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.setenv(var, "")  # recorded: the original (usually unset) state comes back after the test
         monkeypatch.delenv(var)
     return monkeypatch
@@ -205,6 +227,81 @@ def test_zero_1_and_2_configs_pass_the_privacy_checks(clean_accelerate_env):
             config = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "none"}}, "bf16":
                       {"enabled": "auto"}, "gradient_clipping": clip}
             reject_sharded_training(SimpleNamespace(deepspeed=config, fsdp=None))  # no error
+
+
+BF16_FIX = "bf16 with DeepSpeed is not supported yet.*before the noise.*Use fp32 with DeepSpeed.*FSDP2 with bf16=True"
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    ({"bf16": True}, "bf16=True with DeepSpeed"),  # "bf16": {"enabled": "auto"} would become true
+    ({"bf16_full_eval": True}, "bf16_full_eval=True with DeepSpeed"),  # transformers fills "auto" with it too
+    ({"deepspeed": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}}, "DeepSpeed bf16 enabled"),
+    ({"deepspeed": {"zero_optimization": {"stage": 1}, "bfloat16": {"enabled": "true"}}}, "DeepSpeed bfloat16 enabled"),
+])
+def test_bf16_with_deepspeed_is_refused_while_parsing(tmp_path, clean_accelerate_env, kwargs, named):
+    """ZeRO-1/2 under bf16 keep, accumulate and reduce the clipped sums in bf16 BEFORE the noise is added (rank 0,
+    boundary): the sum's sensitivity is no longer C. Refused before training, naming the setting and the fix."""
+    from hf_ewtune import DPTrainingArguments
+
+    kwargs = dict(kwargs)
+    config = kwargs.pop("deepspeed", dict(STAGE2, bf16={"enabled": "auto"}))
+    with pytest.raises(PrivacyConfigError, match=named) as info:
+        DPTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", deepspeed=config,
+                            noise_multiplier=1.0, **kwargs)
+    assert __import__("re").search(BF16_FIX, str(info.value)), str(info.value)
+    DPTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", noise_multiplier=1.0,
+                        **kwargs)  # bf16 without DeepSpeed stays accepted (FSDP2 / DDP / one process)
+
+
+@pytest.mark.parametrize("extra,named", [
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, "torch_autocast .*Linear gradients"),
+    ({"communication_data_type": "bf16"}, "communication_data_type=bf16"),
+    ({"communication_data_type": "fp16"}, "communication_data_type=fp16"),
+    ({"data_types": {"grad_accum_dtype": "bf16"}}, "grad_accum_dtype=bf16"),
+])
+def test_deepspeed_low_precision_gradient_paths_are_refused_while_parsing(tmp_path, clean_accelerate_env, extra,
+                                                                           named):
+    """fp32 model, but ZeRO would accumulate or reduce the un-noised clipped sums in bf16/fp16."""
+    from hf_ewtune import DPTrainingArguments
+    from hf_ewtune.training_arguments import reject_sharded_training
+
+    with pytest.raises(PrivacyConfigError, match=named + ".*before the noise"):
+        DPTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", noise_multiplier=1.0,
+                            deepspeed=dict(STAGE2, **extra))
+    fine = {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"},
+            "torch_autocast": {"enabled": False}}
+    reject_sharded_training(SimpleNamespace(deepspeed=dict(STAGE2, **fine), fsdp=None))  # fp32 paths: accepted
+
+
+def test_bf16_from_accelerate_launch_with_deepspeed_is_refused(clean_accelerate_env):
+    """`accelerate launch --mixed_precision bf16` with a DeepSpeed config exports ACCELERATE_MIXED_PRECISION=bf16."""
+    from hf_ewtune.training_arguments import reject_sharded_training
+
+    clean_accelerate_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    clean_accelerate_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    clean_accelerate_env.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(PrivacyConfigError, match="mixed_precision bf16 with DeepSpeed.*" + BF16_FIX):
+        reject_sharded_training(None)
+    clean_accelerate_env.setenv("ACCELERATE_MIXED_PRECISION", "fp8")  # accelerate enables "bf16" for fp8 too
+    with pytest.raises(PrivacyConfigError, match="mixed_precision fp8 with DeepSpeed.*" + BF16_FIX):
+        reject_sharded_training(None)
+    clean_accelerate_env.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    reject_sharded_training(None)  # fp32 ZeRO-2: accepted
+
+
+def test_bf16_deepspeed_trainer_is_refused_before_training(tmp_path, clean_accelerate_env):
+    """A plain TrainingArguments(bf16=True, deepspeed=...) handed to DPTrainer: refused at construction."""
+    pytest.importorskip("deepspeed")
+    from transformers import TrainingArguments
+
+    from hf_ewtune import DPTrainer
+    from hf_ewtune.testing import tiny_bert
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
+                             max_steps=1, bf16=True, deepspeed=dict(STAGE2, bf16={"enabled": "auto"}))
+    assert args.hf_deepspeed_config.config["bf16"]["enabled"] is True  # what DeepSpeed would have trained in
+    with pytest.raises(PrivacyConfigError, match="bf16=True with DeepSpeed.*" + BF16_FIX):
+        DPTrainer(model=tiny_bert(), args=args, train_dataset=_dataset(), noise_multiplier=1.0, max_grad_norm=0.5)
 
 
 @pytest.mark.parametrize("env,named", [

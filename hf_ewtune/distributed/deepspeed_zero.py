@@ -36,9 +36,12 @@ Contract (checked by ``tests/test_deepspeed_zero.py`` on 2 CPU processes with gl
 
 Refused before training (:class:`~hf_ewtune.errors.UnsupportedModuleError`; from a config, before any engine
 exists, :func:`zero_config_problems`): ZeRO stage 0 (use DDP) and 3, DeepSpeed's ``gradient_clipping`` (per-example
-clipping replaces it), fp16 (dynamic loss scaling), optimizer or parameter offload, tensor parallelism, reentrant
-activation checkpointing (the clipping engine's full backward would hand raw gradients to ZeRO's hooks). bf16 is
-accepted but untested.
+clipping replaces it), fp16 (dynamic loss scaling), bf16 (:data:`BF16_REFUSAL`) and the other paths that round the
+un-noised clipped sums below fp32 inside ZeRO (``torch_autocast``, a bf16/fp16 ``communication_data_type`` or
+``data_types.grad_accum_dtype``), optimizer or parameter offload, tensor parallelism, reentrant activation
+checkpointing (the clipping engine's full backward would hand raw gradients to ZeRO's hooks). An optimizer (and
+scheduler) built by DeepSpeed from its config is fine: it updates from ZeRO's reduced, already noised gradient
+(post-processing; ``tests/test_zero_trainer.py``).
 """
 
 from __future__ import annotations
@@ -55,13 +58,43 @@ from ..sampling import derive_seed, new_seed
 
 _ZERO_STREAM = 0x5A45  # separates the ZeRO noise stream from DPOptimizer's
 
+#: Why bf16 is refused under DeepSpeed, and what to use instead. DeepSpeed 0.19 casts the module's parameters to bf16
+#: (``DeepSpeedEngine._configure_distributed_model``), so the clipping engine writes each micro-batch's clipped sum
+#: into a bf16 ``p.grad``; ZeRO-1/2 then accumulate the micro-batches in the model dtype (``get_data_types``:
+#: ``grad_accum_dtype`` defaults to it) and reduce across ranks in bf16 (``communication_data_type``). The noise
+#: arrives once, on rank 0 at the boundary, so the other ranks' and the earlier micro-batches' clipped sums are
+#: rounded to bf16 BEFORE the noise is added: one example can then move the released sum by more than C (a
+#: rounding step of the sum flips; e.g. 2 C), and the accountant's sensitivity C no longer holds.
+BF16_REFUSAL = ("bf16 with DeepSpeed is not supported yet: ZeRO-1/2 keep the gradients in bf16 (the model's dtype) "
+                "and accumulate and reduce the clipped sums in bf16 before the noise is added, which can enlarge one "
+                "example's influence beyond max_grad_norm. Use fp32 with DeepSpeed (bf16=False, no \"bf16\" section "
+                "enabled in the DeepSpeed config), or FSDP2 with bf16=True (tested: fp32 gradients, bf16 compute)")
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _low_precision_gradient_paths(engine: Any) -> list[str]:
+    """The engine settings that round (un-noised) clipped sums below fp32 inside ZeRO, besides bf16/fp16 models."""
+    found = []
+    if getattr(engine, "torch_autocast_enabled", lambda: False)():
+        found.append("torch_autocast (ZeRO reduces the gradients of Linear and other lower-precision-safe modules "
+                     "in the autocast dtype, deepspeed/runtime/torch_autocast.py)")
+    comm = getattr(engine, "communication_data_type", torch.float32)
+    if comm in _LOW_PRECISION:
+        found.append(f"communication_data_type {comm} (the clipped sums are reduced across ranks in it)")
+    dtypes = getattr(engine, "get_data_types", lambda: (torch.float32, torch.float32))()
+    if dtypes[1] in _LOW_PRECISION:
+        found.append(f"data_types.grad_accum_dtype {dtypes[1]} (the micro-batches' clipped sums accumulate in it)")
+    return found
+
 
 def check_zero_engine(engine: Any) -> None:
     """Refuse the DeepSpeed set-ups the DP contract does not cover (before any training).
 
     Raises:
         UnsupportedModuleError: not a DeepSpeed engine, ZeRO stage other than 1/2, ``gradient_clipping``, fp16,
-            or CPU/NVMe offload.
+            bf16 (:data:`BF16_REFUSAL`), ``torch_autocast``, a bf16/fp16 ``communication_data_type`` or
+            ``data_types.grad_accum_dtype``, or CPU/NVMe offload.
     """
     if not all(hasattr(engine, a) for a in ("zero_optimization_stage", "module", "backward", "step")):
         raise UnsupportedModuleError(
@@ -79,7 +112,15 @@ def check_zero_engine(engine: Any) -> None:
             "(max_grad_norm) instead. Set \"gradient_clipping\": 0 in the DeepSpeed config.")
     if engine.fp16_enabled():
         raise UnsupportedModuleError(
-            "DeepSpeed fp16 (dynamic loss scaling, skipped steps) is not supported for DP training: use fp32 or bf16.")
+            "DeepSpeed fp16 (dynamic loss scaling, skipped steps) is not supported for DP training: use fp32.")
+    if getattr(engine, "bfloat16_enabled", lambda: False)():
+        raise UnsupportedModuleError(BF16_REFUSAL + ".")
+    low = _low_precision_gradient_paths(engine)
+    if low:
+        raise UnsupportedModuleError(
+            f"DeepSpeed {'; '.join(low)} rounds the clipped sums below fp32 before the noise is added (rank 0, at the "
+            "accumulation boundary), which can enlarge one example's influence beyond max_grad_norm: drop it "
+            "from the DeepSpeed config (fp32 gradients, accumulation and communication).")
     offload = []
     for name, attr in (("offload_optimizer", "zero_offload_optimizer"), ("offload_param", "zero_offload_param")):
         cfg = getattr(engine, attr, lambda: None)()
@@ -96,7 +137,8 @@ def zero_config_problems(config: Any) -> list[str]:
 
     Read before any engine exists (``DPTrainingArguments``, ``DPTrainer``); :func:`check_zero_engine` checks the
     engine itself again at the first training step. ``"auto"`` values are fine: ``DPTrainer`` fills
-    ``gradient_clipping`` with 0 (its ``max_grad_norm`` is the per-example C) and fp16 is refused on its own.
+    ``gradient_clipping`` with 0 (its ``max_grad_norm`` is the per-example C), and fp16/bf16 "auto" follow the
+    ``TrainingArguments`` ``fp16``/``bf16`` flags, refused on their own (``reject_sharded_training``).
 
     Example:
         >>> zero_config_problems({"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"})
@@ -131,7 +173,20 @@ def zero_config_problems(config: Any) -> list[str]:
                      "clipping at max_grad_norm replaces it: set it to 0 or \"auto\")")
     fp16 = config.get("fp16") or {}
     if str(fp16.get("enabled", False)).lower() == "true":
-        found.append("DeepSpeed fp16 (dynamic loss scaling, skipped steps: use bf16 or fp32)")
+        found.append("DeepSpeed fp16 (dynamic loss scaling, skipped steps: use fp32)")
+    for key in ("bf16", "bfloat16"):  # DeepSpeed reads both names
+        if str((config.get(key) or {}).get("enabled", False)).lower() == "true":
+            found.append(f"DeepSpeed {key} enabled ({BF16_REFUSAL})")
+    rounds = "rounds the clipped sums below fp32 before the noise is added"
+    if str((config.get("torch_autocast") or {}).get("enabled", False)).lower() == "true":
+        found.append(f"DeepSpeed torch_autocast (it reduces Linear gradients in the autocast dtype, so it {rounds}: "
+                     "use fp32, or FSDP2 with bf16=True)")
+    comm = str(config.get("communication_data_type") or "fp32").lower()
+    if comm not in ("fp32", "auto"):
+        found.append(f"DeepSpeed communication_data_type={comm} (it {rounds}: leave it unset or \"fp32\")")
+    accum = str((config.get("data_types") or {}).get("grad_accum_dtype") or "fp32").lower()
+    if accum not in ("fp32", "float32", "float", "torch.float32", "auto"):
+        found.append(f"DeepSpeed data_types.grad_accum_dtype={accum} (it {rounds}: leave it unset or \"fp32\")")
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")
         if str(device).lower() not in ("none", "auto"):

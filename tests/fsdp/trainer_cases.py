@@ -86,6 +86,9 @@ def case_settings(name: str) -> dict[str, Any]:
         # transformers' default FULL_STATE_DICT: a from_pretrained folder per checkpoint, optimizer state gathered.
         # AdamW: torch's full-state-dict optimizer LOAD needs one tensor in the optimizer state (plain SGD has none:
         # "Expected device to be set", torch/distributed/checkpoint/state_dict.py; docs/distributed.md).
+        # 'full' with AdamW: the 1-process reference of the DeepSpeed ZeRO-2 run whose optimizer is built by DeepSpeed
+        # from its config (tests/zero/zero_trainer_cases.py, "zero2_ds_optimizer")
+        "full_adamw": dict(optim="adamw_torch", lr=1e-3),
         "resume_full": dict(sigma=1.0, max_steps=4, save_steps=2, noise_seed=None, physical=None, lr=1e-2,
                             state_dict_type="FULL_STATE_DICT", optim="adamw_torch"),
     }

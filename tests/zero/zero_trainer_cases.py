@@ -30,7 +30,11 @@ from transformers import TrainerCallback, TrainingArguments  # noqa: E402
 
 import trainer_cases as fsdp_trainer_cases  # noqa: E402
 
-CASES = ("zero1_full", "zero2_full", "zero1_lora", "zero2_lora", "variance", "resume")
+CASES = ("zero1_full", "zero2_full", "zero1_lora", "zero2_lora", "variance", "resume", "zero2_ds_optimizer")
+#: "zero2_ds_optimizer": the optimizer comes from the DeepSpeed config (transformers hands accelerate a DummyOptim and
+#: DeepSpeed builds torch's AdamW itself); "auto" fills lr, betas, eps and weight decay from the TrainingArguments.
+DS_CONFIG_OPTIMIZER = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                   "weight_decay": "auto", "torch_adam": True}}
 
 
 class Snapshot(TrainerCallback):
@@ -47,7 +51,8 @@ class Snapshot(TrainerCallback):
 def case_settings(name: str) -> dict[str, Any]:
     """The FSDP2 Trainer cases' settings (same data, model, q N and draws) plus the ZeRO stage."""
     base_name, stage = {"zero1_full": ("full", 1), "zero2_full": ("full", 2), "zero2_lora": ("lora", 2),
-                        "zero1_lora": ("lora", 1), "variance": ("variance", 2), "resume": ("resume", 1)}[name]
+                        "zero1_lora": ("lora", 1), "variance": ("variance", 2), "resume": ("resume", 1),
+                        "zero2_ds_optimizer": ("full_adamw", 2)}[name]
     s = fsdp_trainer_cases.case_settings(base_name)
     s["stage"] = stage
     s["base"] = base_name
@@ -60,6 +65,8 @@ def build_trainer(name: str, world: int, output_dir: str):
     ds = {"zero_optimization": {"stage": s["stage"]}, "train_micro_batch_size_per_gpu": "auto",
           "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
           "steps_per_print": 10**9} if world > 1 else None
+    if ds is not None and name == "zero2_ds_optimizer":
+        ds["optimizer"] = dict(DS_CONFIG_OPTIMIZER, params=dict(DS_CONFIG_OPTIMIZER["params"]))
     args = TrainingArguments(
         output_dir=output_dir, use_cpu=True, report_to="none", max_steps=s["max_steps"],
         per_device_train_batch_size=per_device, gradient_accumulation_steps=s["ga"], learning_rate=s["lr"],
@@ -114,6 +121,8 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         "accumulations": sorted(set(trainer.accumulations.values())),
         "micro_batches": trainer.state.global_step * case_settings(name)["ga"],
         "optimizer": type(trainer.optimizer).__name__,
+        "basic_optimizer": type(getattr(engine, "basic_optimizer", None)).__name__,
+        "ds_optimizer_name": engine.optimizer_name() if hasattr(engine, "optimizer_name") else None,
     }
     if name == "zero2_full":  # evaluation after training runs through the DeepSpeed engine's own forward
         result["eval"] = trainer.evaluate(eval_dataset=fsdp_trainer_cases.dataset(8, seed=5))
