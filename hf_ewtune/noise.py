@@ -39,6 +39,7 @@ import torch
 from hf_ewtune.distributed.fsdp import is_sharded, local_noise_
 from hf_ewtune.dp_settings import DPSettings, HoldsDPSettings, read_only_setting
 from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
+from hf_ewtune.noise_draw import add_gaussian_noise_
 from hf_ewtune.sampling import derive_seed, new_seed
 
 logger = logging.getLogger(__name__)
@@ -224,17 +225,18 @@ class DPOptimizer(torch.optim.Optimizer, HoldsDPSettings):
                     local_noise_(p.grad, std=std, generator=shard_gens[key])
                 p.grad.div_(settings.expected_batch_size)
                 continue
-            if std > 0 and (rank == 0 or not distributed):
+            noisy = std > 0 and (rank == 0 or not distributed)
+            if noisy:
                 key = str(p.device)
                 if key not in gens:
                     gens[key] = self._generator(p.device, step_index)
-                noise = torch.normal(
-                    mean=0.0, std=std, size=p.shape, generator=gens[key], device=p.device, dtype=torch.float32
-                )
-                p.grad.add_(noise.to(p.grad.dtype))
+                # In place, float32 draws in cache-sized chunks; divided in the same pass when nothing is reduced.
+                add_gaussian_noise_(p.grad, std=std, generator=gens[key],
+                                    divide_by=None if distributed else settings.expected_batch_size)
             if distributed:
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-            p.grad.div_(settings.expected_batch_size)
+            if distributed or not noisy:
+                p.grad.div_(settings.expected_batch_size)
         self.last_step_settings = settings
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]

@@ -48,6 +48,7 @@ import torch
 from ..clipping import ClippingEngine
 from ..dp_settings import DPSettings
 from ..errors import PrivacyConfigError, UnsupportedModuleError
+from ..noise_draw import add_gaussian_noise_
 from ..sampling import derive_seed, new_seed
 
 _ZERO_STREAM = 0x5A45  # separates the ZeRO noise stream from DPOptimizer's
@@ -182,9 +183,7 @@ class ZeroDP:
             gen.manual_seed(derive_seed(self._base_seed, self.steps_taken, _ZERO_STREAM,
                                         zlib.crc32(str(sums[0].device).encode())))
             for g in sums:
-                noise = torch.normal(0.0, s.noise_std, size=g.shape, generator=gen, device=g.device,
-                                     dtype=torch.float32)
-                g.add_(noise.to(g.dtype))
+                add_gaussian_noise_(g, std=s.noise_std, generator=gen)
         scale = world / s.expected_batch_size  # ZeRO averages over the W ranks: the update gets sum / (q N)
         # DeepSpeed's forward resets ZeRO's backward-hook bookkeeping (``clear_backward_seen_flag``); an empty slice
         # runs no forward, so reset it here on every rank, or the ranks' epilogues (and collectives) diverge.
