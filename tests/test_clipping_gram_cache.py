@@ -77,3 +77,20 @@ def test_norms_with_freed_grams_equal_instantiated_norms():
     engine.remove()
     expected = torch.cat([g.reshape(3, -1) for g in per_example.values()], 1).pow(2).sum(1).sqrt()
     torch.testing.assert_close(norms, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_grams_split_in_half_blocks_at_long_sequences_give_the_instantiated_norms():
+    """From T = GRAM_SPLIT_MIN_T the Grams are three half-length blocks (odd T: halves of T // 2 and T - T // 2)."""
+    d = 192
+    for t in (linear_rule.GRAM_SPLIT_MIN_T, linear_rule.GRAM_SPLIT_MIN_T + 1):
+        assert linear_rule.use_ghost(t, d, d)  # the ghost (Gram) path, not instantiation
+        assert len(linear_rule.gram_blocks(torch.zeros(1, t, 2))) == 3
+        torch.manual_seed(t)
+        model = QKVThenOut(d).double()
+        x = torch.randn(2, t, d, dtype=torch.float64)
+        engine = ClippingEngine(model, max_grad_norm=1e6)
+        norms = engine.backward(model(x))
+        per_example = engine.per_example_gradients(model(x))
+        engine.remove()
+        expected = torch.cat([g.reshape(2, -1) for g in per_example.values()], 1).pow(2).sum(1).sqrt()
+        torch.testing.assert_close(norms, expected, rtol=1e-10, atol=1e-12)

@@ -1,7 +1,8 @@
 """Per-example gradients of ``nn.Linear`` and GPT-2's ``Conv1D`` (``y = x @ W + b``, ``W`` is ``[in, out]``).
 
-Norms use the ghost identity ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` when ``2 T^2 < d_in d_out`` and
-instantiate ``G_i^T A_i`` otherwise; the clipped sum is one GEMM ``(c * G)^T A`` over all tokens.
+Norms use the ghost identity ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` when ``2 T^2 < d_in d_out`` (the
+symmetric Grams computed as three half-length blocks, :func:`gram_blocks`) and instantiate ``G_i^T A_i``
+otherwise; the clipped sum is one GEMM ``(c * G)^T A`` over all tokens.
 
 The Gram matrix ``A A^T`` (``B T^2`` floats) of an input shared by several layers (Q/K/V, gate/up) is computed
 once per backward and freed after its last reader (:func:`note_gram_readers`), so at most the Grams of one input
@@ -29,6 +30,41 @@ def note_gram_readers(shared: dict, uses: list[tuple[Record, str]]) -> None:
     this note (e.g. the per-unit merged records of :mod:`.groups`) the cache lives as long as ``shared``.
     """
     shared[_GRAM_READERS] = Counter(rec.key for rec, role in uses if isinstance(rec.rule, LinearRule) and role == "weight")
+
+
+#: Sequence length from which a Gram matrix is computed as three half-length blocks (:func:`gram_blocks`).
+GRAM_SPLIT_MIN_T = 128
+
+
+def gram_blocks(x: torch.Tensor) -> list[torch.Tensor]:
+    """The blocks that determine the Gram matrix ``x x^T`` (``[B, T, T]``) of ``x`` (``[B, T, d]``).
+
+    ``x x^T`` is symmetric: with ``x = [x1; x2]`` split in halves along ``T`` it is fixed by ``x1 x1^T``,
+    ``x2 x2^T`` and ``x2 x1^T`` (``x1 x2^T`` is its transpose), 3/4 of the full product's multiply-adds. The
+    ghost norms' Grams are ~10% of a 1B-width step at B T = 1024, so this takes ~2.5% off a full fine-tuning step.
+    Below :data:`GRAM_SPLIT_MIN_T` the whole product is one block.
+
+    Example:
+        >>> x = torch.randn(2, 130, 4, dtype=torch.float64)
+        >>> full = x @ x.transpose(1, 2)
+        >>> torch.allclose(gram_inner(gram_blocks(x), gram_blocks(2 * x)), (full * 4 * full).sum((1, 2)))
+        True
+    """
+    t = x.shape[1]
+    if t < GRAM_SPLIT_MIN_T:
+        return [torch.bmm(x, x.transpose(1, 2))]
+    x1, x2 = x[:, : t // 2], x[:, t // 2 :]
+    return [torch.bmm(x1, x1.transpose(1, 2)), torch.bmm(x2, x2.transpose(1, 2)), torch.bmm(x2, x1.transpose(1, 2))]
+
+
+def gram_inner(p: list[torch.Tensor], q: list[torch.Tensor]) -> torch.Tensor:
+    """Per-example Frobenius inner product ``<P, Q>`` (``Tensor[B]``) of two Grams given by :func:`gram_blocks` of
+    inputs with the same ``T`` (the off-diagonal block counts twice: once for itself, once for its transpose)."""
+    if len(p) != len(q):  # pragma: no cover - same T gives the same blocking
+        raise ValueError("Gram blocks of different sequence lengths")
+    if len(p) == 1:
+        return (p[0] * q[0]).sum((1, 2))
+    return (p[0] * q[0]).sum((1, 2)) + (p[1] * q[1]).sum((1, 2)) + 2 * (p[2] * q[2]).sum((1, 2))
 
 
 def use_ghost(t: int, d_in: int, d_out: int) -> bool:
@@ -86,12 +122,12 @@ class LinearRule(Rule):
             gram_key = ("gram", rec.key, a.dtype)  # Q/K/V (and LoRA A) share their input: one A A^T for all
             aa = shared.get(gram_key)
             if aa is None:
-                aa = torch.bmm(a, a.transpose(1, 2))
+                aa = gram_blocks(a)
             if readers is None or readers[rec.key] > 0:
                 shared[gram_key] = aa  # a later layer reads the same input
             else:
                 shared.pop(gram_key, None)  # the last reader: free it as soon as this norm is done
-            return (aa * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+            return gram_inner(aa, gram_blocks(g))
         pe = self.per_example(rec, role)
         # Keep it for the clipped sum only while it is small next to the stored activations (LoRA factors);
         # otherwise the clipped sum is one GEMM over A and G again.
