@@ -1,7 +1,7 @@
 """Per-example gradients of ``nn.Linear`` and GPT-2's ``Conv1D`` (``y = x @ W + b``, ``W`` is ``[in, out]``).
 
 Norms use the ghost identity ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` when ``2 T^2 < d_in d_out`` (the
-symmetric Grams computed as three half-length blocks, :func:`gram_blocks`) and instantiate ``G_i^T A_i``
+symmetric Grams computed from the blocks of their lower triangle, :func:`gram_blocks`) and instantiate ``G_i^T A_i``
 otherwise; the clipped sum is one GEMM ``(c * G)^T A`` over all tokens.
 
 The Gram matrix ``A A^T`` (``B T^2`` floats) of an input shared by several layers (Q/K/V, gate/up) is computed
@@ -32,39 +32,58 @@ def note_gram_readers(shared: dict, uses: list[tuple[Record, str]]) -> None:
     shared[_GRAM_READERS] = Counter(rec.key for rec, role in uses if isinstance(rec.rule, LinearRule) and role == "weight")
 
 
-#: Sequence length from which a Gram matrix is computed as three half-length blocks (:func:`gram_blocks`).
+#: Sequence length from which a Gram matrix is computed as blocks of its lower triangle (:func:`gram_blocks`).
 GRAM_SPLIT_MIN_T = 128
+_GRAM_BLOCK_T = 256  # target rows per block from T = 2 * 256 on (at most 4 blocks: 10 of 16 block products)
 
 
-def gram_blocks(x: torch.Tensor) -> list[torch.Tensor]:
-    """The blocks that determine the Gram matrix ``x x^T`` (``[B, T, T]``) of ``x`` (``[B, T, d]``).
-
-    ``x x^T`` is symmetric: with ``x = [x1; x2]`` split in halves along ``T`` it is fixed by ``x1 x1^T``,
-    ``x2 x2^T`` and ``x2 x1^T`` (``x1 x2^T`` is its transpose), 3/4 of the full product's multiply-adds. The
-    ghost norms' Grams are ~10% of a 1B-width step at B T = 1024, so this takes ~2.5% off a full fine-tuning step.
-    Below :data:`GRAM_SPLIT_MIN_T` the whole product is one block.
+def gram_block_count(t: int) -> int:
+    """How many pieces ``T`` is cut into for :func:`gram_blocks`: 1 below :data:`GRAM_SPLIT_MIN_T`, then 2, and
+    ``T // 256`` (at most 4) from ``T = 768``, so that each block product stays a large GEMM.
 
     Example:
-        >>> x = torch.randn(2, 130, 4, dtype=torch.float64)
+        >>> [gram_block_count(t) for t in (64, 128, 512, 1024, 4096)]
+        [1, 2, 2, 4, 4]
+    """
+    if t < GRAM_SPLIT_MIN_T:
+        return 1
+    return min(4, max(2, t // _GRAM_BLOCK_T))
+
+
+def gram_blocks(x: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+    """The weighted blocks that determine the Gram matrix ``x x^T`` (``[B, T, T]``) of ``x`` (``[B, T, d]``).
+
+    ``x x^T`` is symmetric: with ``x`` cut into ``k`` pieces ``x_1 .. x_k`` along ``T`` (:func:`gram_block_count`)
+    it is fixed by the products ``x_i x_j^T`` for ``j <= i``; the blocks above the diagonal are their transposes,
+    so an off-diagonal block has weight 2 in :func:`gram_inner`. That is ``(k + 1) / (2 k)`` of the full product's
+    multiply-adds (3/4 for ``k = 2``, 5/8 for ``k = 4``). The ghost norms' Grams are ~10% of the multiply-adds of
+    a 1B-width full fine-tuning step at B T = 1024 (~20% at B T = 2048).
+
+    Example:
+        >>> x = torch.randn(2, 1030, 4, dtype=torch.float64)
         >>> full = x @ x.transpose(1, 2)
         >>> torch.allclose(gram_inner(gram_blocks(x), gram_blocks(2 * x)), (full * 4 * full).sum((1, 2)))
         True
     """
     t = x.shape[1]
-    if t < GRAM_SPLIT_MIN_T:
-        return [torch.bmm(x, x.transpose(1, 2))]
-    x1, x2 = x[:, : t // 2], x[:, t // 2 :]
-    return [torch.bmm(x1, x1.transpose(1, 2)), torch.bmm(x2, x2.transpose(1, 2)), torch.bmm(x2, x1.transpose(1, 2))]
+    k = gram_block_count(t)
+    cuts = [t * i // k for i in range(k + 1)]
+    pieces = [x[:, cuts[i] : cuts[i + 1]] for i in range(k)]
+    return [(1.0 if i == j else 2.0, torch.bmm(pieces[i], pieces[j].transpose(1, 2)))
+            for i in range(k) for j in range(i + 1)]
 
 
-def gram_inner(p: list[torch.Tensor], q: list[torch.Tensor]) -> torch.Tensor:
+def gram_inner(p: list[tuple[float, torch.Tensor]], q: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
     """Per-example Frobenius inner product ``<P, Q>`` (``Tensor[B]``) of two Grams given by :func:`gram_blocks` of
-    inputs with the same ``T`` (the off-diagonal block counts twice: once for itself, once for its transpose)."""
-    if len(p) != len(q):  # pragma: no cover - same T gives the same blocking
+    inputs with the same ``T`` (an off-diagonal block counts twice: once for itself, once for its transpose)."""
+    if len(p) != len(q):  # pragma: no cover - the same T gives the same blocks
         raise ValueError("Gram blocks of different sequence lengths")
-    if len(p) == 1:
-        return (p[0] * q[0]).sum((1, 2))
-    return (p[0] * q[0]).sum((1, 2)) + (p[1] * q[1]).sum((1, 2)) + 2 * (p[2] * q[2]).sum((1, 2))
+    total = None
+    for (w, pb), (_, qb) in zip(p, q):
+        term = (pb * qb).sum((1, 2))
+        term = term if w == 1.0 else w * term
+        total = term if total is None else total + term
+    return total
 
 
 def use_ghost(t: int, d_in: int, d_out: int) -> bool:
