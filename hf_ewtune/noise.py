@@ -4,7 +4,8 @@
 
 1. takes ``p.grad`` = the SUM of clipped per-example gradients accumulated over the GA micro-batches
    (parameters without a gradient, e.g. after an empty logical batch, get zeros);
-2. on rank 0 only, adds ``N(0, (sigma * sensitivity)^2)`` drawn from a dedicated ``torch.Generator``;
+2. on rank 0 only, adds ``N(0, (sigma * sensitivity)^2)`` drawn in float32 from a dedicated ``torch.Generator``
+   (in place, in cache-sized chunks: :func:`hf_ewtune.noise_draw.add_gaussian_noise_`);
 3. in multi-process runs (``torch.distributed`` initialised, world size > 1) all-reduces the sums (SUM),
    so the noise is added exactly once across ranks;
 4. divides by ``expected_batch_size`` = q N, a public constant (NEVER the realised batch size);
