@@ -4,7 +4,8 @@
 
 1. takes ``p.grad`` = the SUM of clipped per-example gradients accumulated over the GA micro-batches
    (parameters without a gradient, e.g. after an empty logical batch, get zeros);
-2. on rank 0 only, adds ``N(0, (sigma * sensitivity)^2)`` drawn from a dedicated ``torch.Generator``;
+2. on rank 0 only, adds ``N(0, (sigma * sensitivity)^2)`` drawn in float32 from a dedicated ``torch.Generator``
+   (in place, in cache-sized chunks: :func:`hf_ewtune.noise_draw.add_gaussian_noise_`);
 3. in multi-process runs (``torch.distributed`` initialised, world size > 1) all-reduces the sums (SUM),
    so the noise is added exactly once across ranks;
 4. divides by ``expected_batch_size`` = q N, a public constant (NEVER the realised batch size);
@@ -40,6 +41,7 @@ import torch
 from hf_ewtune.distributed.fsdp import is_sharded, local_noise_
 from hf_ewtune.dp_settings import DPSettings, HoldsDPSettings, read_only_setting
 from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
+from hf_ewtune.noise_draw import add_gaussian_noise_
 from hf_ewtune.sampling import derive_seed, new_seed
 
 logger = logging.getLogger(__name__)
@@ -253,17 +255,18 @@ class DPOptimizer(torch.optim.Optimizer, HoldsDPSettings):
                     local_noise_(p.grad, std=std, generator=shard_gens[key])
                 p.grad.div_(settings.expected_batch_size)
                 continue
-            if std > 0 and (rank == 0 or not distributed):
+            noisy = std > 0 and (rank == 0 or not distributed)
+            if noisy:
                 key = str(p.device)
                 if key not in gens:
                     gens[key] = self._generator(p.device, step_index)
-                noise = torch.normal(
-                    mean=0.0, std=std, size=p.shape, generator=gens[key], device=p.device, dtype=torch.float32
-                )
-                p.grad.add_(noise.to(p.grad.dtype))
+                # In place, float32 draws in cache-sized chunks; divided in the same pass when nothing is reduced.
+                add_gaussian_noise_(p.grad, std=std, generator=gens[key],
+                                    divide_by=None if distributed else settings.expected_batch_size)
             if distributed:
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-            p.grad.div_(settings.expected_batch_size)
+            if distributed or not noisy:
+                p.grad.div_(settings.expected_batch_size)
         self.last_step_settings = settings
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]

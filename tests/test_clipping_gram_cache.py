@@ -6,6 +6,7 @@ the whole clipping step ends made DP peak memory grow with depth (issue 14, item
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -76,4 +77,25 @@ def test_norms_with_freed_grams_equal_instantiated_norms():
     per_example = engine.per_example_gradients(model(x))
     engine.remove()
     expected = torch.cat([g.reshape(3, -1) for g in per_example.values()], 1).pow(2).sum(1).sqrt()
+    torch.testing.assert_close(norms, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("t,blocks", [(127, 1), (128, 3), (129, 3), (1024, 10), (1031, 10)])
+def test_grams_from_lower_triangle_blocks_give_the_instantiated_norms(t, blocks):
+    """From T = GRAM_SPLIT_MIN_T the Grams are built from the blocks of their lower triangle (off-diagonal ones
+    weighted 2), T cut into 2 to 4 pieces, unequal when T does not divide evenly."""
+    d = 48 if t < 1000 else 16
+    x_probe = torch.zeros(1, t, 2)
+    assert len(linear_rule.gram_blocks(x_probe)) == blocks
+    torch.manual_seed(t)
+    model = QKVThenOut(d).double()
+    x = torch.randn(2, t, d, dtype=torch.float64)
+    engine = ClippingEngine(model, max_grad_norm=1e6)
+    # Force the ghost (Gram) path at every length, whatever use_ghost would pick for these small widths.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(linear_rule, "use_ghost", lambda *_: True)
+        norms = engine.backward(model(x))
+    per_example = engine.per_example_gradients(model(x))
+    engine.remove()
+    expected = torch.cat([g.reshape(2, -1) for g in per_example.values()], 1).pow(2).sum(1).sqrt()
     torch.testing.assert_close(norms, expected, rtol=1e-10, atol=1e-12)

@@ -49,6 +49,17 @@ _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "in
 _ATTACHED = "_hf_ewtune_clipping_engine"
 
 
+def _total(tensors: Iterator[torch.Tensor]) -> torch.Tensor:
+    """The sum of one or more tensors; a single one is returned as is (``sum()`` would start from ``0`` and copy
+    every clipped sum, a full extra pass over all parameters per step)."""
+    total = None
+    for t in tensors:
+        total = t if total is None else total + t
+    if total is None:  # pragma: no cover - every use list is non-empty
+        raise ValueError("nothing to sum")
+    return total
+
+
 def attached_engine(model: nn.Module) -> "ClippingEngine | None":
     """The :class:`ClippingEngine` whose hooks are currently on ``model`` (``None`` if there is none).
 
@@ -223,7 +234,7 @@ class ClippingEngine:
                                 n2 = n2 + 2 * factor_inner(facs[u], facs[v])
                         norm_sq[pid] = n2.to(dtype)
                     else:  # instantiate the per-example gradient summed over uses
-                        pe = sum(rec.rule.cached_per_example(rec, role).to(dtype) for rec, role in plist)
+                        pe = _total(rec.rule.cached_per_example(rec, role).to(dtype) for rec, role in plist)
                         pe_sum[pid] = pe
                         norm_sq[pid] = pe.reshape(b, -1).pow(2).sum(1)
             cols = layout.num_units if merged else b
@@ -249,7 +260,7 @@ class ClippingEngine:
                 if pid in pe_sum:
                     s = torch.tensordot(c, pe_sum[pid], dims=1)
                 else:
-                    s = sum(rec.rule.clipped_sum(rec, role, c) for rec, role in plist)
+                    s = _total(rec.rule.clipped_sum(rec, role, c) for rec, role in plist)
                 sums.append((self._params[self._param_name[pid]], s))
             records.clear()
             uses.clear()

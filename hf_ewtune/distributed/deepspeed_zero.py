@@ -54,6 +54,7 @@ import torch
 from ..clipping import ClippingEngine
 from ..dp_settings import DPSettings
 from ..errors import PrivacyConfigError, PrivacyStateError, UnsupportedModuleError
+from ..noise_draw import add_gaussian_noise_
 from ..sampling import derive_seed, new_seed
 
 _ZERO_STREAM = 0x5A45  # separates the ZeRO noise stream from DPOptimizer's
@@ -250,9 +251,7 @@ def feed_clipped_sums(engine: Any, params: list[torch.Tensor], sums: list[torch.
         gen.manual_seed(derive_seed(noise_seed, step_index, _ZERO_STREAM, zlib.crc32(str(sums[0].device).encode())))
         with torch.no_grad():
             for g in sums:
-                noise = torch.normal(0.0, settings.noise_std, size=g.shape, generator=gen, device=g.device,
-                                     dtype=torch.float32)
-                g.add_(noise.to(g.dtype))
+                add_gaussian_noise_(g, std=settings.noise_std, generator=gen)
     scale = world / settings.expected_batch_size  # ZeRO averages over the W ranks: the update gets sum / (q N)
     # DeepSpeed's forward resets ZeRO's backward-hook bookkeeping (``clear_backward_seen_flag``); the DP paths never
     # run DeepSpeed's forward (and an empty slice runs none), so reset it here on every rank, or the ranks'

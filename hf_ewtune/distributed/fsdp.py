@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModuleError
+from ..noise_draw import add_gaussian_noise_
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Partial, Shard
@@ -102,9 +103,7 @@ def local_noise_(grad: Any, *, std: float, generator: torch.Generator) -> None:
     local = grad.to_local()
     if local.numel() == 0:
         return
-    noise = torch.normal(mean=0.0, std=std, size=local.shape, generator=generator, device=local.device,
-                         dtype=torch.float32)
-    local.add_(noise.to(local.dtype))
+    add_gaussian_noise_(local, std=std, generator=generator)
 
 
 def max_over_ranks(count: int, *, device: torch.device) -> int:
