@@ -188,6 +188,31 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+def resume_from_checkpoint_2(trainer: Any, build: Any, name: str, world: int, workdir: str, out_dir: str,
+                             result: dict[str, Any]) -> tuple[Any, str]:
+    """Copy the finished run's ``checkpoint-2`` aside, resume a fresh ``build(name, world, dir)`` trainer from it,
+    and record both runs' accountant state, steps and epsilon in ``result``; returns the resumed trainer and the
+    checkpoint's path (shared by this launcher and ``tests/zero/zero_trainer_cases.py``)."""
+    import warnings
+
+    result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
+    result["uninterrupted_epsilon"] = float(trainer.get_privacy_spent().epsilon)
+    ckpt = os.path.join(workdir, f"{name}-w{world}-stopped", "checkpoint-2")
+    if _rank() == 0:
+        shutil.copytree(os.path.join(out_dir, "checkpoint-2"), ckpt, dirs_exist_ok=True)
+    _barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = build(name, world, os.path.join(workdir, f"{name}-w{world}-resumed"))
+        resumed.train(resume_from_checkpoint=ckpt)
+    result["checkpoint_files"] = sorted(os.listdir(ckpt))
+    result["resumed"] = resumed.privacy_callback.accountant.state_dict()
+    result["resumed_steps"] = resumed.privacy_callback.steps
+    result["resumed_global_step"] = resumed.state.global_step
+    result["resumed_epsilon"] = float(resumed.get_privacy_spent().epsilon)
+    return resumed, ckpt
+
+
 def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
     import warnings
 
@@ -206,21 +231,7 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         "sample_rate": trainer.sample_rate, "noise_std": trainer.noise_multiplier * trainer._engine.sensitivity,
     }
     if name.startswith("resume"):
-        result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
-        result["uninterrupted_epsilon"] = float(trainer.get_privacy_spent().epsilon)
-        ckpt = os.path.join(workdir, f"{name}-w{world}-stopped", "checkpoint-2")
-        if _rank() == 0:
-            shutil.copytree(os.path.join(out_dir, "checkpoint-2"), ckpt, dirs_exist_ok=True)
-        _barrier()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            resumed = build_trainer(name, world, os.path.join(workdir, f"{name}-w{world}-resumed"))
-            resumed.train(resume_from_checkpoint=ckpt)
-        result["checkpoint_files"] = sorted(os.listdir(ckpt))
-        result["resumed"] = resumed.privacy_callback.accountant.state_dict()
-        result["resumed_steps"] = resumed.privacy_callback.steps
-        result["resumed_global_step"] = resumed.state.global_step
-        result["resumed_epsilon"] = float(resumed.get_privacy_spent().epsilon)
+        resumed, _ = resume_from_checkpoint_2(trainer, build_trainer, name, world, workdir, out_dir, result)
         # DPOptimizer.step calls that took noise: the DCP optimizer-state initialisation at a save or a load (an
         # lr-0 step on zero gradients) must not count.
         result["optimizer_steps"] = _dp_optimizer(trainer.optimizer).steps_taken

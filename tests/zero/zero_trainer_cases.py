@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -128,21 +127,8 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
         result["eval"] = trainer.evaluate(eval_dataset=fsdp_trainer_cases.dataset(8, seed=5))
         result["params_after_eval"] = params_of(trainer)
     if name == "resume":
-        result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
-        result["uninterrupted_epsilon"] = float(trainer.get_privacy_spent().epsilon)
-        ckpt = os.path.join(workdir, f"{name}-w{world}-stopped", "checkpoint-2")
-        if _rank() == 0:
-            shutil.copytree(os.path.join(out_dir, "checkpoint-2"), ckpt, dirs_exist_ok=True)
-        _barrier()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            resumed = build_trainer(name, world, os.path.join(workdir, f"{name}-w{world}-resumed"))
-            resumed.train(resume_from_checkpoint=ckpt)
-        result["checkpoint_files"] = sorted(os.listdir(ckpt))
-        result["resumed"] = resumed.privacy_callback.accountant.state_dict()
-        result["resumed_steps"] = resumed.privacy_callback.steps
-        result["resumed_global_step"] = resumed.state.global_step
-        result["resumed_epsilon"] = float(resumed.get_privacy_spent().epsilon)
+        resumed, ckpt = fsdp_trainer_cases.resume_from_checkpoint_2(trainer, build_trainer, name, world, workdir,
+                                                                    out_dir, result)
         result["resumed_feed_steps"] = resumed._zero_feed.steps_taken
         result["resumed_start"] = resumed.snapshot.params  # after the DeepSpeed checkpoint was loaded
         if _rank() == 0:
@@ -168,13 +154,8 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
     return result
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+_rank = fsdp_trainer_cases._rank
+_barrier = fsdp_trainer_cases._barrier
 
 
 def main() -> int:
