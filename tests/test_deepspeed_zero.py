@@ -18,8 +18,6 @@ global batches:
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -28,6 +26,7 @@ import torch
 
 from hf_ewtune.distributed.deepspeed_zero import check_zero_engine
 from hf_ewtune.errors import PrivacyConfigError, UnsupportedModuleError
+from torchrun_helpers import torchrun_two
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 900
@@ -104,20 +103,8 @@ def test_deepspeed_in_dp_training_arguments_is_refused_before_deepspeed_is_impor
 def zero_runs(tmp_path_factory):
     pytest.importorskip("deepspeed")
     out = str(tmp_path_factory.mktemp("zero") / "results.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "zero", "zero_cases.py"), "--out", out]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        text, _ = proc.communicate()
-        pytest.fail(f"ZeRO 2-process run hung (> {TIMEOUT_S} s): a rank is stuck in a collective.\n{text[-4000:]}")
-    assert proc.returncode == 0, text[-6000:]
+    torchrun_two(os.path.join(HERE, "zero", "zero_cases.py"), "--out", out, what="ZeRO", timeout_s=TIMEOUT_S,
+                 extra_env={"DS_ACCELERATOR": "cpu"})
     return torch.load(out, weights_only=False), torch.load(out + ".rank1", weights_only=False)
 
 

@@ -17,12 +17,11 @@ same global batches. Checked:
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
+from torchrun_helpers import torchrun_two
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FSDP_DIR = os.path.join(HERE, "fsdp")
@@ -36,19 +35,8 @@ TIMEOUT_S = 420
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fsdp") / "results.pt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(FSDP_DIR, "fsdp_cases.py"), "--out", out, "--cases", "full,lora,variance,engine_first"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        text, _ = proc.communicate()
-        pytest.fail(f"FSDP2 2-process run hung (> {TIMEOUT_S} s): a rank is stuck in a collective.\n{text[-4000:]}")
-    assert proc.returncode == 0, text[-6000:]
+    torchrun_two(os.path.join(FSDP_DIR, "fsdp_cases.py"), "--out", out, "--cases", "full,lora,variance,engine_first",
+                 what="FSDP2", timeout_s=TIMEOUT_S)
     return torch.load(out, weights_only=False)
 
 

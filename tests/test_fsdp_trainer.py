@@ -27,12 +27,11 @@ gradient checkpointing with FSDP2, XLA, DeepSpeed).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
+from torchrun_helpers import torchrun_two
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FSDP_DIR = os.path.join(HERE, "fsdp")
@@ -44,22 +43,8 @@ TIMEOUT_S = 900  # ~60-90 s on 2 idle cores; the shared test machine can be many
 
 
 def _launch(workdir: str, cases: tuple[str, ...]) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(FSDP_DIR, "trainer_cases.py"), "--workdir", workdir, "--cases", ",".join(cases)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        text, _ = proc.communicate()
-        pytest.fail(f"FSDP2 Trainer 2-process run hung (> {TIMEOUT_S} s): a rank is stuck in a collective.\n{text[-4000:]}")
-    with open(os.path.join(workdir, "launch.log"), "w") as fh:
-        fh.write(text)
-    errors = [line for line in text.splitlines() if "Error" in line and "Warning" not in line]
-    assert proc.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + text[-4000:]
+    torchrun_two(os.path.join(FSDP_DIR, "trainer_cases.py"), "--workdir", workdir, "--cases", ",".join(cases),
+                 what="FSDP2 Trainer", timeout_s=TIMEOUT_S, log_path=os.path.join(workdir, "launch.log"))
     return torch.load(os.path.join(workdir, "results.pt"), weights_only=False)
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -34,6 +32,7 @@ import pytest
 import torch
 
 from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
+from torchrun_helpers import torchrun_two
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 900  # ~45 s on 2 idle cores; the shared test machine can be many times slower
@@ -46,25 +45,9 @@ STAGE2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "
 def zero_trainer_runs(tmp_path_factory):
     pytest.importorskip("deepspeed")
     workdir = str(tmp_path_factory.mktemp("zero_trainer"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "zero", "zero_trainer_cases.py"), "--workdir", workdir]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    for var in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
-        env.pop(var, None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        text, _ = proc.communicate()
-        pytest.fail(f"DeepSpeed Trainer 2-process run hung (> {TIMEOUT_S} s): a rank is stuck in a collective.\n"
-                    f"{text[-4000:]}")
-    with open(os.path.join(workdir, "launch.log"), "w") as fh:
-        fh.write(text)
-    assert proc.returncode == 0, text[-6000:]
+    torchrun_two(os.path.join(HERE, "zero", "zero_trainer_cases.py"), "--workdir", workdir, what="DeepSpeed Trainer",
+                 timeout_s=TIMEOUT_S, extra_env={"DS_ACCELERATOR": "cpu"}, log_path=os.path.join(workdir, "launch.log"),
+                 drop_env=("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
     return torch.load(os.path.join(workdir, "results.pt"), weights_only=False)
 
 
