@@ -91,9 +91,10 @@ def test_grams_from_lower_triangle_blocks_give_the_instantiated_norms(t, blocks)
     model = QKVThenOut(d).double()
     x = torch.randn(2, t, d, dtype=torch.float64)
     engine = ClippingEngine(model, max_grad_norm=1e6)
-    # Force the ghost (Gram) path at every length, whatever use_ghost would pick for these small widths.
+    # Force the ghost (Gram) path at every length, whatever keep_fits / use_ghost would pick for these small widths.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(linear_rule, "use_ghost", lambda *_: True)
+        mp.setattr(linear_rule, "keep_fits", lambda *_, **__: False)
         norms = engine.backward(model(x))
     per_example = engine.per_example_gradients(model(x))
     engine.remove()

@@ -1,8 +1,15 @@
 """Per-example gradients of ``nn.Linear`` and GPT-2's ``Conv1D`` (``y = x @ W + b``, ``W`` is ``[in, out]``).
 
-Norms use the ghost identity ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` when ``2 T^2 < d_in d_out`` (the
-symmetric Grams computed from the blocks of their lower triangle, :func:`gram_blocks`) and instantiate ``G_i^T A_i``
-otherwise; the clipped sum is one GEMM ``(c * G)^T A`` over all tokens.
+Per call, the cheapest exact way to the norms (``B`` examples of ``T`` tokens):
+
+1. **Instantiate and keep** ``g_i = G_i^T A_i`` when it is no larger than the call's ``A`` and ``G``
+   (:func:`keep_fits`: ``d_in d_out <= T (d_in + d_out)`` in like dtypes), then drop ``A`` and ``G``. The
+   instantiation costs the same multiply-adds as the clipped-sum GEMM it replaces (the clipped sum is then
+   ``sum_i c_i g_i``, one pass), so the norms cost nothing extra and memory does not grow. This is every layer
+   of a Llama at long sequences (Q/O of 1B widths from ``T = 1024``, all from ``T = 1639``).
+2. Otherwise the ghost identity ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` when ``2 T^2 < d_in d_out`` (the
+   symmetric Grams computed from the blocks of their lower triangle, :func:`gram_blocks`), else instantiation for
+   the norm only; the clipped sum is then one GEMM ``(c * G)^T A`` over all tokens.
 
 The Gram matrix ``A A^T`` (``B T^2`` floats) of an input shared by several layers (Q/K/V, gate/up) is computed
 once per backward and freed after its last reader (:func:`note_gram_readers`), so at most the Grams of one input
@@ -86,6 +93,20 @@ def gram_inner(p: list[tuple[float, torch.Tensor]], q: list[tuple[float, torch.T
     return total
 
 
+def keep_fits(t: int, d_in: int, d_out: int, *, a_bytes: int = 4, g_bytes: int = 4, pe_bytes: int = 4) -> bool:
+    """Whether one example's gradient (``d_in d_out`` values of ``pe_bytes``) is no larger than its ``A`` and ``G``
+    (``T`` tokens of ``d_in`` values of ``a_bytes`` and ``d_out`` of ``g_bytes``), so keeping it instead of them
+    costs no memory.
+
+    Example:
+        >>> keep_fits(1024, 2048, 2048), keep_fits(1024, 2048, 8192), keep_fits(2048, 2048, 8192)
+        (True, False, True)
+        >>> keep_fits(1024, 2048, 2048, a_bytes=2, g_bytes=2)  # bf16 activations, float32 gradient
+        False
+    """
+    return d_in * d_out * pe_bytes <= t * (d_in * a_bytes + d_out * g_bytes)
+
+
 def use_ghost(t: int, d_in: int, d_out: int) -> bool:
     """Ghost norm (cost ~T^2 (d_in + d_out)) beats instantiation (~T d_in d_out) when 2 T^2 < d_in d_out."""
     return 2 * t * t < d_in * d_out
@@ -127,6 +148,9 @@ class LinearRule(Rule):
         return ("dense", a, g) if self.transposed else ("dense", g, a)
 
     def norm_sq(self, rec: Record, role: str) -> torch.Tensor:
+        if role in rec.cache:  # the bias, kept with the weight's per-example gradient
+            pe = rec.cache[role]
+            return pe.reshape(pe.shape[0], -1).pow(2).sum(1)
         a, g = self._ag(rec)
         if role == "bias":
             return g.sum(1).pow(2).sum(1)
@@ -137,6 +161,9 @@ class LinearRule(Rule):
             readers[rec.key] -= 1
         if t == 1:
             return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+        if keep_fits(t, a.shape[2], g.shape[2], a_bytes=rec.data.element_size(),
+                     g_bytes=rec.grads[0].element_size(), pe_bytes=a.element_size()):
+            return self._keep_per_example(rec, role, a, g)
         if use_ghost(t, a.shape[2], g.shape[2]):
             gram_key = ("gram", rec.key, a.dtype)  # Q/K/V (and LoRA A) share their input: one A A^T for all
             aa = shared.get(gram_key)
@@ -147,11 +174,17 @@ class LinearRule(Rule):
             else:
                 shared.pop(gram_key, None)  # the last reader: free it as soon as this norm is done
             return gram_inner(aa, gram_blocks(g))
-        pe = self.per_example(rec, role)
-        # Keep it for the clipped sum only while it is small next to the stored activations (LoRA factors);
-        # otherwise the clipped sum is one GEMM over A and G again.
-        if 4 * a.shape[2] * g.shape[2] <= t * (a.shape[2] + g.shape[2]):
-            rec.cache[role] = pe
+        pe = self.per_example(rec, role)  # larger than A and G: not kept; the clipped sum is a GEMM over them
+        return pe.reshape(pe.shape[0], -1).pow(2).sum(1)
+
+    def _keep_per_example(self, rec: Record, role: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Instantiate the weight's per-example gradient, keep it (and the bias's) for the clipped sum, and let go
+        of ``A`` and ``G`` (nothing else reads them; an input shared with Q/K/V lives while another call holds it)."""
+        pe = torch.bmm(a.transpose(1, 2), g) if self.transposed else torch.bmm(g.transpose(1, 2), a)
+        rec.cache[role] = pe
+        if getattr(rec.module, "bias", None) is not None and rec.module.bias.requires_grad:
+            rec.cache["bias"] = g.sum(1)
+        rec.data, rec.grads = None, [None] * len(rec.grads)
         return pe.reshape(pe.shape[0], -1).pow(2).sum(1)
 
     def clipped_sum(self, rec: Record, role: str, c: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""The three ways ``LinearRule`` reaches the norms give the same clipped update as a one-example-at-a-time loop.
+
+``keep``: the per-example gradient is instantiated, kept for the clipped sum, and the call's ``A``/``G`` are let go
+(chosen when it is no larger than them, e.g. every layer of a 1B-width Llama at T = 2048); ``ghost``: Gram
+identity, clipped sum as a GEMM over ``A``/``G``; ``instantiate``: instantiated for the norm only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_ewtune.clipping import ClippingEngine
+from hf_ewtune.clipping import linear as linear_rule
+
+
+class SharedInputNet(nn.Module):
+    """Q/K/V-like Linears reading one input (with and without bias), a GPT-2 Conv1D, then an output Linear."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, 3, bias=False)
+        self.v = Conv1D(d, d)
+        self.o = nn.Linear(d, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.q(x)) * self.k(x).sum(-1, keepdim=True) + self.v(x)
+        return self.o(torch.tanh(h)).pow(2).sum((1, 2))
+
+
+def _naive_clipped_sum(model: nn.Module, x: torch.Tensor, c: float) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(model(x[i:i + 1]).sum(), list(params.values()))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        scale = min(1.0, c / (float(norm) + 1e-6))
+        for n, g in zip(params, grads):
+            total[n] += scale * g
+    return total
+
+
+PATHS = {
+    "keep": (lambda *a, **k: True, lambda *a: False),
+    "ghost": (lambda *a, **k: False, lambda *a: True),
+    "instantiate": (lambda *a, **k: False, lambda *a: False),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("t", [1, 5, 130])
+def test_each_path_gives_the_one_at_a_time_clipped_update(path, t, monkeypatch):
+    keep, ghost = PATHS[path]
+    monkeypatch.setattr(linear_rule, "keep_fits", keep)
+    monkeypatch.setattr(linear_rule, "use_ghost", ghost)
+    torch.manual_seed(t)
+    model = SharedInputNet().double()
+    x = torch.randn(4, t, 6, dtype=torch.float64)
+    expected = _naive_clipped_sum(model, x, c=0.05)
+    engine = ClippingEngine(model, max_grad_norm=0.05)
+    norms = engine.backward(model(x))
+    engine.remove()
+    assert bool((norms > 0.05).all())  # every example is clipped: the factors matter
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_keep_path_lets_go_of_activations_and_output_gradients(monkeypatch):
+    seen = []
+    original = linear_rule.LinearRule._keep_per_example
+
+    def spy(self, rec, role, a, g):
+        out = original(self, rec, role, a, g)
+        seen.append((rec.data, rec.grads, sorted(rec.cache)))
+        return out
+
+    monkeypatch.setattr(linear_rule.LinearRule, "_keep_per_example", spy)
+    torch.manual_seed(0)
+    model = SharedInputNet(d=4)
+    x = torch.randn(2, 64, 4)  # 4 * 4 <= 64 * (4 + 4): every layer keeps its per-example gradient
+    engine = ClippingEngine(model, max_grad_norm=1.0)
+    engine.backward(model(x))
+    engine.remove()
+    assert len(seen) == 4
+    assert all(data is None and grads == [None] for data, grads, _ in seen)
+    assert sorted(cache for _, _, cache in seen) == [["bias", "weight"]] * 3 + [["weight"]]
+
+
+def test_keep_fits_compares_bytes_of_the_kept_gradient_with_the_stored_activations():
+    # 1B-width Llama (hidden 2048, MLP 8192): Q/O from T = 1024, the MLP from T = 1639 (2048 * 8192 / 10240 = 1638.4)
+    assert linear_rule.keep_fits(1024, 2048, 2048) and not linear_rule.keep_fits(1023, 2048, 2048)
+    assert linear_rule.keep_fits(1639, 2048, 8192) and not linear_rule.keep_fits(1638, 2048, 8192)
+    # bf16 activations (2 bytes) against a float32 per-example gradient: twice the tokens needed
+    assert not linear_rule.keep_fits(2047, 2048, 2048, a_bytes=2, g_bytes=2)
+    assert linear_rule.keep_fits(2048, 2048, 2048, a_bytes=2, g_bytes=2)
