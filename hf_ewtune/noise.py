@@ -14,8 +14,9 @@
    each coordinate is noised exactly once (:mod:`hf_ewtune.distributed.fsdp`);
 5. calls the inner optimizer's ``step()``.
 
-The noise generator is reseeded at every step from ``(base_seed, step_index)``: ``base_seed`` comes from
-OS entropy unless a ``noise_seed`` was given. Its state is never saved (HF checkpoints store the global
+The noise generator is reseeded at every step from ``(base_seed, step_index)``, all bits of both (a full
+mt19937 state on CPU, :mod:`hf_ewtune.rng`; ``manual_seed`` would keep 32 and let steps repeat each other's
+noise): ``base_seed`` comes from OS entropy unless a ``noise_seed`` was given. Its state is never saved (HF checkpoints store the global
 RNG state, not this one). A resumed run with the default entropy seed draws fresh noise; with a fixed
 seed it reproduces the uninterrupted run's noise step for step (never reusing a draw for another step).
 
@@ -42,7 +43,8 @@ from hf_ewtune.distributed.fsdp import is_sharded, local_noise_
 from hf_ewtune.dp_settings import DPSettings, HoldsDPSettings, read_only_setting
 from hf_ewtune.errors import PrivacyConfigError, PrivacyStateError
 from hf_ewtune.noise_draw import add_gaussian_noise_
-from hf_ewtune.sampling import derive_seed, new_seed
+from hf_ewtune.rng import seeded_generator
+from hf_ewtune.sampling import new_seed
 
 logger = logging.getLogger(__name__)
 _SHARD_STREAM = 0x5348  # separates the per-shard noise streams from the rank-0 stream
@@ -117,7 +119,6 @@ class DPOptimizer(torch.optim.Optimizer, HoldsDPSettings):
         self._step_index_fn = step_index_fn
         self._counter = 0
         self._distributed = distributed
-        self._generators: dict[str, torch.Generator] = {}
         self._optimizer_step_pre_hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {})
         self._optimizer_step_post_hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
         self.steps_taken = 0
@@ -182,16 +183,11 @@ class DPOptimizer(torch.optim.Optimizer, HoldsDPSettings):
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _generator(self, device: torch.device, step_index: int, *, shard_rank: int | None = None) -> torch.Generator:
-        key = str(device) if shard_rank is None else f"{device}/shard{shard_rank}"
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            self._generators[key] = gen
         parts = (self._base_seed, step_index, zlib.crc32(str(device).encode()))
         if shard_rank is not None:  # FSDP2 shards: a distinct stream per rank (shards never share a draw)
             parts = (*parts, _SHARD_STREAM, shard_rank)
-        gen.manual_seed(derive_seed(*parts))
-        return gen
+        # All bits of the parts (manual_seed on CPU keeps 32: steps would repeat each other's noise, see rng.py)
+        return seeded_generator(device, *parts)
 
     def _use_distributed(self) -> bool:
         rank, world = _dist_info()

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Sampler
 
 from hf_ewtune.errors import PrivacyConfigError
+from hf_ewtune.rng import seeded_generator
 
 EMPTY_BATCH_KEY = "__hf_ewtune_empty_batch__"
 #: The batch samplings DPTrainer offers (``PrivacyArguments.sampling``), each with its certified accountant.
@@ -169,7 +170,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def logical_batches(self, epoch: int | None = None) -> Iterator[torch.Tensor]:
         """The global logical batches (index tensors, identical on every rank) of an epoch."""
         epoch = self.epoch if epoch is None else int(epoch)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        gen = seeded_generator("cpu", self.seed, epoch)  # all bits of (seed, epoch): see hf_ewtune.rng
         if self.poisson:
             for _ in range(self.steps_per_epoch):
                 mask = torch.rand(self.num_samples, generator=gen) < self.sample_rate

@@ -39,7 +39,8 @@ import torch
 
 from hf_ewtune.checks import USER_UNIT, check_user_arguments  # noqa: F401  (re-exported)
 from hf_ewtune.errors import PrivacyConfigError
-from hf_ewtune.sampling import PoissonBatchSampler, derive_seed
+from hf_ewtune.rng import seeded_generator
+from hf_ewtune.sampling import PoissonBatchSampler
 
 #: Batch key (set by :class:`UserTaggingCollator`, popped by ``DPTrainer.training_step``) holding each row's user.
 UNITS_KEY = "__hf_ewtune_user_units__"
@@ -233,7 +234,7 @@ class UserPoissonBatchSampler(PoissonBatchSampler):
             rows = self.plan.user_rows[u]
             if cap is not None and len(rows) > cap:
                 if gen is None:
-                    gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, step, _CAP_STREAM))
+                    gen = seeded_generator("cpu", self.seed, epoch, step, _CAP_STREAM)
                 rows = np.sort(rows[torch.randperm(len(rows), generator=gen)[:cap].numpy()])
             out.append(rows)
         return out

@@ -55,7 +55,8 @@ from ..clipping import ClippingEngine
 from ..dp_settings import DPSettings
 from ..errors import PrivacyConfigError, PrivacyStateError, UnsupportedModuleError
 from ..noise_draw import add_gaussian_noise_
-from ..sampling import derive_seed, new_seed
+from ..rng import seeded_generator
+from ..sampling import new_seed
 
 _ZERO_STREAM = 0x5A45  # separates the ZeRO noise stream from DPOptimizer's
 
@@ -247,8 +248,8 @@ def feed_clipped_sums(engine: Any, params: list[torch.Tensor], sums: list[torch.
     """
     rank, world = _world()
     if boundary and rank == 0 and settings.noise_std > 0:
-        gen = torch.Generator(device=sums[0].device)
-        gen.manual_seed(derive_seed(noise_seed, step_index, _ZERO_STREAM, zlib.crc32(str(sums[0].device).encode())))
+        gen = seeded_generator(sums[0].device, noise_seed, step_index, _ZERO_STREAM,
+                               zlib.crc32(str(sums[0].device).encode()))
         with torch.no_grad():
             for g in sums:
                 add_gaussian_noise_(g, std=settings.noise_std, generator=gen)
