@@ -104,3 +104,48 @@ def test_dp_optimizer_noise_is_unchanged_from_the_per_parameter_draw():
     opt.step()
     for p, e in zip(params, expected):
         assert torch.equal(-p.detach(), e)
+
+
+# ---- large tensors: segments with their own generators, drawn in parallel threads -----------------------------
+from hf_ewtune.noise_draw import SEGMENT_MIN, segment_bounds  # noqa: E402
+
+
+def test_segments_cover_large_tensors_and_depend_on_size_only():
+    assert segment_bounds(SEGMENT_MIN - 1) == [(0, SEGMENT_MIN - 1)]
+    for n in (SEGMENT_MIN, SEGMENT_MIN + 7, 40 * 2**20 + 3):
+        seg = segment_bounds(n)
+        assert seg[0][0] == 0 and seg[-1][1] == n and all(a[1] == b[0] for a, b in zip(seg, seg[1:]))
+        assert 2 <= len(seg) <= 16
+
+
+def test_segmented_noise_does_not_depend_on_the_thread_count():
+    n = SEGMENT_MIN + 1000
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            t = torch.zeros(n)
+            add_gaussian_noise_(t, std=1.5, generator=torch.Generator().manual_seed(4), divide_by=3.0)
+            out.append(t)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
+def test_segmented_noise_is_iid_with_the_exact_variance_and_fresh_per_call():
+    n = 3 * 2**20 + 5  # three segments
+    gen = torch.Generator().manual_seed(8)
+    t = torch.zeros(n)
+    add_gaussian_noise_(t, std=0.6, generator=gen, divide_by=2.0)
+    x = (t.double() * 2.0 / 0.6)  # N(0, 1) if the variance is exactly (0.6 / 2)^2
+    lo, hi = stats.chi2.ppf([1e-6, 1 - 1e-6], n)
+    assert lo < float((x ** 2).sum()) < hi
+    assert stats.kstest(x[:200_000].numpy(), "norm").pvalue > 1e-6
+    segs = [x[a:b][:2**20] for a, b in segment_bounds(n)]
+    assert len(segs) == 3
+    corr = torch.corrcoef(torch.stack(segs))
+    assert corr[~torch.eye(3, dtype=torch.bool)].abs().max() < 6 / math.sqrt(2**20)  # independent streams
+    again = torch.zeros(n)
+    add_gaussian_noise_(again, std=0.6, generator=gen, divide_by=2.0)  # the generator moved on: fresh noise
+    assert abs(float(torch.corrcoef(torch.stack([t, again]))[0, 1])) < 6 / math.sqrt(n)
