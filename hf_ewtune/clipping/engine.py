@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 import weakref
 from typing import Iterator
 
@@ -254,14 +255,23 @@ class ClippingEngine:
                 for rec in records:
                     rec.rule.mask_examples(rec, keep)
                 pe_sum = {k: torch.where(keep.view(-1, *([1] * (v.dim() - 1))), v, 0) for k, v in pe_sum.items()}
+            if records and records[0].shared is not None:
+                records[0].shared.clear()  # Gram matrices: only the norms read them
+            # A record's A, G and kept gradients are let go once the last of its parameters' sums is built, so the
+            # sums grow while the records shrink (holding both in full was the DP step's memory peak).
+            pending = Counter(id(rec) for plist in uses.values() for rec, _ in plist)
             sums = []  # all computed before any p.grad is touched: an error leaves p.grad unchanged
             for pid, plist in uses.items():
                 c = factors[self._group_of[pid] if factors.shape[0] > 1 else 0]
                 if pid in pe_sum:
-                    s = torch.tensordot(c, pe_sum[pid], dims=1)
+                    s = torch.tensordot(c, pe_sum.pop(pid), dims=1)
                 else:
                     s = _total(rec.rule.clipped_sum(rec, role, c) for rec, role in plist)
                 sums.append((self._params[self._param_name[pid]], s))
+                for rec, _ in plist:
+                    pending[id(rec)] -= 1
+                    if not pending[id(rec)]:
+                        rec.release()
             records.clear()
             uses.clear()
             for p, s in sums:

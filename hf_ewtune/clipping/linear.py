@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ._base import Record, Rule, compute_dtype, storage_key, tensor_arg
+from ._base import Record, Rule, compute_dtype, squared_norms, storage_key, tensor_arg
 
 
 _GRAM_READERS = "gram_readers"
@@ -93,6 +93,10 @@ def gram_inner(p: list[tuple[float, torch.Tensor]], q: list[tuple[float, torch.T
     return total
 
 
+#: How much larger than a call's ``A`` and ``G`` its kept per-example gradient may be (:func:`keep_fits`).
+KEEP_FACTOR = 1.0
+
+
 def keep_fits(t: int, d_in: int, d_out: int, *, a_bytes: int = 4, g_bytes: int = 4, pe_bytes: int = 4) -> bool:
     """Whether one example's gradient (``d_in d_out`` values of ``pe_bytes``) is no larger than its ``A`` and ``G``
     (``T`` tokens of ``d_in`` values of ``a_bytes`` and ``d_out`` of ``g_bytes``), so keeping it instead of them
@@ -104,7 +108,7 @@ def keep_fits(t: int, d_in: int, d_out: int, *, a_bytes: int = 4, g_bytes: int =
         >>> keep_fits(1024, 2048, 2048, a_bytes=2, g_bytes=2)  # bf16 activations, float32 gradient
         False
     """
-    return d_in * d_out * pe_bytes <= t * (d_in * a_bytes + d_out * g_bytes)
+    return d_in * d_out * pe_bytes <= KEEP_FACTOR * t * (d_in * a_bytes + d_out * g_bytes)
 
 
 def use_ghost(t: int, d_in: int, d_out: int) -> bool:
@@ -150,7 +154,7 @@ class LinearRule(Rule):
     def norm_sq(self, rec: Record, role: str) -> torch.Tensor:
         if role in rec.cache:  # the bias, kept with the weight's per-example gradient
             pe = rec.cache[role]
-            return pe.reshape(pe.shape[0], -1).pow(2).sum(1)
+            return squared_norms(pe)
         a, g = self._ag(rec)
         if role == "bias":
             return g.sum(1).pow(2).sum(1)
@@ -175,7 +179,7 @@ class LinearRule(Rule):
                 shared.pop(gram_key, None)  # the last reader: free it as soon as this norm is done
             return gram_inner(aa, gram_blocks(g))
         pe = self.per_example(rec, role)  # larger than A and G: not kept; the clipped sum is a GEMM over them
-        return pe.reshape(pe.shape[0], -1).pow(2).sum(1)
+        return squared_norms(pe)
 
     def _keep_per_example(self, rec: Record, role: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Instantiate the weight's per-example gradient, keep it (and the bias's) for the clipped sum, and let go
@@ -185,7 +189,7 @@ class LinearRule(Rule):
         if getattr(rec.module, "bias", None) is not None and rec.module.bias.requires_grad:
             rec.cache["bias"] = g.sum(1)
         rec.data, rec.grads = None, [None] * len(rec.grads)
-        return pe.reshape(pe.shape[0], -1).pow(2).sum(1)
+        return squared_norms(pe)
 
     def clipped_sum(self, rec: Record, role: str, c: torch.Tensor) -> torch.Tensor:
         if role in rec.cache:
