@@ -121,3 +121,30 @@ def test_records_are_let_go_while_the_clipped_sums_are_built(monkeypatch):
     # q.weight, q.bias, k.weight, v.weight, v.bias, o.weight, o.bias: each record is let go after its last role,
     # so no earlier layer still holds its A and G when the next one's sum is built (old main: 0, 0, 1, 2, 2, 3, 3)
     assert holding == [0] * 7
+
+
+class TiedBiasNet(nn.Module):
+    """Two Linears share one bias Parameter (a reused parameter) while their weights are their own."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.b.bias = self.a.bias
+
+    def forward(self, x):
+        return (torch.tanh(self.a(x)) * self.b(x)).sum((1, 2))
+
+
+def test_kept_layer_whose_bias_is_reused_elsewhere():
+    """The weight of ``a`` is kept (A and G dropped) before the tied bias needs ``a``'s factors: the bias is then
+    instantiated from the kept per-example bias gradient."""
+    torch.manual_seed(0)
+    model = TiedBiasNet().double()
+    x = torch.randn(3, 40, 4, dtype=torch.float64)  # 4 * 4 <= 40 * 8: both weights are kept
+    assert linear_rule.keep_fits(40, 4, 4, a_bytes=8, g_bytes=8, pe_bytes=8)
+    expected = _naive_clipped_sum(model, x, c=0.05)
+    engine = ClippingEngine(model, max_grad_norm=0.05)
+    engine.backward(model(x))
+    engine.remove()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-9, atol=1e-12, msg=n)

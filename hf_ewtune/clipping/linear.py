@@ -146,6 +146,8 @@ class LinearRule(Rule):
         return torch.bmm(g.transpose(1, 2), a)  # [B, out, in]
 
     def factors(self, rec: Record, role: str):
+        if rec.data is None:  # kept (see norm_sq): A and G are gone, the cached per-example gradient stands in
+            return None
         a, g = self._ag(rec)
         if role == "bias":
             return ("dense", g, torch.ones(*g.shape[:2], 1, dtype=g.dtype, device=g.device))
