@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import Counter
 import weakref
+from collections import Counter
 from typing import Iterator
 
 import torch
