@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -30,6 +29,7 @@ DDP_DIR = os.path.join(HERE, "ddp")
 sys.path.insert(0, DDP_DIR)
 
 import ddp_cases  # noqa: E402
+from torchrun_helpers import run_process_group  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 420
 CASES = ("full", "lora", "noisy", "variance", "empty", "resume", "users")
@@ -46,15 +46,8 @@ def launch(script: str, *script_args: str, num_processes: int = 2, timeout: floa
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                     OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"2-process launch hung (> {timeout} s): a rank is stuck in a collective.\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    returncode, out = run_process_group(cmd, env=full_env, timeout_s=timeout, what=f"{num_processes}-process launch")
+    return subprocess.CompletedProcess(cmd, returncode, out, "")
 
 
 @pytest.fixture(scope="module")

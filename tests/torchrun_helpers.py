@@ -1,4 +1,5 @@
-"""One way to start a 2-process ``torchrun --standalone`` test launch on CPU (gloo) and fail it clearly."""
+"""One way to start a 2-process test launch on CPU (gloo) and fail it clearly: :func:`run_process_group` (any
+launcher, e.g. ``accelerate launch`` in ``test_distributed.py``) and :func:`torchrun_two` (``torchrun --standalone``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,22 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_process_group(cmd: list[str], *, env: dict[str, str], timeout_s: float, what: str) -> tuple[int, str]:
+    """Run a multi-process launch command in its own session; return its exit status and combined output.
+
+    Kills the whole process group and fails the test when it runs past ``timeout_s`` (a rank stuck in a collective).
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
+        pytest.fail(f"{what} run hung (> {timeout_s} s): a rank is stuck in a collective.\n{text[-4000:]}")
+    return proc.returncode, text
 
 
 def torchrun_two(script: str, *args: str, what: str, timeout_s: float, extra_env: dict[str, str] | None = None,
@@ -25,17 +42,10 @@ def torchrun_two(script: str, *args: str, what: str, timeout_s: float, extra_env
     env.update(extra_env or {})
     for var in drop_env:
         env.pop(var, None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        text, _ = proc.communicate()
-        pytest.fail(f"{what} 2-process run hung (> {timeout_s} s): a rank is stuck in a collective.\n{text[-4000:]}")
+    returncode, text = run_process_group(cmd, env=env, timeout_s=timeout_s, what=f"{what} 2-process")
     if log_path is not None:
         with open(log_path, "w") as fh:
             fh.write(text)
     errors = [line for line in text.splitlines() if "Error" in line and "Warning" not in line]
-    assert proc.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + text[-6000:]
+    assert returncode == 0, "\n".join(errors[:20]) + "\n...\n" + text[-6000:]
     return text
