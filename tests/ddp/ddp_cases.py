@@ -14,7 +14,7 @@ only hold if the DP-DDP contract is kept:
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 from typing import Any
 
 import torch
@@ -23,6 +23,9 @@ from transformers import TrainerCallback, TrainingArguments
 from hf_ewtune import DPTrainer
 from hf_ewtune.sampling import is_empty_batch
 from hf_ewtune.testing import tiny_bert
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from resume_cases import barrier as _barrier, resume_from_checkpoint_2  # noqa: E402
 
 REF_WORLD = 2  # the batch settings below are per device for a 2-process run
 
@@ -191,25 +194,12 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
     result: dict[str, Any] = {"name": name, "world": world}
     if name == "resume":
         trainer.train()
-        result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
         result["uninterrupted_steps"] = trainer.privacy_callback.steps
         _barrier()
         # A second run, "stopped" after checkpoint-2 and resumed from it in a fresh trainer.
-        ckpt = os.path.join(workdir, f"{name}-w{world}-stopped", "checkpoint-2")
-        if _rank() == 0:
-            shutil.copytree(os.path.join(out_dir, "checkpoint-2"), ckpt, dirs_exist_ok=True)
-        _barrier()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            resumed = build_trainer(name, world, os.path.join(workdir, f"{name}-w{world}-resumed"))
-        resumed.train(resume_from_checkpoint=ckpt)
+        resumed, _ = resume_from_checkpoint_2(trainer, build_trainer, name, world, workdir, out_dir, result)
         result["secret_seeds_in_checkpoint"] = _secret_seeds_in(os.path.join(out_dir, "checkpoint-2"), trainer)
-        result["resumed"] = resumed.privacy_callback.accountant.state_dict()
-        result["resumed_steps"] = resumed.privacy_callback.steps
-        result["resumed_global_step"] = resumed.state.global_step
         result["resumed_param_diff"] = resumed.rank_checks.max_param_diff
-        result["resumed_epsilon"] = float(resumed.get_privacy_spent().epsilon)
-        result["uninterrupted_epsilon"] = float(trainer.get_privacy_spent().epsilon)
     else:
         trainer.train()
     after = trainable_state(trainer)
@@ -264,14 +254,3 @@ def _secret_seeds_in(folder: str, trainer: DPTrainer) -> list[str]:
             if any(n in blob for n in needles):
                 hits.append(f)
     return hits
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

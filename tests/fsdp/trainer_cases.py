@@ -16,7 +16,6 @@ re-bound to the ``DTensor`` parameters, FSDP checkpoints) is accelerate's and tr
 from __future__ import annotations
 
 import os
-import shutil
 import zlib
 import sys
 from typing import Any
@@ -32,6 +31,9 @@ from hf_ewtune import DPTrainer  # noqa: E402
 from hf_ewtune.callbacks import _dp_optimizer  # noqa: E402
 from hf_ewtune.distributed.fsdp import is_sharded  # noqa: E402
 from hf_ewtune.sampling import is_empty_batch  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from resume_cases import barrier as _barrier, rank as _rank, resume_from_checkpoint_2  # noqa: E402,F401
 
 CASES = ("full", "lora", "bf16", "variance", "ckpt", "resume", "resume_full")
 VOCAB = 200
@@ -190,31 +192,6 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def resume_from_checkpoint_2(trainer: Any, build: Any, name: str, world: int, workdir: str, out_dir: str,
-                             result: dict[str, Any]) -> tuple[Any, str]:
-    """Copy the finished run's ``checkpoint-2`` aside, resume a fresh ``build(name, world, dir)`` trainer from it,
-    and record both runs' accountant state, steps and epsilon in ``result``; returns the resumed trainer and the
-    checkpoint's path (shared by this launcher and ``tests/zero/zero_trainer_cases.py``)."""
-    import warnings
-
-    result["uninterrupted"] = trainer.privacy_callback.accountant.state_dict()
-    result["uninterrupted_epsilon"] = float(trainer.get_privacy_spent().epsilon)
-    ckpt = os.path.join(workdir, f"{name}-w{world}-stopped", "checkpoint-2")
-    if _rank() == 0:
-        shutil.copytree(os.path.join(out_dir, "checkpoint-2"), ckpt, dirs_exist_ok=True)
-    _barrier()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        resumed = build(name, world, os.path.join(workdir, f"{name}-w{world}-resumed"))
-        resumed.train(resume_from_checkpoint=ckpt)
-    result["checkpoint_files"] = sorted(os.listdir(ckpt))
-    result["resumed"] = resumed.privacy_callback.accountant.state_dict()
-    result["resumed_steps"] = resumed.privacy_callback.steps
-    result["resumed_global_step"] = resumed.state.global_step
-    result["resumed_epsilon"] = float(resumed.get_privacy_spent().epsilon)
-    return resumed, ckpt
-
-
 def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
     import warnings
 
@@ -262,15 +239,6 @@ def run_case(name: str, world: int, workdir: str) -> dict[str, Any]:
 
 def s_type(name: str) -> str:
     return case_settings(name)["state_dict_type"]
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def main() -> int:
