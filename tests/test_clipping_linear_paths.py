@@ -1,7 +1,9 @@
-"""The three ways ``LinearRule`` reaches the norms give the same clipped update as a one-example-at-a-time loop.
+"""The ways ``LinearRule`` reaches the norms give the same clipped update as a one-example-at-a-time loop.
 
-``keep``: the per-example gradient is instantiated, kept for the clipped sum, and the call's ``A``/``G`` are let go
-(chosen when it is no larger than them, e.g. every layer of a 1B-width Llama at T = 2048); ``ghost``: Gram
+``keep``: the per-example gradient is built during the backward as the output gradient arrives and kept for the
+clipped sum; neither ``A`` nor ``G`` is held (chosen when it is no larger than them, e.g. every layer of a
+1B-width Llama at T = 2048, every LoRA factor); ``keep_late``: the same after the backward, from the recorded
+``A``/``G``, which are then let go (calls whose batch size was not known in the forward); ``ghost``: Gram
 identity, clipped sum as a GEMM over ``A``/``G``; ``instantiate``: instantiated for the norm only.
 """
 
@@ -44,17 +46,24 @@ def _naive_clipped_sum(model: nn.Module, x: torch.Tensor, c: float) -> dict[str,
 
 PATHS = {
     "keep": (lambda *a, **k: True, lambda *a: False),
+    "keep_late": (lambda *a, **k: True, lambda *a: False),
     "ghost": (lambda *a, **k: False, lambda *a: True),
     "instantiate": (lambda *a, **k: False, lambda *a: False),
 }
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("t", [1, 5, 130])
-def test_each_path_gives_the_one_at_a_time_clipped_update(path, t, monkeypatch):
+def force_path(monkeypatch, path: str) -> None:
     keep, ghost = PATHS[path]
     monkeypatch.setattr(linear_rule, "keep_fits", keep)
     monkeypatch.setattr(linear_rule, "use_ghost", ghost)
+    if path == "keep_late":
+        monkeypatch.setattr(linear_rule, "keeps_during_backward", lambda engine: False)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("t", [1, 5, 130])
+def test_each_path_gives_the_one_at_a_time_clipped_update(path, t, monkeypatch):
+    force_path(monkeypatch, path)
     torch.manual_seed(t)
     model = SharedInputNet().double()
     x = torch.randn(4, t, 6, dtype=torch.float64)
@@ -77,6 +86,7 @@ def test_keep_path_lets_go_of_activations_and_output_gradients(monkeypatch):
         return out
 
     monkeypatch.setattr(linear_rule.LinearRule, "_keep_per_example", spy)
+    monkeypatch.setattr(linear_rule, "keeps_during_backward", lambda engine: False)
     torch.manual_seed(0)
     model = SharedInputNet(d=4)
     x = torch.randn(2, 64, 4)  # 4 * 4 <= 64 * (4 + 4): every layer keeps its per-example gradient
@@ -111,8 +121,7 @@ def test_records_are_let_go_while_the_clipped_sums_are_built(monkeypatch):
         return original(self, rec, role, c)
 
     monkeypatch.setattr(linear_rule.LinearRule, "clipped_sum", spy)
-    monkeypatch.setattr(linear_rule, "keep_fits", PATHS["ghost"][0])
-    monkeypatch.setattr(linear_rule, "use_ghost", PATHS["ghost"][1])
+    force_path(monkeypatch, "ghost")
     torch.manual_seed(0)
     model = SharedInputNet().double()
     engine = ClippingEngine(model, max_grad_norm=0.1)
@@ -142,6 +151,58 @@ def test_kept_layer_whose_bias_is_reused_elsewhere():
     model = TiedBiasNet().double()
     x = torch.randn(3, 40, 4, dtype=torch.float64)  # 4 * 4 <= 40 * 8: both weights are kept
     assert linear_rule.keep_fits(40, 4, 4, a_bytes=8, g_bytes=8, pe_bytes=8)
+    expected = _naive_clipped_sum(model, x, c=0.05)
+    engine = ClippingEngine(model, max_grad_norm=0.05)
+    engine.backward(model(x))
+    engine.remove()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_kept_in_backward_the_engine_holds_neither_inputs_nor_output_gradients(monkeypatch):
+    """Keeping during the backward: the records hold only the per-example gradients (built from the output
+    gradient as it arrives and the input saved by autograd), and autograd returns 0-dim tokens, not ``G``."""
+    import hf_ewtune.clipping.engine as engine_module
+
+    held = []
+    original = engine_module.ClippingEngine._run_backward
+
+    def spy(self, loss):
+        records, uses, b = original(self, loss)
+        held.extend((rec.eager, rec.data, [g.dim() for g in rec.grads], sorted(rec.cache)) for rec in records)
+        return records, uses, b
+
+    monkeypatch.setattr(engine_module.ClippingEngine, "_run_backward", spy)
+    torch.manual_seed(0)
+    model = SharedInputNet(d=4)
+    x = torch.randn(2, 64, 4)  # 4 * 4 <= 64 * (4 + 4): every call keeps its per-example gradient
+    expected = _naive_clipped_sum(model, x, c=0.05)
+    engine = ClippingEngine(model, max_grad_norm=0.05)
+    engine.backward(model(x))
+    engine.remove()
+    assert len(held) == 4
+    assert all(eager and data is None and dims == [0] for eager, data, dims, _ in held)
+    assert sorted(cache for *_, cache in held) == [["bias", "weight"]] * 3 + [["weight"]]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_kept_output_may_be_modified_in_place():
+    """The kept call's output is an ordinary tensor (a copy), so an in-place op after the layer stays legal."""
+
+    class InPlaceAfter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h.mul_(2.0).relu_()
+            return h.sum((1, 2))
+
+    torch.manual_seed(0)
+    model = InPlaceAfter().double()
+    x = torch.randn(3, 40, 4, dtype=torch.float64)
     expected = _naive_clipped_sum(model, x, c=0.05)
     engine = ClippingEngine(model, max_grad_norm=0.05)
     engine.backward(model(x))

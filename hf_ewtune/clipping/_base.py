@@ -48,6 +48,10 @@ class Record:
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
     key: Any = None
     shared: dict | None = None  # per-backward cache shared by all records (e.g. Gram matrices of a shared input)
+    #: Kept during the backward (see :mod:`.linear`): ``outputs``/``edges`` are a 0-dim token whose gradient only
+    #: marks that the backward reached the call; ``stop_nodes`` are where the coverage walk stops instead.
+    eager: bool = False
+    stop_nodes: list | None = None
 
     def release(self) -> None:
         """Let go of everything stored for this call (its clipped sums are built)."""
@@ -57,6 +61,8 @@ class Record:
     @property
     def active(self) -> bool:
         """Whether the loss depended on this call (at least one output got a gradient)."""
+        if self.eager:
+            return bool(self.cache)
         return self.grads is not None and any(g is not None for g in self.grads)
 
 

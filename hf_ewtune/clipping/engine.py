@@ -424,7 +424,8 @@ class ClippingEngine:
             rec.grads = [None] * len(rec.edges)
             rec.batch_size = b
         total_loss = per_example_loss.sum()
-        reentrant_nodes = self._check_coverage(total_loss, targets)
+        reentrant_nodes = self._check_coverage(
+            total_loss, targets, [n for rec in records for n in (rec.stop_nodes or ())])
         reducer = "FSDP2" if reentrant_nodes and any(is_sharded(p) for p in self.model.parameters()) else (
             self.raw_gradients_reduced_by)
         if reentrant_nodes and reducer:
@@ -452,7 +453,7 @@ class ClippingEngine:
             if not rec.active:
                 continue
             for g, (shape, _, _) in zip(rec.grads, rec.out_meta):
-                if g is not None and (g.dim() == 0 or g.shape[0] != b):
+                if g is not None and not rec.eager and (g.dim() == 0 or g.shape[0] != b):
                     raise UnsupportedModuleError(
                         f"The output of {type(rec.module).__name__} has leading dimension "
                         f"{tuple(shape[:1])} instead of the batch size {b} (broadcast over the batch?); its "
@@ -464,13 +465,13 @@ class ClippingEngine:
         check_leaks(leaked, {self._param_name[pid] for pid in uses})
         return records, uses, b
 
-    def _check_coverage(self, loss: torch.Tensor, targets: list) -> list:
+    def _check_coverage(self, loss: torch.Tensor, targets: list, extra_stops: list = ()) -> list:
         """Walk the autograd graph from the loss; return the reentrant checkpoint nodes in it.
 
         Up to the recorded module outputs, reaching a trainable parameter means it was used outside its module's
         forward (e.g. ``F.linear(x, other.weight)`` in a parent), where no hook sees it and its gradient would be
         silently dropped: that raises. Past them the walk only looks for reentrant checkpoints."""
-        stop = {edge.node for edge in targets}
+        stop = {edge.node for edge in targets} | set(extra_stops)
         seen: set = set()
         stack = [(loss.grad_fn, True)]
         reentrant = []

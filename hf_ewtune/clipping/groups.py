@@ -98,7 +98,7 @@ def merged_record(rec: Record, layout: UnitLayout, shared: dict) -> Record | Non
     rule = rec.rule
     b = rec.batch_size
     g = rec.grads[0] if rec.grads else None
-    if g is None or len(rec.grads) != 1:
+    if g is None or len(rec.grads) != 1 or rec.data is None:  # kept calls: their per-example gradients are summed
         return None
     if isinstance(rule, LinearRule):
         data = layout.merge(rec.data.reshape(b, -1, rec.data.shape[-1]))

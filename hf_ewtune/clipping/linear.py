@@ -3,10 +3,13 @@
 Per call, the cheapest exact way to the norms (``B`` examples of ``T`` tokens):
 
 1. **Instantiate and keep** ``g_i = G_i^T A_i`` when it is no larger than the call's ``A`` and ``G``
-   (:func:`keep_fits`: ``d_in d_out <= T (d_in + d_out)`` in like dtypes), then drop ``A`` and ``G``. The
-   instantiation costs the same multiply-adds as the clipped-sum GEMM it replaces (the clipped sum is then
-   ``sum_i c_i g_i``, one pass), so the norms cost nothing extra and memory does not grow. This is every layer
-   of a Llama at long sequences (Q/O of 1B widths from ``T = 1024``, all from ``T = 1639``).
+   (:func:`keep_fits`: ``d_in d_out <= T (d_in + d_out)`` in like dtypes). The instantiation costs the same
+   multiply-adds as the clipped-sum GEMM it replaces (the clipped sum is then ``sum_i c_i g_i``, one pass), so
+   the norms cost nothing extra. This is every LoRA factor, and every layer of a Llama at long sequences (Q/O of
+   1B widths from ``T = 1024``, all from ``T = 1639``). Decided in the forward, it happens *during* the backward
+   (:class:`_KeepInBackward`): the output gradient is used as it arrives and never stored, and the input is saved
+   by autograd, so under activation checkpointing it is recomputed instead of held by the engine. A call whose
+   batch size the forward did not know keeps after the backward instead, from the recorded ``A`` and ``G``.
 2. Otherwise the ghost identity ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` when ``2 T^2 < d_in d_out`` (the
    symmetric Grams computed from the blocks of their lower triangle, :func:`gram_blocks`), else instantiation for
    the norm only; the clipped sum is then one GEMM ``(c * G)^T A`` over all tokens.
@@ -127,7 +130,38 @@ class LinearRule(Rule):
         x = tensor_arg(args, kwargs, "x" if self.transposed else "input")
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None, None
+        if self._keeps_in_backward(engine, x, output):
+            token = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            rec = Record(module, self, None, [token], eager=True)
+            tapped = _KeepInBackward.apply(output, x, token, self, rec)
+            rec.stop_nodes = [tapped.grad_fn]
+            return rec, tapped
         return Record(module, self, x.detach(), [output], key=storage_key(x)), None
+
+    def _keeps_in_backward(self, engine, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether this call's per-example gradient is built during the backward, as its output gradient arrives
+        (:func:`keep_fits`, batch-first ``[B, ..., d]`` input and output; not in a reentrant checkpoint's
+        recomputation, whose records the engine catches differently)."""
+        b = getattr(engine, "current_batch_size", None)
+        if not b or x.dim() < 2 or x.shape[0] != b or out.shape[0] != b or not keeps_during_backward(engine):
+            return False
+        d_in, d_out = x.shape[-1], out.shape[-1]
+        t = x.numel() // (b * d_in)
+        pe_bytes = 8 if x.dtype == torch.float64 or out.dtype == torch.float64 else 4
+        return t > 1 and keep_fits(t, d_in, d_out, a_bytes=x.element_size(), g_bytes=out.element_size(),
+                                   pe_bytes=pe_bytes)
+
+    def keep_from(self, rec: Record, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Build and keep the per-example gradient (weight and bias) of call ``rec`` from its input and output
+        gradient (called from the backward); a second arrival (a graph that reaches the call twice) adds up."""
+        b = g.shape[0]
+        cd = compute_dtype(x, g)
+        a, g = x.detach().reshape(b, -1, x.shape[-1]).to(cd), g.reshape(b, -1, g.shape[-1]).to(cd)
+        parts = {"weight": torch.bmm(a.transpose(1, 2), g) if self.transposed else torch.bmm(g.transpose(1, 2), a)}
+        if getattr(rec.module, "bias", None) is not None and rec.module.bias.requires_grad:
+            parts["bias"] = g.sum(1)
+        for role, pe in parts.items():
+            rec.cache[role] = pe if role not in rec.cache else rec.cache[role] + pe
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _ag(self, rec: Record) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +172,8 @@ class LinearRule(Rule):
         return a.reshape(b, -1, a.shape[-1]).to(cd), g.reshape(b, -1, g.shape[-1]).to(cd)
 
     def per_example(self, rec: Record, role: str) -> torch.Tensor:
+        if rec.data is None and role in rec.cache:  # kept (A and G let go)
+            return rec.cache[role]
         a, g = self._ag(rec)
         if role == "bias":
             return g.sum(1)
@@ -206,6 +242,39 @@ class LinearRule(Rule):
             g = g * cv
         a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
         return a2.t() @ g2 if self.transposed else g2.t() @ a2
+
+
+def keeps_during_backward(engine) -> bool:
+    """Whether calls recorded now may keep their per-example gradient during the backward: a normal forward or a
+    non-reentrant checkpoint's recomputation (which must repeat the first forward's graph exactly), not a
+    reentrant recomputation."""
+    from .checkpointing import in_nonreentrant_recompute
+
+    return getattr(engine, "_capture", None) is None or in_nonreentrant_recompute()
+
+
+class _KeepInBackward(torch.autograd.Function):
+    """Identity on a Linear's output (a copy) whose backward builds the call's per-example gradient from the output
+    gradient and the input, and keeps it.
+
+    The input is saved with ``save_for_backward``, so under non-reentrant activation checkpointing it is
+    recomputed rather than held by the engine, and the output gradient is never stored: the engine holds only the
+    per-example gradient (a LoRA factor's is tiny). The gradient flows on unchanged; the input gets none from here.
+    ``token`` (0-dim, requires grad) is what the engine asks autograd for, so the backward reaches this node
+    without anyone keeping the output gradient. The copy makes the output an ordinary tensor (in-place ops after
+    the layer stay legal)."""
+
+    @staticmethod
+    def forward(ctx, out, x, token, rule, rec):
+        ctx.save_for_backward(x)
+        ctx.rule, ctx.rec = rule, rec
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        ctx.rule.keep_from(ctx.rec, x, g)
+        return g, None, torch.zeros((), dtype=g.dtype, device=g.device), None, None
 
 
 def is_plain_linear(module: nn.Module) -> bool:
