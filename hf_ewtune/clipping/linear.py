@@ -22,6 +22,7 @@ at long sequences, where ghost norms are picked for the MLP).
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 
 import torch
@@ -267,13 +268,17 @@ class _KeepInBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, x, token, rule, rec):
         ctx.save_for_backward(x)
-        ctx.rule, ctx.rec = rule, rec
+        # A weak reference: the record holds this node (``stop_nodes``), and a strong one back would be a cycle
+        # through the autograd graph that Python's collector cannot see (the whole graph would leak).
+        ctx.rule, ctx.rec = rule, weakref.ref(rec)
         return out.clone()
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        ctx.rule.keep_from(ctx.rec, x, g)
+        rec = ctx.rec()
+        if rec is not None:  # else the engine dropped the record (a recomputed forward's own graph)
+            ctx.rule.keep_from(rec, x, g)
         return g, None, torch.zeros((), dtype=g.dtype, device=g.device), None, None
 
 
