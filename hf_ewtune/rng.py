@@ -38,9 +38,10 @@ def _seed_sequence(parts: tuple[int, ...]) -> np.random.SeedSequence:
 
 
 def _cpu_state(parts: tuple[int, ...]) -> torch.Tensor:
-    words = _seed_sequence(parts).generate_state(_MT_WORDS, dtype=np.uint32).astype(np.uint64)
+    seq = _seed_sequence(parts)  # generate_state is a pure function of the sequence: two calls, one pool
+    words = seq.generate_state(_MT_WORDS, dtype=np.uint32).astype(np.uint64)
     words[0] |= np.uint64(0x80000000)  # never the all-zero state (as numpy's MT19937 seeding does)
-    head = struct.pack("<QiiQ", int(_seed_sequence(parts).generate_state(1, dtype=np.uint64)[0]) >> 1, 1, 1, 0)
+    head = struct.pack("<QiiQ", int(seq.generate_state(1, dtype=np.uint64)[0]) >> 1, 1, 1, 0)
     state = head + words.astype("<u8").tobytes() + bytes(40)  # left = 1, next = 0: the first draw twists
     return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 

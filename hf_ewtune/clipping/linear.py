@@ -157,12 +157,7 @@ class LinearRule(Rule):
         gradient (called from the backward); a second arrival (a graph that reaches the call twice) adds up."""
         b = g.shape[0]
         cd = compute_dtype(x, g)
-        a, g = x.detach().reshape(b, -1, x.shape[-1]).to(cd), g.reshape(b, -1, g.shape[-1]).to(cd)
-        parts = {"weight": torch.bmm(a.transpose(1, 2), g) if self.transposed else torch.bmm(g.transpose(1, 2), a)}
-        if getattr(rec.module, "bias", None) is not None and rec.module.bias.requires_grad:
-            parts["bias"] = g.sum(1)
-        for role, pe in parts.items():
-            rec.cache[role] = pe if role not in rec.cache else rec.cache[role] + pe
+        self._keep(rec, x.detach().reshape(b, -1, x.shape[-1]).to(cd), g.reshape(b, -1, g.shape[-1]).to(cd))
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _ag(self, rec: Record) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,11 +171,7 @@ class LinearRule(Rule):
         if rec.data is None and role in rec.cache:  # kept (A and G let go)
             return rec.cache[role]
         a, g = self._ag(rec)
-        if role == "bias":
-            return g.sum(1)
-        if self.transposed:
-            return torch.bmm(a.transpose(1, 2), g)  # [B, in, out]
-        return torch.bmm(g.transpose(1, 2), a)  # [B, out, in]
+        return g.sum(1) if role == "bias" else self._weight_per_example(a, g)
 
     def factors(self, rec: Record, role: str):
         if rec.data is None:  # kept (see norm_sq): A and G are gone, the cached per-example gradient stands in
@@ -223,12 +214,21 @@ class LinearRule(Rule):
     def _keep_per_example(self, rec: Record, role: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Instantiate the weight's per-example gradient, keep it (and the bias's) for the clipped sum, and let go
         of ``A`` and ``G`` (nothing else reads them; an input shared with Q/K/V lives while another call holds it)."""
-        pe = torch.bmm(a.transpose(1, 2), g) if self.transposed else torch.bmm(g.transpose(1, 2), a)
-        rec.cache[role] = pe
-        if getattr(rec.module, "bias", None) is not None and rec.module.bias.requires_grad:
-            rec.cache["bias"] = g.sum(1)
+        self._keep(rec, a, g)
         rec.data, rec.grads = None, [None] * len(rec.grads)
-        return squared_norms(pe)
+        return squared_norms(rec.cache[role])
+
+    def _weight_per_example(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``[B, out, in]`` (``[B, in, out]`` for a transposed Conv1D) from A ``[B, T, in]`` and G ``[B, T, out]``."""
+        return torch.bmm(a.transpose(1, 2), g) if self.transposed else torch.bmm(g.transpose(1, 2), a)
+
+    def _keep(self, rec: Record, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Add one arrival's per-example gradients of the weight (and a trainable bias) to ``rec.cache``."""
+        parts = {"weight": self._weight_per_example(a, g)}
+        if getattr(rec.module, "bias", None) is not None and rec.module.bias.requires_grad:
+            parts["bias"] = g.sum(1)
+        for role, pe in parts.items():
+            rec.cache[role] = pe if role not in rec.cache else rec.cache[role] + pe
 
     def clipped_sum(self, rec: Record, role: str, c: torch.Tensor) -> torch.Tensor:
         if role in rec.cache:
