@@ -72,6 +72,7 @@ LABELS = {"plain": "Trainer", "dp": "DPTrainer", "opacus": "Opacus ghost"}
 TARGETS = {"dp_time": 1.15, "dp_memory": 1.15, "opacus_over_dp": 1.5}
 LR = 1e-5
 NOISE = 1.0
+LEAK_MB_PER_STEP = 32  # RSS growth per memory step above which the table flags a leak
 CLIP = 1.0
 SHAPES = {  # hidden, MLP, heads, KV heads
     "llama1b": (2048, 8192, 32, 8),
@@ -220,11 +221,15 @@ def memory_probe(method: str, cfg: Config, a: argparse.Namespace) -> dict:
         gc.collect()
         reset_peak_rss()
         base = current_rss_mb()
+        after = []
         for _ in range(a.mem_steps):
             runner.step()
+            after.append(current_rss_mb())
         peak = peak_rss_mb()
         runner.close()
-    return {"base_mb": base, "total_mb": peak, "added_mb": peak - base}
+    # RSS that stays after each step beyond the first: a leak shows up here long before it moves the peak
+    growth = (after[-1] - after[0]) / (len(after) - 1) if len(after) > 1 else None
+    return {"base_mb": base, "total_mb": peak, "added_mb": peak - base, "growth_mb_per_step": growth}
 
 
 def time_probe(cfg: Config, methods: list[str], a: argparse.Namespace) -> dict:
@@ -376,17 +381,20 @@ def main(argv=None) -> dict:
                       "added_mb": mm and mm["added_mb"], "total_mb": mm and mm["total_mb"],
                       "added_ratio": mm["added_mb"] / mp["added_mb"] if mm and mp and mp["added_mb"] > 0 else None,
                       "total_ratio": mm["total_mb"] / mp["total_mb"] if mm and mp else None,
-                      "error": errors.get(m)}
+                      "growth_mb_per_step": mm and mm["growth_mb_per_step"], "error": errors.get(m)}
             r = row[m]
             print(f"{cfg.key:<34} {LABELS[m]:<13} {fmt(r['median_s']):>8} {fmt(r['time_ratio'], '.2f'):>8} | "
                   f"{fmt(r['added_mb'], '.0f'):>9} {fmt(r['added_ratio'], '.2f'):>8} | {fmt(r['total_mb'], '.0f'):>9} "
-                  f"{fmt(r['total_ratio'], '.2f'):>8}" + (f"   ERROR: {r['error'][:90]}" if r["error"] else ""),
+                  f"{fmt(r['total_ratio'], '.2f'):>8}" + (f"   ERROR: {r['error'][:90]}" if r["error"] else "")
+                  + (f"   GROWS {r['growth_mb_per_step']:.0f} MB/step (leak?)"
+                     if (r["growth_mb_per_step"] or 0) > LEAK_MB_PER_STEP else ""),
                   flush=True)
         if "opacus" in times and "dp" in times:
             row["opacus_over_dp"] = paired_ratio(times["opacus"], times["dp"])
         rows[cfg.key] = row
     print("# s/step: median seconds per optimizer step; x plain: median within-round ratio to the Trainer.")
     print("# MB added: peak RSS over the loaded model (freed blocks returned at once); MB total: whole-process peak.")
+    print(f"# GROWS: RSS after the last memory step exceeds that after the first by > {LEAK_MB_PER_STEP} MB per step.")
     result: dict[str, Any] = {"configs": rows}
     if not a.no_fsdp:
         fs = run_fsdp(a)
