@@ -187,16 +187,21 @@ def test_kept_in_backward_the_engine_holds_neither_inputs_nor_output_gradients(m
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
-def test_kept_output_may_be_modified_in_place():
-    """The kept call's output is an ordinary tensor (a copy), so an in-place op after the layer stays legal."""
+@pytest.mark.parametrize("bias", [False, True], ids=["same_tensor", "view_copied"])
+def test_kept_output_may_be_modified_in_place(bias):
+    """The kept call's output stays an ordinary tensor, so an in-place op after the layer is legal: without a bias
+    it is the layer's own output tensor (marked dirty, no copy); with one, ``F.linear`` returns a view, which is
+    copied."""
+    seen = []
 
     class InPlaceAfter(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = nn.Linear(4, 4)
+            self.lin = nn.Linear(4, 4, bias=bias)
 
         def forward(self, x):
             h = self.lin(x)
+            seen.append(type(h.grad_fn).__name__)
             h.mul_(2.0).relu_()
             return h.sum((1, 2))
 
@@ -207,6 +212,7 @@ def test_kept_output_may_be_modified_in_place():
     engine = ClippingEngine(model, max_grad_norm=0.05)
     engine.backward(model(x))
     engine.remove()
+    assert seen[-1] == "_KeepInBackwardBackward"
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-9, atol=1e-12, msg=n)
 

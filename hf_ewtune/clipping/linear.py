@@ -262,8 +262,9 @@ class _KeepInBackward(torch.autograd.Function):
     recomputed rather than held by the engine, and the output gradient is never stored: the engine holds only the
     per-example gradient (a LoRA factor's is tiny). The gradient flows on unchanged; the input gets none from here.
     ``token`` (0-dim, requires grad) is what the engine asks autograd for, so the backward reaches this node
-    without anyone keeping the output gradient. The copy makes the output an ordinary tensor (in-place ops after
-    the layer stay legal)."""
+    without anyone keeping the output gradient. The output is passed on as the same tensor, marked as modified in
+    place (no copy; later in-place ops stay legal); a view (GPT-2's Conv1D reshapes its GEMM) is copied instead, so
+    that this node, not a view's ``CopySlices``, stays the output's ``grad_fn``."""
 
     @staticmethod
     def forward(ctx, out, x, token, rule, rec):
@@ -271,7 +272,10 @@ class _KeepInBackward(torch.autograd.Function):
         # A weak reference: the record holds this node (``stop_nodes``), and a strong one back would be a cycle
         # through the autograd graph that Python's collector cannot see (the whole graph would leak).
         ctx.rule, ctx.rec = rule, weakref.ref(rec)
-        return out.clone()
+        if out._base is not None:
+            return out.clone()
+        ctx.mark_dirty(out)
+        return out
 
     @staticmethod
     def backward(ctx, g):
