@@ -148,9 +148,8 @@ class LinearRule(Rule):
             return False
         d_in, d_out = x.shape[-1], out.shape[-1]
         t = x.numel() // (b * d_in)
-        pe_bytes = 8 if x.dtype == torch.float64 or out.dtype == torch.float64 else 4
         return t > 1 and keep_fits(t, d_in, d_out, a_bytes=x.element_size(), g_bytes=out.element_size(),
-                                   pe_bytes=pe_bytes)
+                                   pe_bytes=compute_dtype(x, out).itemsize)
 
     def keep_from(self, rec: Record, x: torch.Tensor, g: torch.Tensor) -> None:
         """Build and keep the per-example gradient (weight and bias) of call ``rec`` from its input and output
@@ -255,16 +254,16 @@ def keeps_during_backward(engine) -> bool:
 
 
 class _KeepInBackward(torch.autograd.Function):
-    """Identity on a Linear's output (a copy) whose backward builds the call's per-example gradient from the output
-    gradient and the input, and keeps it.
+    """Identity on a Linear's output whose backward builds the call's per-example gradient from the output gradient
+    and the input, and keeps it.
 
     The input is saved with ``save_for_backward``, so under non-reentrant activation checkpointing it is
     recomputed rather than held by the engine, and the output gradient is never stored: the engine holds only the
     per-example gradient (a LoRA factor's is tiny). The gradient flows on unchanged; the input gets none from here.
     ``token`` (0-dim, requires grad) is what the engine asks autograd for, so the backward reaches this node
     without anyone keeping the output gradient. The output is passed on as the same tensor, marked as modified in
-    place (no copy; later in-place ops stay legal); a view (GPT-2's Conv1D reshapes its GEMM) is copied instead, so
-    that this node, not a view's ``CopySlices``, stays the output's ``grad_fn``."""
+    place (no copy; later in-place ops stay legal); a view (``F.linear`` with a bias on 3-D input, GPT-2's Conv1D)
+    is copied instead, so that this node, not a view's ``CopySlices``, stays the output's ``grad_fn``."""
 
     @staticmethod
     def forward(ctx, out, x, token, rule, rec):
